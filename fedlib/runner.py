@@ -29,7 +29,6 @@ from .results import validate_metrics
 from .utils import DEVICES, REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-PARAMS_DIR = NOTEBOOKS_DIR / "params"
 RESULTS_DIR = REPO_ROOT / "results"
 FIGURES_DIR = REPO_ROOT / "figures"
 SCALES = ("smoke", "quick", "paper")
@@ -44,7 +43,8 @@ class UsageError(ValueError):
 # Notebooks and their parameters
 
 
-def notebooks(folder: Path = NOTEBOOKS_DIR) -> dict[str, Path]:
+def notebooks(folder: Path | None = None) -> dict[str, Path]:
+    folder = folder if folder is not None else NOTEBOOKS_DIR
     return {p.stem: p for p in sorted(folder.glob("[0-9][0-9]_*.ipynb"))}
 
 
@@ -92,7 +92,7 @@ def parameters(path: Path) -> dict[str, dict]:
 def parameter_sets(name: str) -> dict[str, dict]:
     """{scale: overrides} for a notebook: ``quick`` = {} plus the sets in its yaml file."""
     sets = {"quick": {}}
-    path = PARAMS_DIR / f"{name}.yaml"
+    path = NOTEBOOKS_DIR / "params" / f"{name}.yaml"
     if path.exists():
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
@@ -182,7 +182,7 @@ def build_plan(names: list[str], scale: str, overrides: list[str], device: str |
             chosen = dict(sets[scale])
         for key in chosen:
             if key not in specs:
-                raise UsageError(f"{PARAMS_DIR / (name + '.yaml')}: set {scale!r} names {key!r}, which is not a "
+                raise UsageError(f"{NOTEBOOKS_DIR / 'params' / (name + '.yaml')}: set {scale!r} names {key!r}, which is not a "
                                  f"parameter of {name}; parameters: {', '.join(specs)}")
         for key, value in pairs:
             if key not in specs:

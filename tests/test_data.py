@@ -1,0 +1,186 @@
+"""Properties of fedlib.data: datasets and partitions."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fedlib import data as D
+
+labels_strategy = st.integers(2, 12).flatmap(
+    lambda c: st.lists(st.integers(0, c - 1), min_size=40, max_size=400).map(np.array)
+)
+
+
+def assert_exact_cover(parts, n):
+    joined = np.concatenate(parts)
+    assert len(joined) == n, "some index assigned twice or not at all"
+    assert np.array_equal(np.sort(joined), np.arange(n))
+
+
+# --- digits ---------------------------------------------------------------------------------
+
+def test_digits_shapes_range_and_fixed_split():
+    tr, te = D.load_digits("train"), D.load_digits("test")
+    assert tr.x.shape == (1437, 1, 8, 8) and te.x.shape == (360, 1, 8, 8)
+    assert tr.x.dtype == torch.float32 and tr.y.dtype == torch.long
+    assert tr.x.min() == -1.0 and tr.x.max() == 1.0
+    assert len(tr) + len(te) == 1797 and tr.n_classes == 10
+    # same split every call; train and test disjoint (compare rows)
+    assert torch.equal(D.load_digits("train").x, tr.x)
+    all_rows = {tuple(r) for r in D.load_digits("all").x.reshape(1797, -1).tolist()}
+    assert len(all_rows) <= 1797
+    # stratified: every class in both splits in near-equal proportion
+    assert (te.label_counts() >= 34).all()
+
+
+def test_arraydataset_checks_and_subsets():
+    ds = D.load_digits("test")
+    sub = ds.subset([0, 5, 7])
+    assert torch.equal(sub.x[1], ds.x[5]) and len(sub) == 3
+    with pytest.raises(ValueError, match="rows"):
+        D.ArrayDataset(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), 2)
+
+
+# --- partitions -----------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(labels=labels_strategy, k=st.integers(1, 8), alpha=st.floats(0.05, 100.0), seed=st.integers(0, 2**16))
+def test_dirichlet_exact_cover_min_size_and_determinism(labels, k, alpha, seed):
+    try:
+        parts = D.dirichlet_partition(labels, k, alpha, seed=seed, min_size=2, max_tries=200)
+    except ValueError as err:  # allowed only with the helpful message
+        assert "use fewer clients" in str(err)
+        return
+    assert len(parts) == k
+    assert_exact_cover(parts, len(labels))
+    assert min(len(p) for p in parts) >= 2
+    again = D.dirichlet_partition(labels, k, alpha, seed=seed, min_size=2, max_tries=200)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 500), k=st.integers(1, 30), seed=st.integers(0, 1000))
+def test_iid_partition_cover_and_balance(n, k, seed):
+    if k > n:
+        with pytest.raises(ValueError, match="at most"):
+            D.iid_partition(n, k, seed)
+        return
+    parts = D.iid_partition(n, k, seed)
+    assert_exact_cover(parts, n)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_large_alpha_is_close_to_iid_and_small_alpha_is_not():
+    y = D.load_digits("train").y.numpy()
+    glob = np.bincount(y, minlength=10) / len(y)
+
+    def mean_tv(alpha):
+        counts = D.label_distribution(y, D.dirichlet_partition(y, 10, alpha, seed=1), 10).astype(float)
+        return 0.5 * np.abs(counts / counts.sum(1, keepdims=True) - glob).sum(1).mean()
+
+    assert mean_tv(1000.0) < 0.06
+    assert mean_tv(0.05) > 0.5
+
+
+def test_shards_cover_and_label_count():
+    y = D.load_digits("train").y.numpy()
+    parts = D.shard_partition(y, 10, shards_per_client=2, seed=3)
+    assert_exact_cover(parts, len(y))
+    assert max(len(np.unique(y[p])) for p in parts) <= 4
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), alpha=st.sampled_from([0.05, 0.1, 1.0]))
+def test_fedgo_split_disjoint_from_clients_and_test(seed, alpha):
+    tr = D.load_digits("train")
+    y = tr.y.numpy()
+    clients, server = D.fedgo_split(y, 10, alpha, seed=seed)
+    client_all = np.concatenate(clients)
+    assert len(np.intersect1d(client_all, server)) == 0
+    assert_exact_cover(clients + [server], len(y))
+    # half of every class on the server (rounding aside)
+    per_class = np.bincount(y, minlength=10)
+    assert np.all(np.abs(np.bincount(y[server], minlength=10) - per_class / 2) <= 1)
+    # the test split is a different set of images: no training index can point into it
+    assert client_all.max() < len(tr)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda y: D.dirichlet_partition(y, 5, 0.0), "alpha=0.0 must be"),
+    (lambda y: D.dirichlet_partition(y, 5, -1), "alpha=-1"),
+    (lambda y: D.dirichlet_partition(y, 5000, 1.0), "use at most"),
+    (lambda y: D.partition("zipf", y, 5), "allowed: 'iid', 'dirichlet', 'shards'"),
+    (lambda y: D.partition("dirichlet", y, 5), "needs alpha"),
+    (lambda y: D.iid_partition(len(y), 0), "positive integer"),
+    (lambda y: D.fedgo_split(y, 5, 0.1, server_fraction=1.0), "strictly between"),
+])
+def test_bad_partition_arguments_are_explained(call, match):
+    y = D.load_digits("train").y.numpy()
+    with pytest.raises(ValueError, match=match):
+        call(y)
+
+
+# --- 2-D toys -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", D.TOY_NAMES)
+def test_toy_datasets_are_labelled_and_seeded(name):
+    a, b = D.toy_2d(name, 500, seed=4), D.toy_2d(name, 500, seed=4)
+    assert a.x.shape == (500, 2) and torch.equal(a.x, b.x)
+    assert a.y.min() >= 0 and a.y.max() < a.n_classes
+    assert len(a.y.unique()) > 1
+
+
+@pytest.mark.parametrize("name", ["grid", "ring"])
+def test_mixture_density_is_normalised_and_matches_components(name):
+    gm = D.mixture(name)
+    xs = torch.linspace(-4, 4, 400)
+    pts = torch.cartesian_prod(xs, xs)
+    mass = gm.log_prob(pts).exp().sum() * (xs[1] - xs[0]) ** 2
+    assert abs(float(mass) - 1.0) < 1e-2
+    # log p = logsumexp(log w_m + log N_m)
+    x, y = gm.sample(100, torch.Generator().manual_seed(0))
+    manual = torch.logsumexp(gm.component_log_prob(x) + gm.weights.log(), 1)
+    assert torch.allclose(manual, gm.log_prob(x))
+    # samples are most likely under their own component
+    assert (gm.component_log_prob(x).argmax(1) == y).float().mean() > 0.95
+
+
+def test_mixture_score_matches_autograd():
+    gm = D.mixture("ring")
+    x = torch.randn(50, 2, requires_grad=True)
+    (grad,) = torch.autograd.grad(gm.log_prob(x).sum(), x)
+    assert torch.allclose(gm.score(x.detach()), grad, atol=1e-4)
+
+
+# --- paper datasets -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist", "celeba"])
+def test_absent_paper_dataset_gives_clear_offline_error(name, tmp_path):
+    with pytest.raises(D.DatasetUnavailable) as info:
+        D.load_dataset(name, "train", root=tmp_path, download=False)
+    msg = str(info.value)
+    assert name in msg and str(tmp_path) in msg and "digits" in msg and "download=True" in msg
+
+
+def test_unknown_dataset_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: 'digits', 'fashion_mnist'"):
+        D.load_dataset("imagenet")
+
+
+@pytest.mark.parametrize("name", D.DATASET_NAMES)
+def test_stand_in_has_the_paper_shape_and_is_seeded(name):
+    c, h, w, k, _ = D.PAPER_DATASETS[name]
+    a = D.stand_in(name, "train", n=64, seed=1)
+    assert a.x.shape == (64, c, h, w) and a.n_classes == k
+    assert a.x.min() >= -1 and a.x.max() <= 1
+    assert torch.equal(a.x, D.stand_in(name, "train", n=64, seed=1).x)
+    assert not torch.equal(a.x, D.stand_in(name, "test", n=64, seed=1).x)
+
+
+def test_stratified_subset_keeps_proportions():
+    y = D.load_digits("train").y.numpy()
+    idx = D.stratified_subset(y, 200, seed=0)
+    assert len(idx) == 200 and len(np.unique(idx)) == 200
+    assert np.abs(np.bincount(y[idx], minlength=10) - 20).max() <= 2
