@@ -1,0 +1,143 @@
+"""Ensemble weighting rules for server-side distillation (papers.md section 1.1 - 1.2).
+
+Every rule is a pure function of tensors returning weights ``a`` of shape [K, N] (client k's weight
+at server sample n), non-negative, each column summing to 1 over the K clients. The pseudo-label is
+then ``q(y|x_n) = sum_k a[k, n] softmax(f_k(x_n))_y`` (:func:`fedlib.distill.pseudo_labels`).
+
+=============  =============================================  ================================
+name           a_k(x) proportional to                          inputs
+=============  =============================================  ================================
+uniform        1 (FedDF)                                       logits [K, N, C]
+sample_count   n_k                                             logits, n_k [K]
+entropy        exp(-H(softmax f_k(x)))                         logits
+variance       Var_y softmax(f_k(x))_y                         logits
+dafkd          D_k(x) = sigmoid(l_k(x)) (DaFKD)                disc_logits [K, N]
+fedgo          n_k D_k/(1-D_k) = n_k exp(l_k(x)) (FedGO)       disc_logits [K, N], n_k
+oracle         n_k p_k(x) (known densities only)               log_densities [K, N], n_k
+=============  =============================================  ================================
+
+FedGO is computed as ``softmax_k(l_k + log n_k)`` on the discriminators' pre-sigmoid logits: no
+clamping of D near 0 or 1 is needed, and with exact logits ``l_k = log p_k - log p_G`` it equals the
+oracle exactly (p_G cancels). :func:`compute_weights` dispatches by name and checks the inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+WEIGHTINGS = ("uniform", "sample_count", "entropy", "variance", "dafkd", "fedgo", "oracle")
+NEEDS = {  # extra inputs of each rule (besides the client logits)
+    "uniform": (), "sample_count": ("n_k",), "entropy": (), "variance": (),
+    "dafkd": ("disc_logits",), "fedgo": ("disc_logits", "n_k"), "oracle": ("log_densities", "n_k"),
+}
+_EPS = 1e-12
+
+
+def _check_finite(name: str, t: Tensor, fix: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{name} has {bad} non-finite values (NaN or inf); allowed: finite values only. {fix}")
+
+
+def _check_logits(logits: Tensor) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"client logits must have shape [K, N, C], got {tuple(logits.shape)}; stack the "
+                         "clients' outputs on the server data along dim 0")
+    _check_finite("client logits", logits, "Check the client models (diverged local training?).")
+
+
+def _check_kn(name: str, t: Tensor, K: int, N: int, fix: str) -> None:
+    if t.dim() != 2 or tuple(t.shape) != (K, N):
+        raise ValueError(f"{name} must have shape [K, N] = [{K}, {N}] to match the client logits, got "
+                         f"{tuple(t.shape)}")
+    _check_finite(name, t, fix)
+
+
+def _log_n(n_k, K: int, like: Tensor) -> Tensor:
+    n_k = torch.as_tensor(n_k, dtype=like.dtype, device=like.device).reshape(-1)
+    if len(n_k) != K:
+        raise ValueError(f"n_k has {len(n_k)} entries but there are K={K} clients; pass one count per client")
+    if (n_k <= 0).any():
+        raise ValueError(f"n_k={n_k.tolist()} must be > 0 for every client; drop empty clients first")
+    return n_k.log()[:, None]
+
+
+def uniform_weights(logits: Tensor) -> Tensor:
+    """FedDF: a_k = 1/K."""
+    K, N, _ = logits.shape
+    return logits.new_full((K, N), 1.0 / K)
+
+
+def sample_count_weights(logits: Tensor, n_k) -> Tensor:
+    """a_k = n_k / n, the same at every x."""
+    K, N, _ = logits.shape
+    return torch.softmax(_log_n(n_k, K, logits), dim=0).expand(K, N).contiguous()
+
+
+def entropy_weights(logits: Tensor) -> Tensor:
+    """a_k proportional to exp(-H(softmax f_k(x))): confident clients weigh more."""
+    logp = torch.log_softmax(logits, -1)
+    H = -(logp.exp() * logp).sum(-1)
+    return torch.softmax(-H, dim=0)
+
+
+def variance_weights(logits: Tensor) -> Tensor:
+    """a_k proportional to the variance of softmax f_k(x) over the classes (uniform where all are 0)."""
+    v = torch.softmax(logits, -1).var(-1, unbiased=False) + _EPS
+    return v / v.sum(0, keepdim=True)
+
+
+def dafkd_weights(disc_logits: Tensor) -> Tensor:
+    """DaFKD: a_k = D_k(x) / sum_j D_j(x) with D_k = sigmoid(l_k)."""
+    return torch.softmax(torch.nn.functional.logsigmoid(disc_logits), dim=0)
+
+
+def fedgo_weights(disc_logits: Tensor, n_k) -> Tensor:
+    """FedGO: a_k = n_k D_k/(1-D_k) / sum_j n_j D_j/(1-D_j) = softmax_k(l_k + log n_k)."""
+    return torch.softmax(disc_logits + _log_n(n_k, disc_logits.shape[0], disc_logits), dim=0)
+
+
+def oracle_weights(log_densities: Tensor, n_k) -> Tensor:
+    """The optimal ensemble (analysis only): a_k = n_k p_k(x) / sum_j n_j p_j(x)."""
+    return torch.softmax(log_densities + _log_n(n_k, log_densities.shape[0], log_densities), dim=0)
+
+
+def compute_weights(name: str, logits: Tensor, *, n_k=None, disc_logits: Tensor | None = None,
+                    log_densities: Tensor | None = None) -> Tensor:
+    """Weights [K, N] of rule ``name`` (one of ``WEIGHTINGS``), after checking names, shapes and NaNs."""
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; allowed: {', '.join(map(repr, WEIGHTINGS))}. "
+                         "FedAvg/FedProx are aggregations, not weightings; majority vote (FedKA) is "
+                         "fedlib.distill.majority_vote")
+    _check_logits(logits)
+    K, N, _ = logits.shape
+    given = {"n_k": n_k, "disc_logits": disc_logits, "log_densities": log_densities}
+    missing = [k for k in NEEDS[name] if given[k] is None]
+    if missing:
+        raise ValueError(f"weighting {name!r} needs {', '.join(missing)}; pass them as keyword arguments")
+    if name in ("dafkd", "fedgo"):
+        _check_kn("disc_logits", disc_logits, K, N,
+                  "A discriminator produced NaN: retrain it with a smaller learning rate or check its input.")
+    if name == "oracle":
+        _check_kn("log_densities", log_densities, K, N, "Use log-densities (logsumexp), not densities.")
+    if name == "uniform":
+        return uniform_weights(logits)
+    if name == "sample_count":
+        return sample_count_weights(logits, n_k)
+    if name == "entropy":
+        return entropy_weights(logits)
+    if name == "variance":
+        return variance_weights(logits)
+    if name == "dafkd":
+        return dafkd_weights(disc_logits)
+    if name == "fedgo":
+        return fedgo_weights(disc_logits, n_k)
+    return oracle_weights(log_densities, n_k)
+
+
+def weight_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean total-variation distance between two weightings [K, N]: mean_n 0.5 sum_k |a - b| (in [0, 1])."""
+    if a.shape != b.shape:
+        raise ValueError(f"weightings have different shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    return 0.5 * (a - b).abs().sum(0).mean()
