@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -97,20 +99,23 @@ print("mass of the exact density on [-3, 3]^2:", round(run.metrics["grid_density
 
 # %% [markdown]
 # ## Dirichlet label skew over K clients
-# Each row is a client, each column a class; colour is the number of samples. At α = 0.05 most clients
-# see one or two classes; at α = 100 every client sees every class in the global proportions.
+# Each row is a client, each column a class; colour is the share of that class in the client's data
+# (one colour scale for all panels; the global share is 0.1 per class). At α = 0.05 most clients see
+# one or two classes; at α = 100 every client sees every class in near the global proportions.
 
 # %%
 labels = train.y.numpy()
 splits = {a: D.dirichlet_partition(labels, n_clients, a, seed=seed) for a in alphas}
-fig, axes = plt.subplots(1, len(alphas), figsize=(3.2 * len(alphas), 3.0))
+fig, axes = plt.subplots(1, len(alphas), figsize=(3.2 * len(alphas), 3.0), constrained_layout=True)
 for ax, (a, parts) in zip(np.atleast_1d(axes), splits.items()):
     counts = D.label_distribution(labels, parts, 10)
-    ax.imshow(counts, cmap="Blues", aspect="auto")
+    share = counts / counts.sum(1, keepdims=True)
+    im = ax.imshow(share, cmap="Blues", aspect="auto", vmin=0, vmax=1)
     ax.set_title(f"alpha = {a}")
     ax.set_xlabel("class")
     ax.set_ylabel("client")
     ax.grid(False)
+fig.colorbar(im, ax=axes, label="share of the client's samples", shrink=0.9)
 savefig(fig, "00_dirichlet_heatmaps")
 
 

@@ -1,0 +1,39 @@
+"""Every committed notebook follows the project's conventions (docs/DEVELOPING.md)."""
+
+import re
+
+import jupytext
+import nbformat
+import pytest
+
+from fedlib import runner
+
+NOTEBOOKS = runner.notebooks()
+
+
+@pytest.mark.parametrize("name", list(NOTEBOOKS))
+def test_notebook_conventions(name):
+    path = NOTEBOOKS[name]
+    nb = nbformat.read(path, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1, "exactly one cell tagged 'parameters'"
+    for line in params[0].source.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert re.search(r"#\s*\S", line), f"parameter line without a help comment: {line!r}"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), "committed with the outputs of the default run"
+    assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
+    assert "run.finish()" in "".join(c.source for c in code), "writes metrics.json"
+    assert "savefig(" in "".join(c.source for c in code), "every result has a figure"
+    assert nb.cells[0].cell_type == "markdown", "opens with the paper's claim"
+    assert "papermill" not in nb.metadata, "volatile metadata stripped"
+
+
+@pytest.mark.parametrize("name", list(NOTEBOOKS))
+def test_paired_source_is_in_sync(name):
+    source = NOTEBOOKS[name].with_suffix(".py")
+    assert source.exists(), f"{source.name}: the jupytext source must be committed beside the notebook"
+    from_py = jupytext.read(source)
+    from_nb = nbformat.read(NOTEBOOKS[name], as_version=4)
+    strip = lambda cells: [(c.cell_type, c.source.strip()) for c in cells]  # noqa: E731
+    assert strip(from_py.cells) == strip(from_nb.cells), "run `make notebook NB=...` to re-sync the pair"
