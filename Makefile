@@ -9,7 +9,8 @@ BIN    := $(VENV)/bin
 EXTRAS := test,flower,diffusers,fid
 STAMP  := $(VENV)/.fedlib-installed
 SCALE  ?= quick
-# nbval and the runner write figures/metrics of test runs here, not into the source tree
+# nbval and the runner write figures/metrics of test runs here, not into the source tree; the cache
+# starts cold so that CI times what a fresh machine would take
 TESTOUT ?= $(CURDIR)/.test-output
 JOBS   ?= 2
 
@@ -33,7 +34,7 @@ reproduce: venv
 # Unit tests and nbval in one pytest run, two workers; each notebook stays on one worker.
 test: venv
 	rm -rf $(TESTOUT) && mkdir -p $(TESTOUT)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_DIR=$(TESTOUT)/run \
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_DIR=$(TESTOUT)/run FEDLIB_CACHE=$(TESTOUT)/cache \
 	MPLBACKEND=Agg $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=15 \
 	  --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 \
 	  tests notebooks
@@ -43,7 +44,7 @@ unit: venv
 
 nbval: venv
 	rm -rf $(TESTOUT) && mkdir -p $(TESTOUT)
-	OMP_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_DIR=$(TESTOUT)/run MPLBACKEND=Agg \
+	OMP_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_DIR=$(TESTOUT)/run FEDLIB_CACHE=$(TESTOUT)/cache MPLBACKEND=Agg \
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 notebooks
 
