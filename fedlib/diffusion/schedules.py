@@ -1,0 +1,48 @@
+"""Hand-made time grids (papers.md section 3): N+1 decreasing process times, noisy -> clean.
+
+``schedule(name, process, n_steps, t_max=None, t_min=None)`` with name in
+- ``"uniform_t"``: uniform in the process time t (for EDM, t = sigma);
+- ``"quadratic_t"``: t_i = t_min + (t_max - t_min) (1 - i/N)^2 (dense near the data; DDIM's quadratic);
+- ``"uniform_lambda"``: uniform in the half log-SNR lambda (DPM-Solver's default);
+- ``"edm"``: sigma_bar_i = (s_max^(1/rho) + i/N (s_min^(1/rho) - s_max^(1/rho)))^rho, rho = 7
+  (Karras et al. 2022), mapped to t through lambda = -log sigma_bar.
+All are float64 tensors with exactly t_max first and t_min last.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..utils import check_choice
+
+SCHEDULES = ("uniform_t", "quadratic_t", "uniform_lambda", "edm")
+
+
+def schedule(name: str, process, n_steps: int, t_max: float | None = None, t_min: float | None = None,
+             rho: float = 7.0) -> torch.Tensor:
+    check_choice("schedule", name, SCHEDULES, fix="Or pass your own decreasing tensor of times to the sampler.")
+    if not (isinstance(n_steps, int) and n_steps >= 1):
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    t_max = process.t_max if t_max is None else float(t_max)
+    t_min = process.t_min if t_min is None else float(t_min)
+    if not t_max > t_min:
+        raise ValueError(f"need t_max > t_min, got t_max={t_max}, t_min={t_min}")
+    u = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
+    if name == "uniform_t":
+        t = t_max + u * (t_min - t_max)
+    elif name == "quadratic_t":
+        t = t_min + (t_max - t_min) * (1 - u) ** 2
+    else:
+        lo, hi = torch.tensor([t_max, t_min], dtype=torch.float64)[:, None].unbind(0)
+        lam_lo, lam_hi = process.lambda_(torch.tensor(t_max, dtype=torch.float64)), process.lambda_(
+            torch.tensor(t_min, dtype=torch.float64))
+        if name == "uniform_lambda":
+            lam = lam_lo + u * (lam_hi - lam_lo)
+        else:
+            s_max, s_min = torch.exp(-lam_lo), torch.exp(-lam_hi)
+            sb = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+            lam = -torch.log(sb)
+        t = process.t_of_lambda(lam).double()
+    t = t.clone()
+    t[0], t[-1] = t_max, t_min
+    return t
