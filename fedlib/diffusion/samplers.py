@@ -31,7 +31,7 @@ Samplers (data-prediction / EDM forms; x_bar = x / alpha, sigma_bar = sigma / al
   (<= 4). NFE N.
 - :func:`unipc`: UniPC (Zhao et al. 2023), data prediction, predictor of ``order`` p with the
   UniC corrector (order p + 1; no corrector after the last step, so NFE N); ``variant`` "bh1"
-  (B(h) = h) or "bh2" (B(h) = e^h - 1).
+  (B(h) = h) or "bh2" (B(h) = e^h - 1 in the noise-prediction form, i.e. 1 - e^{-h} for data prediction).
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def _unipc_weights(g: _Grid, s: int, past: int, with_new: bool, variant: str) ->
     ``with_new`` (the corrector), on m_{s+1} first. Returns [w_new?, w_s, w_{s-1}, ...]."""
     h = g.h[s]
     alpha = g.alpha[s + 1]
-    B = h if variant == "bh1" else torch.expm1(h)
+    B = h if variant == "bh1" else -torch.expm1(-h)  # data prediction: B1 = h, B2 = 1 - e^{-h}
     # differences D_k = m_k - m_s at relative positions r_k = (lambda_k - lambda_s) / h
     rs = [(g.lam[s - k] - g.lam[s]) / h for k in range(1, past + 1)]
     if with_new:
