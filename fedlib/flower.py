@@ -92,7 +92,9 @@ class FlowerOptions:
     cores, loopback only); ``"auto"`` or ``"head:6379"`` joins a running cluster. Each ClientApp
     instance (a Ray actor) holds ``num_cpus_per_client`` cores and ``num_gpus_per_client`` of a GPU
     (0.25 = four clients share one GPU). ``faults`` injects failures for tests:
-    ``{partition_id: "raise" | "nan" | "shape" | "sleep"}``."""
+    ``{partition_id or (round, partition_id): "raise" | "nan" | "shape" | "sleep"}`` (round
+    ``fedlib.federated.SETUP`` = the FedGO exchange); ``keep_params`` keeps the global models after
+    every round in ``FlowerReport.params``."""
 
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
@@ -102,6 +104,7 @@ class FlowerOptions:
     round_timeout: float = 600.0
     faults: dict = field(default_factory=dict)
     sleep_s: float = 0.0
+    keep_params: bool = False
     verbose: bool = False
 
 
@@ -114,6 +117,7 @@ class FlowerReport:
     events: list[dict] = field(default_factory=list)  # {"round", "row", "partition", "kind", "reason"}
     round_seconds: list[float] = field(default_factory=list)
     setup_seconds: float = 0.0  # Ray start + node registration, before the first message
+    params: list = field(default_factory=list)  # global models after every round (keep_params=True)
 
     def event(self, round_: int, kind: str, reason: str, row: int | None = None, partition: int | None = None):
         self.events.append({"round": round_, "row": row, "partition": partition, "kind": kind, "reason": reason})
@@ -200,8 +204,8 @@ def _one_client(clients: fl.ClientData, row: int) -> fl.ClientData:
                          clients.n_k[row:row + 1])
 
 
-def _inject(spec: ClientSpec, pid: int, params: Params) -> Params:
-    fault = spec.faults.get(pid)
+def _inject(spec: ClientSpec, pid: int, params: Params, round_: int) -> Params:
+    fault = spec.faults.get((round_, pid), spec.faults.get(pid))
     if fault == "raise":
         raise RuntimeError(f"injected failure on partition {pid}")
     if fault == "sleep":
@@ -241,7 +245,7 @@ def make_client_app(spec: ClientSpec, data_ref) -> ClientApp:
         else:
             kw["epochs"] = int(cfg["epochs"])
         w_k = fl.index_params(fl.local_train(model, start, clients, spec.loss_fn, **kw), 0)
-        w_k = _inject(spec, pid, w_k)
+        w_k = _inject(spec, pid, w_k, int(cfg["server-round"]))
         metrics = MetricRecord({"num-examples": int(clients.n_k[0]), "row": row})
         bits = int(cfg["bits"])
         if bits < 32:  # FedDM-quant: the packed quantised update is the payload
@@ -263,7 +267,7 @@ def make_client_app(spec: ClientSpec, data_ref) -> ClientApp:
                                     momentum=float(cfg["momentum"]), batch_size=int(cfg["batch-size"]),
                                     generator=_skip_seeds(cfg["rng"], int(cfg["skip"])),
                                     init=from_record(msg.content["arrays"]))
-        d = _inject(spec, pid, fl.index_params(d, 0))
+        d = _inject(spec, pid, fl.index_params(d, 0), fl.SETUP)
         return Message(RecordDict({"arrays": to_record(d), "metrics": MetricRecord({"row": int(cfg["row"])})}),
                        reply_to=msg)
 
@@ -299,6 +303,7 @@ class RowStrategy(Strategy):
         self.report, self.generator = report, generator
         self.message_type, self.quant, self.ledger_item = message_type, quant, ledger_item
         self._rows: list[Row] = []
+        self._sent: list[Message] = []
         self._t0 = 0.0
 
     def summary(self) -> None:
@@ -320,6 +325,7 @@ class RowStrategy(Strategy):
                                     dst_node_id=self.nodes[r.partition]))
             self.report.ledger.log(server_round, "down", self.ledger_item, tensor_bytes(r.start))
             self.report.wire.log(server_round, "down", self.ledger_item, rec.count_bytes())
+        self._sent = messages
         return messages
 
     def _decode(self, msg: Message, row: Row, server_round: int) -> Params:
@@ -342,12 +348,15 @@ class RowStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies):
         rows = {r.row: r for r in self._rows}
+        # the grid gives every sent message an id; an error reply names it (reply_to_message_id)
+        row_of = {m.metadata.message_id: r.row for m, r in zip(self._sent, self._rows) if m.metadata.message_id}
         got: dict[int, Params] = {}
         for msg in replies:
             row = None
             if msg.has_error():
-                # the failed message's row is not in the error reply; it is found below as missing
-                self.report.event(server_round, "failed", str(msg.error.reason)[:300])
+                row = row_of.get(msg.metadata.reply_to_message_id)
+                self.report.event(server_round, "failed", _reason(msg.error.reason), row=row,
+                                  partition=getattr(rows.get(row), "partition", None))
                 continue
             try:
                 row = int(msg.content["metrics"]["row"])
@@ -383,6 +392,13 @@ class RowStrategy(Strategy):
         return None
 
 
+def _reason(text: str, n: int = 300) -> str:
+    """The useful part of a Flower error reason (Ray prefixes a long actor description)."""
+    text = str(text)
+    i = text.rfind("Message:")
+    return (text[i:] if i >= 0 else text)[-n:].strip()
+
+
 def _wait_for_nodes(grid: Grid, n: int, timeout: float = 120.0) -> list[int]:
     t0 = time.time()
     while len(ids := list(grid.get_node_ids())) < n:
@@ -410,6 +426,11 @@ def _ray(opts: FlowerOptions):
     import ray
 
     if not ray.is_initialized():
+        from ray._private import ray_constants
+
+        if opts.ray_address is None and ray_constants.ENABLE_RAY_CLUSTER:
+            log.warning("ray was imported before fedlib.flower, so this local Ray may listen beyond loopback; "
+                        "import fedlib.flower first or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray")
         kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=opts.verbose)
         if opts.ray_address is None:
             kw.update(num_cpus=opts.ray_num_cpus or os.cpu_count(), num_gpus=None if torch.cuda.is_available() else 0,
@@ -580,6 +601,8 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
         for s, setup in enumerate(setups):
             out = fl.predict(call, fl.index_params(glob, slice(s * M, (s + 1) * M)), setup.test_x, stacked=True)
             acc[s, :, r - 1] = fl.accuracy(out, setup.test_y).cpu()
+        if opts.keep_params:
+            report.params.append({n: p.clone() for n, p in glob.items()})
 
     def main(grid: Grid, nodes: dict[int, int]) -> None:
         if exchange is not None:
@@ -616,7 +639,7 @@ def _fedgo_exchange(grid: Grid, nodes, ex: FedGOExchange, setups, data: fl.Clien
         got = {}
         for m in grid.send_and_receive(msgs, timeout=opts.round_timeout):
             if m.has_error():
-                report.event(fl.SETUP, "failed", str(m.error.reason)[:300])
+                report.event(fl.SETUP, "failed", _reason(m.error.reason))
                 continue
             k = int(m.content["metrics"]["row"])
             p = from_record(m.content["arrays"])
