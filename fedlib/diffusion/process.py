@@ -121,8 +121,6 @@ class VP(Process):
             self._tp = torch.cat([torch.zeros(1, dtype=torch.float64),
                                   torch.arange(1, self.n_steps + 1, dtype=torch.float64) / self.n_steps])
             self._log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), log_alpha])
-            lam = self._log_alpha[1:] - 0.5 * torch.log(-torch.expm1(2 * self._log_alpha[1:]))
-            self._lam_desc = lam  # decreasing in t
             self.t_min, self.t_max = 1.0 / self.n_steps, 1.0
         else:
             self.n_steps = 1000
@@ -155,8 +153,8 @@ class VP(Process):
         # log alpha from lambda: alpha^2 = 1 / (1 + exp(-2 lambda))
         log_alpha = -0.5 * torch.nn.functional.softplus(-2 * lam)
         if self.discrete:
-            # lambda is decreasing in t on the grid t = (n+1)/N; interpolate t against it
-            return _interp(-lam, -self._lam_desc, self._tp[1:])
+            # the exact inverse of the piecewise-linear log alpha(t) (log alpha is decreasing in t)
+            return _interp(-log_alpha, -self._log_alpha, self._tp)
         if self.schedule == "linear":
             b0, b1 = self.beta_0, self.beta_1
             # solve 0.25 t^2 (b1 - b0) + 0.5 t b0 + log_alpha = 0
