@@ -146,6 +146,7 @@ def check_update(params: Params, template: Params) -> str | None:
         return f"parameter names differ (missing {missing}, unexpected {extra})"
     for n, t in template.items():
         p = params[n]
+        t = t.cpu() if t.device != p.device else t
         if tuple(p.shape) != tuple(t.shape):
             return f"{n} has shape {tuple(p.shape)}, expected {tuple(t.shape)}"
         if p.dtype != t.dtype:
@@ -196,6 +197,7 @@ class ClientSpec:
     generator: nn.Module | None = None       # FedGO: G architecture (weights arrive once, by message)
     faults: dict = field(default_factory=dict)
     sleep_s: float = 0.0
+    device: str = "cpu"  # "cuda" when the actors hold a GPU fraction
 
 
 def _one_client(clients: fl.ClientData, row: int) -> fl.ClientData:
@@ -234,9 +236,9 @@ def make_client_app(spec: ClientSpec, data_ref) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg = msg.content["config"]
         row, pid = int(cfg["row"]), int(context.node_config["partition-id"])
-        clients = _one_client(_get(data_ref), int(cfg["data-row"]))
-        start = from_record(msg.content["arrays"])
-        model = copy.deepcopy(spec.model)
+        clients = _one_client(_get(data_ref), int(cfg["data-row"])).to(spec.device)
+        start = {n: p.to(spec.device) for n, p in from_record(msg.content["arrays"]).items()}
+        model = copy.deepcopy(spec.model).to(spec.device)
         kw = dict(lr=float(cfg["lr"]), momentum=float(cfg["momentum"]), mu=float(cfg["mu"]),
                   batch_size=int(cfg["batch-size"]), generator=_skip_seeds(cfg["rng"], int(cfg["skip"])),
                   extras_fn=spec.extras_fn)
@@ -261,12 +263,12 @@ def make_client_app(spec: ClientSpec, data_ref) -> ClientApp:
     def discriminator(msg: Message, context: Context) -> Message:
         cfg = msg.content["config"]
         pid = int(context.node_config["partition-id"])
-        clients = _one_client(_get(data_ref), int(cfg["data-row"]))
-        G = fl.set_params(copy.deepcopy(spec.generator), from_record(msg.content["generator"]))
-        d = DS.train_discriminators(spec.discriminator, G, clients, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]),
+        clients = _one_client(_get(data_ref), int(cfg["data-row"])).to(spec.device)
+        G = fl.set_params(copy.deepcopy(spec.generator).to(spec.device), from_record(msg.content["generator"]))
+        d = DS.train_discriminators(copy.deepcopy(spec.discriminator).to(spec.device), G, clients, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]),
                                     momentum=float(cfg["momentum"]), batch_size=int(cfg["batch-size"]),
                                     generator=_skip_seeds(cfg["rng"], int(cfg["skip"])),
-                                    init=from_record(msg.content["arrays"]))
+                                    init={n: p.to(spec.device) for n, p in from_record(msg.content["arrays"]).items()})
         d = _inject(spec, pid, fl.index_params(d, 0), fl.SETUP)
         return Message(RecordDict({"arrays": to_record(d), "metrics": MetricRecord({"row": int(cfg["row"])})}),
                        reply_to=msg)
@@ -286,6 +288,7 @@ class Row:
     partition: int
     start: Params
     mu: float = 0.0  # FedProx's proximal weight for this task (0: FedAvg)
+    quant: C.Quantizer | None = None  # FedDM-quant: the client sends w_k - w quantised and packed
 
 
 class RowStrategy(Strategy):
@@ -297,13 +300,15 @@ class RowStrategy(Strategy):
 
     def __init__(self, plan, server_update, template: Params, nodes: dict[int, int], report: FlowerReport,
                  generator: torch.Generator | None, message_type: str = MessageType.TRAIN,
-                 quant: C.Quantizer | None = None, ledger_item: str = "model"):
+                 ledger_item: str = "model"):
         self.plan, self.server_update, self.template = plan, server_update, template
         self.nodes = nodes  # partition-id -> node id
         self.report, self.generator = report, generator
-        self.message_type, self.quant, self.ledger_item = message_type, quant, ledger_item
+        self.message_type, self.ledger_item = message_type, ledger_item
         self._rows: list[Row] = []
         self._sent: list[Message] = []
+        self.updates: dict[int, Params] = {}  # quantised uplink: row -> the dequantised update, as received
+        self.payload: dict[int, int] = {}     # quantised uplink: row -> bytes of the packed payload
         self._t0 = 0.0
 
     def summary(self) -> None:
@@ -319,7 +324,9 @@ class RowStrategy(Strategy):
         messages = []
         for r in rows:
             c = ConfigRecord({**cfg, "rng": rng, "skip": r.row, "row": r.row, "data-row": r.data_row,
-                              "mu": float(r.mu), "server-round": server_round})
+                              "mu": float(r.mu), "server-round": server_round,
+                              **({"bits": r.quant.bits, "scheme": r.quant.scheme, "rounding": r.quant.rounding}
+                                 if r.quant is not None else {"bits": 32})})
             rec = to_record(r.start)
             messages.append(Message(RecordDict({"arrays": rec, "config": c}), message_type=self.message_type,
                                     dst_node_id=self.nodes[r.partition]))
@@ -331,23 +338,26 @@ class RowStrategy(Strategy):
     def _decode(self, msg: Message, row: Row, server_round: int) -> Params:
         rec = msg.content["arrays"]
         self.report.wire.log(server_round, "up", self.ledger_item, rec.count_bytes())
-        if self.quant is not None:
+        if row.quant is not None:
+            q = row.quant
             payload = rec["payload"].numpy()
-            like = C.quantize_params({n: torch.zeros_like(p) for n, p in row.start.items()}, self.quant.bits,
-                                     self.quant.scheme, self.quant.rounding)
+            like = C.quantize_params({n: torch.zeros_like(p) for n, p in row.start.items()}, q.bits, q.scheme,
+                                     q.rounding)
             blob = payload.tobytes()
             if payload.dtype != np.uint8 or len(blob) != C.payload_bytes(like):
                 raise ValueError(f"quantised payload of {len(blob)} bytes ({payload.dtype}), expected "
                                  f"{C.payload_bytes(like)} uint8 bytes")
-            self.report.ledger.log(server_round, "up", f"update {self.quant.bits}-bit", len(blob))
+            self.report.ledger.log(server_round, "up", f"update {q.bits}-bit", len(blob))
             update = C.dequantize_params(C.decode(blob, like))
-            return {n: row.start[n] + update[n] for n in row.start}
+            self.updates[row.row], self.payload[row.row] = update, len(blob)
+            return {n: row.start[n].cpu() + update[n] for n in row.start}
         params = from_record(rec)
         self.report.ledger.log(server_round, "up", self.ledger_item, tensor_bytes(params))
         return params
 
     def aggregate_train(self, server_round: int, replies):
         rows = {r.row: r for r in self._rows}
+        self.updates, self.payload = {}, {}
         # the grid gives every sent message an id; an error reply names it (reply_to_message_id)
         row_of = {m.metadata.message_id: r.row for m, r in zip(self._sent, self._rows) if m.metadata.message_id}
         got: dict[int, Params] = {}
@@ -379,8 +389,9 @@ class RowStrategy(Strategy):
                                   "the aggregation", row=r.row, partition=r.partition)
         order = [r.row for r in self._rows]
         accepted = torch.tensor([i in got for i in order])
-        local = fl.stack_params([got.get(i, {n: torch.zeros_like(p) for n, p in self.template.items()})
-                                 for i in order])
+        device = next(iter(self.template.values())).device
+        local = fl.stack_params([{n: p.to(device) for n, p in got[i].items()} if i in got else
+                                 {n: torch.zeros_like(p) for n, p in self.template.items()} for i in order])
         self.server_update(server_round, self._rows, local, accepted)
         self.report.round_seconds.append(time.perf_counter() - self._t0)
         return None, MetricRecord({"accepted": int(accepted.sum()), "rows": len(order)})
@@ -546,13 +557,13 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
     report = FlowerReport()
     disc_ok: dict[int, Tensor] = {}  # setup -> which clients' discriminators arrived (FedGO exchange)
     spec = ClientSpec(model, discriminator=exchange.D if exchange else None,
-                      generator=exchange.G if exchange else None, faults=dict(opts.faults), sleep_s=opts.sleep_s)
+                      generator=exchange.G if exchange else None, faults=dict(opts.faults), sleep_s=opts.sleep_s,
+                      device="cuda" if opts.num_gpus_per_client > 0 else "cpu")
 
     def plan(r):
         rows = [Row(e * K + k, (e // M) * K + k, k, fl.index_params(glob, e),
                     mu if methods[e % M] == "fedprox" else 0.0) for e in range(S * M) for k in range(K)]
-        cfg = {"lr": lr, "momentum": momentum, "batch-size": batch_size, "epochs": local_epochs,
-               "steps": 0, "bits": 32, "scheme": "tensor", "rounding": "nearest"}
+        cfg = {"lr": lr, "momentum": momentum, "batch-size": batch_size, "epochs": local_epochs, "steps": 0}
         return rows, cfg
 
     def server_update(r, rows, local, accepted):
@@ -652,7 +663,8 @@ def _fedgo_exchange(grid: Grid, nodes, ex: FedGOExchange, setups, data: fl.Clien
             got[k] = p
         # a client without a discriminator is left out of the FedGO ensemble (its logits row is a
         # placeholder from D's init, never used)
-        stacked = fl.stack_params([got.get(k, d_init) for k in range(K)])
+        dev = next(iter(d_init.values())).device
+        stacked = fl.stack_params([{n: v.to(dev) for n, v in got.get(k, d_init).items()} for k in range(K)])
         setup.disc_logits = DS.discriminator_logits(ex.D, stacked, setup.server_x)
         for k in range(K):
             if k not in got:
@@ -660,3 +672,99 @@ def _fedgo_exchange(grid: Grid, nodes, ex: FedGOExchange, setups, data: fl.Clien
                              partition=k)
         arrived[s] = torch.tensor([k in got for k in range(K)])
     return arrived
+
+
+# ----------------------------------------------------------------------------------------------
+# notebook 02's driver: FedDM
+def run_feddm(denoiser, groups: list, rounds: int, *, local_steps: int, batch_size: int, lr: float,
+              momentum: float = 0.9, eval_rounds=(), evaluate=None, seed: int = 0, progress: bool = True,
+              chunk_size: int | None = None, options: FlowerOptions | None = None) -> list[dict]:
+    """:func:`fedlib.feddm.run_feddm` on Flower: same arguments, same history rows, groups updated in
+    place (``params``, ``ledger``). Every federated group's client k is node k; quant variants send their
+    update packed (:func:`fedlib.compression.encode`) and the server decodes it from those bytes alone.
+    ``central`` groups train on the server, as in-process. Not here: quantised downlink
+    (``down_bits < 32``). With ``rounding="nearest"`` the random numbers match the in-process run (with
+    stochastic rounding each client draws its rounding noise from its own seed instead)."""
+    from tqdm.auto import tqdm
+
+    from . import feddm as FD
+
+    opts = options or FlowerOptions()
+    fed = [g for g in groups if not g.variant.central]
+    central = [g for g in groups if g.variant.central]
+    bad = [g.label for g in fed if g.variant.down_bits < 32]
+    if bad:
+        raise ValueError(f"groups {bad} quantise the downlink (down_bits < 32), which the Flower backend does not "
+                         "send yet; allowed: down_bits=32. Use backend='inprocess' for them")
+    if not fed:
+        raise ValueError("no federated group to run on Flower; allowed: at least one non-central variant")
+    K = fed[0].clients.n_clients
+    if any(g.clients.n_clients != K for g in fed):
+        raise ValueError("every federated group must have the same number of clients")
+    # rows in the order in which feddm_round trains them: by mu (first appearance), then group, then client
+    by_mu: dict[float, list] = {}
+    for g in fed:
+        by_mu.setdefault(g.variant.mu, []).append(g)
+    order = [g for gs in by_mu.values() for g in gs]
+    data = fl.concat_clients([g.clients for g in order])  # data row i*K + k: group order[i], client k
+    gen = torch.Generator().manual_seed(seed)
+    net = denoiser.net
+    report = FlowerReport()
+    spec = ClientSpec(net, loss_fn=FD.diffusion_client_loss(denoiser), extras_fn=FD.noise_extras(denoiser.process),
+                      faults=dict(opts.faults), sleep_s=opts.sleep_s,
+                      device="cuda" if opts.num_gpus_per_client > 0 else "cpu")
+    history: list[dict] = []
+    holder: dict = {}
+
+    def plan(r):
+        rows = []
+        for i, g in enumerate(order):
+            v = g.variant
+            q = C.Quantizer(v.bits, v.scheme, v.rounding) if v.bits < 32 else None
+            rows += [Row(i * K + k, i * K + k, k, g.params, float(v.mu), q) for k in range(K)]
+        return rows, {"lr": lr, "momentum": momentum, "batch-size": batch_size, "epochs": 0, "steps": local_steps}
+
+    def server_update(r, rows, local, accepted):
+        st = holder["strategy"]
+        for i, g in enumerate(order):
+            v, sl = g.variant, slice(i * K, (i + 1) * K)
+            ok = torch.nonzero(accepted[sl]).squeeze(1)
+            model_bytes = C.float32_bytes(g.params)
+            g.ledger.log(r, "down", "model", model_bytes, copies=K)
+            if len(ok) == 0:
+                report.event(r, "group-kept", f"no client of {g.label!r} replied; its model is unchanged")
+                continue
+            n_k = g.clients.n_k[ok]
+            if v.bits < 32:
+                rows_ok = [i * K + int(k) for k in ok]
+                received = fl.stack_params([st.updates[j] for j in rows_ok])
+                mean_update = fl.fedavg(received, n_k)
+                g.params = {n: g.params[n] + mean_update[n].to(g.params[n].device) for n in g.params}
+                for j in rows_ok:
+                    g.ledger.log(r, "up", f"update {v.bits}-bit", st.payload[j])
+            else:
+                g.params = fl.fedavg(fl.index_params(local, ok + i * K), n_k)
+                g.ledger.log(r, "up", "model", model_bytes, copies=len(ok))
+        if central:  # the centrally trained reference, on the server, as in feddm_round
+            w = fl.local_train(net, FD._stack([g.params for g in central]),
+                               fl.concat_clients([g.clients for g in central]), FD.diffusion_client_loss(denoiser),
+                               steps=local_steps, lr=lr, momentum=momentum,
+                               batch_size=batch_size * central[0].batch_scale, generator=gen,
+                               extras_fn=FD.noise_extras(denoiser.process), chunk_size=chunk_size)
+            for j, g in enumerate(central):
+                g.params = {n: p[j] for n, p in w.items()}
+        if evaluate is not None and r in set(eval_rounds):
+            for g, m in zip(groups, evaluate(groups)):
+                history.append({"variant": g.variant.name, "kind": g.variant.kind, "partition": g.partition,
+                                "seed": g.seed, "round": r, "bytes_up": g.ledger.total("up"),
+                                "bytes_down": g.ledger.total("down"), **m})
+
+    def main(grid: Grid, nodes: dict[int, int]) -> None:
+        holder["strategy"] = st = RowStrategy(plan, server_update, fed[0].params, nodes, report, gen)
+        _rounds(grid, st, rounds, opts.round_timeout,
+                (lambda it: tqdm(it, desc="FedDM rounds (Flower)")) if progress else None)
+
+    simulate(main, spec, data, K, opts, report)
+    holder.clear()
+    run_feddm.last_report = report  # the FlowerReport of the latest run (history rows keep their shape)
+    return history
