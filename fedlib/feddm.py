@@ -279,3 +279,48 @@ def params_of(denoiser: Denoiser) -> Params:
 
 def check_partition_name(name: str) -> str:
     return check_choice("partition", name, ("iid", "dirichlet"))
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation and the notebook's table
+def fd_evaluator(denoiser: Denoiser, feature_net, reference, n: int, steps: int, sampler: str, image_shape,
+                 seed: int = 0, models_per_batch: int = 8, keep: dict | None = None):
+    """``evaluate(groups) -> [{"fd": ...}]`` for :func:`run_feddm`: ``n`` samples per model (the same
+    initial noise, sampler and NFE for every model), Frechet distance in ``feature_net``'s space to
+    ``reference`` (images or (mu, Sigma)); NOT comparable to Inception FID. The last samples of each
+    group are stored in ``keep[label]``."""
+    from .metrics import classifier_fd, extract_features, gaussian_stats
+
+    if not isinstance(reference, tuple):
+        reference = gaussian_stats(extract_features(feature_net, reference))
+
+    def evaluate(groups):
+        out = []
+        for i in range(0, len(groups), models_per_batch):
+            chunk = groups[i:i + models_per_batch]
+            x, nfe = sample_stacked(denoiser, _stack([g.params for g in chunk]), n, steps, sampler, seed, image_shape)
+            for g, xg in zip(chunk, x):
+                out.append({"fd": classifier_fd(feature_net, xg, reference), "nfe": nfe})
+                if keep is not None:
+                    keep[g.label] = xg[:64].cpu()
+        return out
+
+    return evaluate
+
+
+def summary_table(history: list[dict], model_bytes: int):
+    """Per (variant, partition), the last evaluated round, mean over seeds: bytes up/down, uplink
+    reduction vs float32, final FD (mean and std), FD ratio to vanilla on the same partition."""
+    import pandas as pd
+
+    h = pd.DataFrame(history)
+    last = h[h["round"] == h["round"].max()]
+    t = last.groupby(["partition", "variant"], sort=False).agg(
+        kind=("kind", "first"), bytes_up=("bytes_up", "mean"), bytes_down=("bytes_down", "mean"),
+        fd=("fd", "mean"), fd_std=("fd", "std"), seeds=("seed", "nunique")).reset_index()
+    fed_up = t[t["kind"] == "vanilla"].set_index("partition")["bytes_up"]
+    t["up_reduction"] = [fed_up.get(p, float("nan")) / u if u > 0 else float("nan")
+                         for p, u in zip(t["partition"], t["bytes_up"])]
+    van = t[t["kind"] == "vanilla"].set_index("partition")["fd"]
+    t["fd_ratio_vs_vanilla"] = [f / van[p] if p in van else float("nan") for p, f in zip(t["partition"], t["fd"])]
+    return t
