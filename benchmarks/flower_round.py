@@ -89,21 +89,27 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
     ap.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp actor")
     ap.add_argument("--gpu-fraction", type=float, default=0.0, help="GPU share per ClientApp actor (cuda)")
+    ap.add_argument("--ray-address", default=None, help="join a running Ray cluster ('auto' or head:6379)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/flower_round-<device>.json)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads of the in-process and sequential paths (Flower's actors use 1 each)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figure from the JSON at --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"flower_round-{'cpu' if device.type == 'cpu' else 'cuda-' + name}.json")
+    if args.plot_only:
+        plot(json.loads(out.read_text())["rows"], name)
+        return
 
     torch.manual_seed(0)
     train, test = D.load_digits("train").to(device), D.load_digits("test").to(device)
     model = Mo.make_classifier("small_cnn", train.shape, train.n_classes).to(device)
     init = fl.get_params(model)
-    opts = FW.FlowerOptions(num_cpus_per_client=args.cpus_per_client, num_gpus_per_client=args.gpu_fraction)
+    opts = FW.FlowerOptions(num_cpus_per_client=args.cpus_per_client, num_gpus_per_client=args.gpu_fraction,
+                            ray_address=args.ray_address)
     rows = []
     # warm-up of the in-process and sequential paths (first vmap / autograd calls)
     warm = D.iid_partition(len(train), 10, seed=0)
@@ -137,7 +143,8 @@ def main() -> None:
         "setup": {"data": "digits train (IID)", "model": "small_cnn", "params": fl.state_bytes(model) // 4,
                   "local_epochs": EPOCHS, "batch_size": BATCH, "lr": LR, "momentum": MOMENTUM,
                   "inprocess_threads": args.threads, "flower_cpus_per_client": args.cpus_per_client, "flower_gpu_fraction": args.gpu_fraction,
-                  "ray_actors": int((os.cpu_count() or 1) // max(args.cpus_per_client, 1e-9))},
+                  "ray_address": args.ray_address,
+                  "ray_actors_local": int((os.cpu_count() or 1) // max(args.cpus_per_client, 1e-9))},
         "peer": "Flower simulation (Ray) and a plain sequential PyTorch loop, vs fedlib in-process vectorised",
         "rows": rows,
         "floor": {"claim": "in-process vectorised >= 3x faster than Flower simulation at K = 50 (CPU)",
@@ -165,14 +172,14 @@ def plot(rows, name: str) -> None:
 
     use_style()
     K = [r["K"] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, ax = plt.subplots(1, 2, figsize=(9, 4.0))
     for key, label, mk in (("inprocess_vectorised_s", "fedlib in-process (vmap)", "o"),
                            ("sequential_pytorch_s", "plain PyTorch loop", "s"),
                            ("flower_round_s", "fedlib on Flower sim. (Ray)", "^"),
                            ("flower_startup_s", "Flower start-up (once)", "x")):
         ax[0].plot(K, [r[key] for r in rows], marker=mk, label=label, ls=":" if key == "flower_startup_s" else "-")
     ax[0].set(xlabel="clients K", ylabel="seconds per round", yscale="log", title=f"one FedAvg round ({name})")
-    ax[0].legend(fontsize=7)
+    ax[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     w = 0.38
     x = np.arange(len(K))
     ax[1].bar(x - w / 2, [r["ratio_flower_over_inprocess"] for r in rows], w, label="Flower / in-process")

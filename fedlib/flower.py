@@ -439,15 +439,16 @@ def _ray(opts: FlowerOptions):
     if not ray.is_initialized():
         from ray._private import ray_constants
 
-        if opts.ray_address is None and ray_constants.ENABLE_RAY_CLUSTER:
+        if opts.ray_address is None and "RAY_ADDRESS" not in os.environ and ray_constants.ENABLE_RAY_CLUSTER:
             log.warning("ray was imported before fedlib.flower, so this local Ray may listen beyond loopback; "
                         "import fedlib.flower first or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray")
         kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=opts.verbose)
-        if opts.ray_address is None:
+        address = opts.ray_address or os.environ.get("RAY_ADDRESS")
+        if address is None:
             kw.update(num_cpus=opts.ray_num_cpus or os.cpu_count(), num_gpus=None if torch.cuda.is_available() else 0,
                       object_store_memory=opts.object_store_mb * 2**20)
         else:
-            kw["address"] = opts.ray_address
+            kw["address"] = address
         ray.init(**kw)
     try:
         yield ray
