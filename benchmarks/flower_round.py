@@ -99,7 +99,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"flower_round-{'cpu' if device.type == 'cpu' else 'cuda-' + name}.json")
+    tag = "cpu" if device.type == "cpu" else "cuda-" + name
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"flower_round-{tag}.json")
     if args.plot_only:
         plot(json.loads(out.read_text())["rows"], name)
         return
@@ -142,7 +143,8 @@ def main() -> None:
         "benchmark": "flower_round", "device": str(device), "device_name": name,
         "setup": {"data": "digits train (IID)", "model": "small_cnn", "params": fl.state_bytes(model) // 4,
                   "local_epochs": EPOCHS, "batch_size": BATCH, "lr": LR, "momentum": MOMENTUM,
-                  "inprocess_threads": args.threads, "flower_cpus_per_client": args.cpus_per_client, "flower_gpu_fraction": args.gpu_fraction,
+                  "inprocess_threads": args.threads, "flower_cpus_per_client": args.cpus_per_client,
+                  "flower_gpu_fraction": args.gpu_fraction,
                   "ray_address": args.ray_address,
                   "ray_actors_local": int((os.cpu_count() or 1) // max(args.cpus_per_client, 1e-9))},
         "peer": "Flower simulation (Ray) and a plain sequential PyTorch loop, vs fedlib in-process vectorised",
@@ -152,7 +154,7 @@ def main() -> None:
                   "holds": (at50["ratio_flower_over_inprocess"] >= 3.0) if at50 else None},
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
                     "torch": torch.__version__, "flwr": __import__("flwr").__version__,
-                    "ray": __import__("ray").__version__, "hostname_hash": hash(platform.node()) % 10**6},
+                    "ray": __import__("ray").__version__},
         "note": "one run; Flower's round excludes its start-up (flower_startup_s, paid once per run)",
     }
     out.parent.mkdir(parents=True, exist_ok=True)

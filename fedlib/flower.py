@@ -19,8 +19,8 @@ message type                server -> client (content)             client -> ser
 
 Drop-in drivers with the signature and return value of the in-process ones:
 
-- :func:`run_rounds` = :func:`fedlib.distill.run_rounds` (FedAvg, FedProx, FedDF, FedGO and the other
-  weightings; notebook 01), plus ``exchange=FedGOExchange(D, G, ...)``: the one-off FedGO protocol
+- :func:`run_rounds` = :func:`fedlib.distill.run_rounds` (FedAvg, FedProx, FedDF, FedGO, the other
+  weightings, FedKA vote and the server-side DENSE baseline; notebook 01), plus ``exchange=FedGOExchange(D, G, ...)``: the one-off FedGO protocol
   (G down, D_k up) inside the same simulation.
 - :func:`run_feddm` = :func:`fedlib.feddm.run_feddm` (FedDM vanilla / prox / quant; notebook 02).
 
@@ -81,7 +81,6 @@ from flwr.serverapp.strategy import Strategy  # noqa: E402
 log = logging.getLogger("fedlib.flower")
 Params = dict[str, Tensor]
 FAULTS = ("raise", "nan", "shape", "sleep")
-UNSUPPORTED = ("dense",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +264,8 @@ def make_client_app(spec: ClientSpec, data_ref) -> ClientApp:
         pid = int(context.node_config["partition-id"])
         clients = _one_client(_get(data_ref), int(cfg["data-row"])).to(spec.device)
         G = fl.set_params(copy.deepcopy(spec.generator).to(spec.device), from_record(msg.content["generator"]))
-        d = DS.train_discriminators(copy.deepcopy(spec.discriminator).to(spec.device), G, clients, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]),
+        D = copy.deepcopy(spec.discriminator).to(spec.device)
+        d = DS.train_discriminators(D, G, clients, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]),
                                     momentum=float(cfg["momentum"]), batch_size=int(cfg["batch-size"]),
                                     generator=_skip_seeds(cfg["rng"], int(cfg["skip"])),
                                     init={n: p.to(spec.device) for n, p in from_record(msg.content["arrays"]).items()})
@@ -540,10 +540,6 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
     methods = tuple(methods)
     for m in methods:
         check_choice("method", m, DS.METHODS, fix="See fedlib.distill.METHODS.")
-        if m in UNSUPPORTED:
-            raise ValueError(f"method {m!r} is not on the Flower backend yet (its generator lives on the server "
-                             f"only); allowed here: {[x for x in DS.METHODS if x not in UNSUPPORTED]}. "
-                             "Use backend='inprocess' for it")
     S, M = len(setups), len(methods)
     K = setups[0].clients.n_clients
     if any(s.clients.n_clients != K for s in setups):
@@ -553,7 +549,9 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
     glob = fl.broadcast_params(init, S * M)
     acc = torch.full((S, M, rounds), float("nan"))
     tacc = torch.full((S, M, rounds), float("nan"))
-    distil = [j for j, m in enumerate(methods) if m not in DS.AGGREGATION_ONLY]
+    distil = [j for j, m in enumerate(methods) if m not in DS.AGGREGATION_ONLY and m != "dense"]
+    with torch.no_grad():
+        n_classes = call(init, setups[0].test_x[:1]).shape[-1]
     data = fl.concat_clients([s.clients for s in setups])  # data row s*K + k
     report = FlowerReport()
     disc_ok: dict[int, Tensor] = {}  # setup -> which clients' discriminators arrived (FedGO exchange)
@@ -583,6 +581,15 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
             for n in glob:
                 glob[n][e] = new[n]
             j, s = e % M, e // M
+            if methods[j] == "dense":  # server-side, data-free (papers.md 1.3), as in-process
+                setup = setups[s]
+                if setup.dense_generator is None:
+                    raise ValueError("method 'dense' needs Setup.dense_generator (a label-conditioned G)")
+                new = DS.dense_distill(model, fl.index_params(glob, e), k_params, setup.dense_generator, n_classes,
+                                       steps=dense_steps or distill_steps, batch_size=distill_batch, lr=distill_lr,
+                                       temperature=temperature, generator=generator)
+                for n in glob:
+                    glob[n][e] = new[n]
             if j in distil:
                 setup = setups[s]
                 logits = fl.predict(call, k_params, setup.server_x, stacked=True)

@@ -130,8 +130,8 @@ def _strategy(template, n_k, captured):
 
 
 def _reply(to, params, row, n):
-    return Message(RecordDict({"arrays": FW.to_record(params), "metrics": MetricRecord({"row": row, "num-examples": n})}),
-                   reply_to=to)
+    metrics = MetricRecord({"row": row, "num-examples": n})
+    return Message(RecordDict({"arrays": FW.to_record(params), "metrics": metrics}), reply_to=to)
 
 
 def test_strategy_timeout_error_and_malformed_replies():
@@ -171,12 +171,6 @@ def test_seed_skipping_reproduces_local_train_per_client():
     seeds = [c.initial_seed() for c in fl.client_generators(g, 6)]
     for k in range(6):
         assert fl.client_generators(FW._skip_seeds(state, k), 1)[0].initial_seed() == seeds[k]
-
-
-def test_unsupported_method_names_the_alternative(problem):
-    setup = DS.Setup(problem["clients"], problem["server_x"], problem["test"].x[:10], problem["test"].y[:10])
-    with pytest.raises(ValueError, match="inprocess"):
-        FW.run_rounds(problem["model"], [setup], ("dense",), rounds=1)
 
 
 @pytest.mark.slow
