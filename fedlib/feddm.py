@@ -284,25 +284,33 @@ def check_partition_name(name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # evaluation and the notebook's table
 def fd_evaluator(denoiser: Denoiser, feature_net, reference, n: int, steps: int, sampler: str, image_shape,
-                 seed: int = 0, models_per_batch: int = 8, keep: dict | None = None):
-    """``evaluate(groups) -> [{"fd": ...}]`` for :func:`run_feddm`: ``n`` samples per model (the same
-    initial noise, sampler and NFE for every model), Frechet distance in ``feature_net``'s space to
-    ``reference`` (images or (mu, Sigma)); NOT comparable to Inception FID. The last samples of each
-    group are stored in ``keep[label]``."""
+                 seed: int = 0, max_images: int = 4096, keep: dict | None = None):
+    """``evaluate(groups) -> [{"fd": ..., "nfe": ...}]`` for :func:`run_feddm`: ``n`` samples per model
+    (the same initial noise, sampler and NFE for every model), Frechet distance in ``feature_net``'s
+    space to ``reference`` (images or (mu, Sigma)); NOT comparable to Inception FID. At most
+    ``max_images`` images are denoised at once (models x samples). The first 64 samples of each group
+    are stored in ``keep[label]``."""
     from .metrics import classifier_fd, extract_features, gaussian_stats
 
     if not isinstance(reference, tuple):
         reference = gaussian_stats(extract_features(feature_net, reference))
+    per_call = min(n, max_images)
+    models_per_call = max(1, max_images // per_call)
 
     def evaluate(groups):
         out = []
-        for i in range(0, len(groups), models_per_batch):
-            chunk = groups[i:i + models_per_batch]
-            x, nfe = sample_stacked(denoiser, _stack([g.params for g in chunk]), n, steps, sampler, seed, image_shape)
+        for i in range(0, len(groups), models_per_call):
+            chunk = groups[i:i + models_per_call]
+            params = _stack([g.params for g in chunk])
+            parts = []
+            for j, start in enumerate(range(0, n, per_call)):
+                x, nfe = sample_stacked(denoiser, params, min(per_call, n - start), steps, sampler, seed + j, image_shape)
+                parts.append(x.cpu())
+            x = torch.cat(parts, dim=1)
             for g, xg in zip(chunk, x):
                 out.append({"fd": classifier_fd(feature_net, xg, reference), "nfe": nfe})
                 if keep is not None:
-                    keep[g.label] = xg[:64].cpu()
+                    keep[g.label] = xg[:64]
         return out
 
     return evaluate
