@@ -30,10 +30,12 @@ Typical round::
         E * ceil(n_k / B) steps; finished clients sit idle, masked, while others go on) or a fixed
         number of steps for every client (batch min(B, n_k)). Clients of different sizes are padded and
         masked, never truncated.
-    mu: FedProx proximal term (mu / 2) ||w - w_start||^2, w_start the client's starting point.
+    mu: FedProx proximal term (mu / 2) ||w - w_start||^2, w_start the client's starting point; a float
+        or a tensor [K] (one mu per client, so FedProx and FedAvg models can train in one vmap).
     vectorised: True -> one ``torch.func.vmap(grad(...))`` over all clients per step (SGD in place on
-        the stacked tensors); False -> the sequential reference (one model per client,
-        ``torch.optim.SGD``), kept for tests and benchmarks.
+        the stacked tensors; ``chunk_size="auto"`` vmaps chunks of 128 clients on CPU, all at once on
+        GPU); False -> the sequential reference (one model per client, ``torch.optim.SGD``), kept for
+        tests and benchmarks.
     The starting point may be one Params (broadcast to all K clients) or a stacked Params with K
         entries: this is how several methods' global models (or seeds, or alphas) train in ONE vmap
         (see :meth:`ClientData.repeat` and :func:`concat_clients`).
@@ -56,6 +58,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from .utils import check_choice
 
 Params = dict[str, Tensor]
+CPU_CHUNK = 128  # clients per vmap chunk on CPU (chunk_size="auto")
 SETUP = -1  # the "round" of one-off transfers (generator down, discriminators up)
 DIRECTIONS = ("down", "up")
 
@@ -235,7 +238,7 @@ def local_train(model: nn.Module, start: Params, clients: ClientData, loss_fn=No
                 epochs: int | None = None, steps: int | None = None, lr: float = 0.05,
                 momentum: float = 0.0, weight_decay: float = 0.0, mu: float = 0.0, batch_size: int = 32,
                 generator: torch.Generator | None = None, extras_fn=None, vectorised: bool = True,
-                chunk_size: int | None = None, return_loss: bool = False):
+                chunk_size: int | str | None = "auto", return_loss: bool = False):
     """Train every client from ``start`` with SGD; returns the stacked client parameters [K, ...]
     (and, with ``return_loss``, the per-step training loss [K, T], NaN where a client was idle).
     See the module docstring for the meaning of each argument."""
@@ -253,10 +256,14 @@ def local_train(model: nn.Module, start: Params, clients: ClientData, loss_fn=No
     idx, bmask = idx.to(device), bmask.to(device)
     call = functional(model)
 
+    # mu may differ per client (e.g. FedProx and FedAvg models trained in one vmap)
+    mu_k = torch.as_tensor(mu, dtype=torch.float32).to(device).expand(K).contiguous()
+    use_prox = bool((mu_k != 0).any())
+
     def objective(params, anchor, batch):
         loss = loss_fn(call, params, batch)
-        if mu:
-            loss = loss + 0.5 * mu * sum(((params[n] - anchor[n]) ** 2).sum() for n in params)
+        if use_prox:
+            loss = loss + 0.5 * batch["_mu"] * sum(((params[n] - anchor[n]) ** 2).sum() for n in params)
         return loss
 
     def client_batch(k, t):
@@ -279,8 +286,8 @@ def local_train(model: nn.Module, start: Params, clients: ClientData, loss_fn=No
                     break
                 params = dict(m.named_parameters())
                 loss = loss_fn(call_k, params, client_batch(k, t))
-                if mu:
-                    loss = loss + 0.5 * mu * sum(((params[n] - anchor[n]) ** 2).sum() for n in params)
+                if mu_k[k]:
+                    loss = loss + 0.5 * mu_k[k] * sum(((params[n] - anchor[n]) ** 2).sum() for n in params)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -289,6 +296,8 @@ def local_train(model: nn.Module, start: Params, clients: ClientData, loss_fn=No
         params = stack_params(out)
         return (params, losses) if return_loss else params
 
+    if chunk_size == "auto":  # on CPU, chunks of clients that stay in cache are 2-3x faster than one vmap
+        chunk_size = CPU_CHUNK if device.type == "cpu" else None
     step_fn = vmap(grad_and_value(objective), in_dims=(0, 0, 0), chunk_size=chunk_size)
     params = {n: p.detach().clone() for n, p in start.items()}
     anchor = {n: p.detach() for n, p in start.items()}
@@ -301,7 +310,7 @@ def local_train(model: nn.Module, start: Params, clients: ClientData, loss_fn=No
         sub = ar if bool(act.all()) else act.nonzero().squeeze(1).to(device)
         k_list = sub.tolist()
         batch = {"x": clients.x[sub[:, None], idx[sub, t]], "y": clients.y[sub[:, None], idx[sub, t]],
-                 "mask": bmask[sub, t]}
+                 "mask": bmask[sub, t], "_mu": mu_k[sub]}
         if extras_fn is not None:
             # drawn per client from its own generator, only for clients that step (as in the reference)
             ex = [extras_fn(batch["x"][j], batch["y"][j], gens[k]) for j, k in enumerate(k_list)]

@@ -1,0 +1,133 @@
+"""fedlib.distill: pseudo-labels, majority vote, KL distillation, the FedGO protocol pieces."""
+
+import pytest
+import torch
+
+from fedlib import distill as D
+from fedlib import federated as fl
+from fedlib import models
+from fedlib import weighting as W
+
+
+def test_pseudo_labels_prob_and_logit():
+    logits = torch.randn(3, 5, 4)
+    a = torch.softmax(torch.randn(3, 5), 0)
+    q = D.pseudo_labels(logits, a)
+    assert torch.allclose(q.sum(-1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(q, (a[..., None] * logits.softmax(-1)).sum(0))
+    ql = D.pseudo_labels(logits, a, mode="logit", temperature=2.0)
+    assert torch.allclose(ql, torch.softmax((a[..., None] * logits).sum(0) / 2.0, -1))
+    one = torch.zeros(3, 5)
+    one[1] = 1.0
+    assert torch.allclose(D.pseudo_labels(logits, one), logits[1].softmax(-1))  # all weight on client 1
+    with pytest.raises(ValueError, match="unknown pseudo-label mode 'mean'; allowed: 'prob', 'logit'"):
+        D.pseudo_labels(logits, a, mode="mean")
+    with pytest.raises(ValueError, match=r"must be \[K, N\]"):
+        D.pseudo_labels(logits, a[:, :4])
+
+
+def test_majority_vote():
+    logits = torch.tensor([[[5.0, 0, 0], [0, 5, 0]], [[5, 0, 0], [0, 0, 5]], [[0, 5, 0], [5, 0, 0]]])
+    q = D.majority_vote(logits)  # sample 0: votes 0,0,1 -> 0; sample 1: 1,2,0 -> three-way tie
+    assert torch.allclose(q[0], torch.tensor([1.0, 0, 0]))
+    assert torch.allclose(q[1], torch.full((3,), 1 / 3))
+
+
+def test_kl_distill_matches_targets_and_vectorises():
+    torch.manual_seed(0)
+    model = models.MLP(2, 3, hidden=16)
+    x = torch.randn(256, 2)
+    targets = torch.softmax(3 * x @ torch.randn(2, 3), -1)  # a learnable teacher
+    call = fl.functional(model)
+    w0 = fl.get_params(model)
+    before = D.kl_to_targets(call(w0, x), targets).mean()
+    w = D.kl_distill(model, w0, x, targets, steps=200, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    after = D.kl_to_targets(call(w, x), targets).mean()
+    assert after < 0.3 * before
+    # two models in one vmap == one at a time (same batch indices)
+    t2 = torch.stack([targets, targets.flip(0)])
+    both = D.kl_distill(model, fl.broadcast_params(w0, 2), x, t2, steps=20, generator=torch.Generator().manual_seed(1))
+    alone = D.kl_distill(model, w0, x, t2[1], steps=20, generator=torch.Generator().manual_seed(1))
+    assert max((both[n][1] - alone[n]).abs().max().item() for n in alone) < 1e-5
+
+
+def test_functional_adam_matches_torch():
+    torch.manual_seed(0)
+    model = models.MLP(2, 3, hidden=8)
+    x, targets = torch.randn(32, 2), torch.softmax(torch.randn(32, 3), -1)
+    w = D.kl_distill(model, fl.get_params(model), x, targets, steps=5, lr=1e-2, batch_size=32,
+                     generator=torch.Generator().manual_seed(0))
+    ref = models.MLP(2, 3, hidden=8)
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        i = torch.randint(0, 32, (32,), generator=g)
+        loss = D.kl_to_targets(ref(x[i]), targets[i]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert max((w[n] - p).abs().max().item() for n, p in ref.named_parameters()) < 1e-5
+
+
+def test_discriminators_recover_density_ratio_direction():
+    """Each client's D_k, trained against a broad Gaussian G, scores its own region higher, and the
+    FedGO weights it gives are closer to the oracle than uniform weights."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
+    x = torch.cat([centres[0] + 0.3 * torch.randn(150, 2, generator=g), centres[1] + 0.3 * torch.randn(60, 2, generator=g)])
+    y = torch.cat([torch.zeros(150), torch.ones(60)]).long()
+    clients = fl.pack_clients(x, y, [torch.arange(150), torch.arange(150, 210)])
+    Dm = models.MLPDiscriminator(2, hidden=32)
+    dp = D.train_discriminators(Dm, D.GaussianSource(2, 3.0), clients, epochs=40, lr=0.05, generator=g)
+    probe = centres
+    logits = D.discriminator_logits(Dm, dp, probe)  # [K=2, 2 points]
+    assert logits[0, 0] > logits[1, 0] and logits[1, 1] > logits[0, 1]
+    a = W.fedgo_weights(logits, clients.n_k)
+    assert a[0, 0] > 0.9 and a[1, 1] > 0.9
+
+
+def test_discriminator_nan_is_a_clear_error():
+    Dm = models.MLPDiscriminator(2, hidden=4)
+    p = fl.broadcast_params(fl.get_params(Dm), 2)
+    p["net.net.0.weight"][1] = float("nan")
+    with pytest.raises(ValueError, match="discriminator produced NaN"):
+        D.discriminator_logits(Dm, p, torch.randn(3, 2))
+
+
+def test_gan_and_dense_run_and_shapes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 8, 8) * 2 - 1
+    G = models.make_generator((1, 8, 8), z_dim=8)
+    D.train_gan(x, G, models.make_discriminator((1, 8, 8)), steps=3, batch_size=16, generator=g)
+    assert D.sample(G, 10, g).shape == (10, 1, 8, 8)
+    clf = models.SmallCNN(1, 10, width=4)
+    clients = fl.broadcast_params(fl.get_params(clf), 3)
+    Gd = models.make_generator((1, 8, 8), z_dim=8 + 10)
+    w = D.dense_distill(clf, fl.get_params(clf), clients, Gd, 10, steps=2, batch_size=8, generator=g)
+    assert set(w) == set(fl.get_params(clf))
+
+
+def test_fedgo_overhead_shrinks_with_rounds():
+    kw = dict(classifier_bytes=1000, generator_bytes=3000, discriminator_bytes=500, n_clients=10, n_k=[50] * 10,
+              local_epochs=1, disc_epochs=2, clf_flops=100.0, disc_flops=40.0, gen_forward_flops=10.0)
+    few, many = D.fedgo_overhead(rounds=5, **kw), D.fedgo_overhead(rounds=500, **kw)
+    assert few["extra_bytes"] == 10 * 3500 and few["training_bytes"] == 2 * 1000 * 10 * 5
+    assert many["bytes_pct"] < few["bytes_pct"] and many["flops_pct"] < few["flops_pct"]
+    assert few["extra_client_flops"] == 500 * 2 * (80 + 10)
+
+
+def test_run_rounds_small_end_to_end():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 1, 8, 8)
+    y = torch.randint(0, 3, (120,))
+    parts = [torch.arange(0, 30), torch.arange(30, 40), torch.arange(40, 80)]
+    clients = fl.pack_clients(x, y, parts)
+    setup = D.Setup(clients, x[80:], x[:20], y[:20], y[80:], disc_logits=torch.randn(3, 40))
+    clf = models.SmallCNN(1, 3, width=4)
+    res = D.run_rounds(clf, [setup, setup], ["fedavg", "fedprox", "feddf", "fedgo", "fedka"], rounds=2,
+                       distill_steps=3, generator=g)
+    assert res.accuracy.shape == (2, 5, 2) and torch.isfinite(res.accuracy).all()
+    assert torch.isnan(res.teacher_accuracy[:, :2]).all() and torch.isfinite(res.teacher_accuracy[:, 2:]).all()
+    with pytest.raises(ValueError, match="unknown method 'fedsgd'"):
+        D.run_rounds(clf, [setup], ["fedsgd"], rounds=1)
