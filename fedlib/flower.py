@@ -20,8 +20,8 @@ message type                server -> client (content)             client -> ser
 Drop-in drivers with the signature and return value of the in-process ones:
 
 - :func:`run_rounds` = :func:`fedlib.distill.run_rounds` (FedAvg, FedProx, FedDF, FedGO, the other
-  weightings, FedKA vote and the server-side DENSE baseline; notebook 01), plus ``exchange=FedGOExchange(D, G, ...)``: the one-off FedGO protocol
-  (G down, D_k up) inside the same simulation.
+  weightings, FedKA vote and the server-side DENSE baseline; notebook 01), plus
+  ``exchange=FedGOExchange(D, G, ...)``: the one-off FedGO protocol (G down, D_k up) in the same simulation.
 - :func:`run_feddm` = :func:`fedlib.feddm.run_feddm` (FedDM vanilla / prox / quant; notebook 02).
 
 Seeds: the in-process drivers train K clients with ``local_train(..., generator=g)``, which gives client
@@ -515,10 +515,11 @@ class FedGOExchange:
     each client trains D_k from ``init`` for ``epochs`` epochs (:func:`fedlib.distill.train_discriminators`
     on its own data) and sends it up once; the server computes ``disc_logits`` on every setup's server
     data. Same arguments as ``train_discriminators``; ``generator`` is consumed as there, once per setup,
-    before the rounds."""
+    before the rounds. ``G`` may be a list with one generator per setup (e.g. one GAN per seed, as
+    :func:`fedlib.distill.build_setups` trains them)."""
 
     D: nn.Module
-    G: nn.Module
+    G: nn.Module | list
     epochs: int
     lr: float = 0.05
     momentum: float = 0.9
@@ -555,8 +556,9 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
     data = fl.concat_clients([s.clients for s in setups])  # data row s*K + k
     report = FlowerReport()
     disc_ok: dict[int, Tensor] = {}  # setup -> which clients' discriminators arrived (FedGO exchange)
-    spec = ClientSpec(model, discriminator=exchange.D if exchange else None,
-                      generator=exchange.G if exchange else None, faults=dict(opts.faults), sleep_s=opts.sleep_s,
+    g_arch = (exchange.G[0] if isinstance(exchange.G, (list, tuple)) else exchange.G) if exchange else None
+    spec = ClientSpec(model, discriminator=exchange.D if exchange else None, generator=g_arch,
+                      faults=dict(opts.faults), sleep_s=opts.sleep_s,
                       device="cuda" if opts.num_gpus_per_client > 0 else "cpu")
 
     def plan(r):
@@ -640,10 +642,10 @@ def _fedgo_exchange(grid: Grid, nodes, ex: FedGOExchange, setups, data: fl.Clien
     """G down once, D_k up once, per setup; sets ``setups[s].disc_logits`` from the accepted D_k and
     returns, per setup, which clients' discriminators arrived."""
     d_init = ex.init if ex.init is not None else fl.get_params(ex.D)
-    g_params = fl.get_params(ex.G)
-    g_rec = to_record(g_params)
     arrived = {}
     for s, setup in enumerate(setups):
+        g_params = fl.get_params(ex.G[s] if isinstance(ex.G, (list, tuple)) else ex.G)
+        g_rec = to_record(g_params)
         rng = _state(ex.generator) if ex.generator is not None else _state(torch.Generator().manual_seed(s))
         if ex.generator is not None:
             fl.client_generators(ex.generator, K)  # as train_discriminators(generator=g) over K clients

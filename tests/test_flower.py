@@ -37,12 +37,13 @@ def problem():
 
 
 ROUNDS = dict(local_epochs=1, distill_steps=5, batch_size=32, lr=0.05, momentum=0.9)
+METHODS = ("fedavg", "fedprox", "fedgo")
 FAULTS = {(3, 1): "raise", (3, 2): "nan", (3, 3): "shape"}  # round 3 only: rounds 1-2 are the equivalence
 
 
 @pytest.fixture(scope="module")
 def both(problem):
-    """In-process: FedGO protocol steps 1-2, then two rounds of FedAvg and FedGO side by side, then round 3's
+    """In-process: FedGO protocol steps 1-2, then two rounds of FedAvg, FedProx and FedGO side by side, then round 3's
     client training. Flower (one simulation): the same with G going down and D_k coming up as messages, and a
     third round in which client 1 raises, client 2 sends a NaN and client 3 a wrongly shaped tensor."""
     p = problem
@@ -51,24 +52,25 @@ def both(problem):
     setup = DS.Setup(p["clients"], p["server_x"], p["test"].x[:200], p["test"].y[:200],
                      disc_logits=DS.discriminator_logits(p["D"], d_k, p["server_x"]))
     g = torch.Generator().manual_seed(2)
-    ref = DS.run_rounds(p["model"], [setup], ("fedavg", "fedgo"), rounds=2, init=init, generator=g, **ROUNDS)
-    start = {n: q.repeat_interleave(K, dim=0) for n, q in ref.params.items()}  # round 3, both methods
-    local3 = fl.local_train(p["model"], start, p["clients"].repeat(2), epochs=1, lr=0.05, momentum=0.9,
+    ref = DS.run_rounds(p["model"], [setup], METHODS, rounds=2, init=init, generator=g, **ROUNDS)
+    start = {n: q.repeat_interleave(K, dim=0) for n, q in ref.params.items()}  # round 3, every method
+    mu_k = torch.tensor([0.01 if m == "fedprox" else 0.0 for m in METHODS for _ in range(K)])
+    local3 = fl.local_train(p["model"], start, p["clients"].repeat(3), epochs=1, lr=0.05, momentum=0.9, mu=mu_k,
                             batch_size=32, generator=g)
     setup_f = DS.Setup(p["clients"], p["server_x"], p["test"].x[:200], p["test"].y[:200])
-    res = FW.run_rounds(p["model"], [setup_f], ("fedavg", "fedgo"), rounds=3, init=init,
+    res = FW.run_rounds(p["model"], [setup_f], METHODS, rounds=3, init=init,
                         generator=torch.Generator().manual_seed(2),
                         exchange=FW.FedGOExchange(p["D"], p["G"], epochs=1, generator=torch.Generator().manual_seed(1)),
                         options=FW.FlowerOptions(ray_num_cpus=2, faults=FAULTS, keep_params=True), **ROUNDS)
     return ref, res, setup, setup_f, local3
 
 
-def test_flower_equals_inprocess_fedavg_and_fedgo(both):
+def test_flower_equals_inprocess_fedavg_fedprox_fedgo(both):
     ref, res, setup, setup_f, _ = both
     assert [e for e in res.flower.events if e["round"] != 3] == []
     assert torch.allclose(setup_f.disc_logits, setup.disc_logits, atol=1e-4)  # D_k uploaded == trained in-process
     after2 = res.flower.params[1]
-    for n in ref.params:  # [methods, ...]: FedAvg and FedGO global models after round 2
+    for n in ref.params:  # [methods, ...]: FedAvg, FedProx and FedGO global models after round 2
         assert torch.allclose(after2[n], ref.params[n], atol=ATOL, rtol=0), n
     assert torch.equal(res.accuracy[..., :2], ref.accuracy)
 
@@ -77,8 +79,8 @@ def test_flower_byte_counts(both, problem):
     _, res, _, _, _ = both
     led = res.flower.ledger
     model_bytes = fl.state_bytes(problem["model"])
-    # rounds 1-2, two methods (FedAvg, FedGO): the model down and up for every client and round
-    assert led.total(item="model", round=1) + led.total(item="model", round=2) == 2 * fl.rounds_bytes(model_bytes, K, 2)
+    # rounds 1-2, three methods: the model down and up for every client and round
+    assert led.total(item="model", round=1) + led.total(item="model", round=2) == 3 * fl.rounds_bytes(model_bytes, K, 2)
     extra = DS.fedgo_overhead(classifier_bytes=model_bytes, generator_bytes=fl.state_bytes(problem["G"]),
                               discriminator_bytes=fl.state_bytes(problem["D"]), n_clients=K, rounds=2,
                               n_k=problem["clients"].n_k, local_epochs=1, disc_epochs=1, clf_flops=1.0,
@@ -86,8 +88,8 @@ def test_flower_byte_counts(both, problem):
     assert led.total(round=fl.SETUP) == extra
     # round 3: everything went down; only what was accepted or parsed came up (client 0 per method, plus
     # the NaN reply, which parses and is then rejected; the failed client sent nothing)
-    assert led.total(round=3, direction="down") == 2 * K * model_bytes
-    assert led.total(round=3, direction="up") == 2 * 2 * model_bytes + 2 * (model_bytes - 4)
+    assert led.total(round=3, direction="down") == 3 * K * model_bytes
+    assert led.total(round=3, direction="up") == 3 * 2 * model_bytes + 3 * (model_bytes - 4)
     # Flower's serialised records are a little larger (a numpy header per array), never smaller
     assert res.flower.wire.total() > led.total()
 
@@ -100,11 +102,12 @@ def test_failing_and_bad_clients_are_left_out_and_weights_renormalise(both, prob
     assert all("injected failure" in e["reason"] for e in ev if e["kind"] == "failed")
     reasons = {e["partition"]: e["reason"] for e in ev if e["kind"] == "rejected"}
     assert "non-finite" in reasons[2] and "shape" in reasons[3]
-    # the round completed with client 0 alone: its FedAvg weight renormalises to 1
+    # the round completed with client 0 alone: its FedAvg (and FedProx) weight renormalises to 1
     n_k = problem["clients"].n_k
-    expect = fl.fedavg(fl.index_params(local3, slice(0, 1)), n_k[:1])
-    for n in expect:
-        assert torch.allclose(res.params[n][0], expect[n], atol=ATOL, rtol=0), n
+    for e in (0, 1):
+        expect = fl.fedavg(fl.index_params(local3, slice(e * K, e * K + 1)), n_k[:1])
+        for n in expect:
+            assert torch.allclose(res.params[n][e], expect[n], atol=ATOL, rtol=0), (METHODS[e], n)
 
 
 def test_faults_are_logged(problem, caplog):
