@@ -17,6 +17,7 @@ actor uses one thread, with as many actors as Ray has CPUs (2 here), so Flower g
 
     .venv/bin/python benchmarks/flower_round.py                       # CPU, K = 10 50 100
     .venv/bin/python benchmarks/flower_round.py --device cuda --gpu-fraction 0.1 --cpus-per-client 1
+    (figures/flower_round_benchmark.png on CPU, figures/flower_round_benchmark-cuda.png on a GPU)
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def main() -> None:
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
     tag = "cpu" if device.type == "cpu" else "cuda-" + name
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"flower_round-{tag}.json")
+    figure = "flower_round_benchmark" + ("" if device.type == "cpu" else "-cuda")
     if args.plot_only:
-        plot(json.loads(out.read_text())["rows"], name)
+        plot(json.loads(out.read_text())["rows"], name, figure)
         return
 
     torch.manual_seed(0)
@@ -161,10 +163,10 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("wrote", out)
     if not args.no_plot:
-        plot(rows, name)
+        plot(rows, name, figure)
 
 
-def plot(rows, name: str) -> None:
+def plot(rows, name: str, figure: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,7 +192,7 @@ def plot(rows, name: str) -> None:
     ax[1].set(xticks=x, xticklabels=[str(k) for k in K], xlabel="clients K", ylabel="slowdown vs in-process")
     ax[1].legend(fontsize=7)
     fig.tight_layout()
-    print("figure", savefig(fig, "flower_round_benchmark"))
+    print("figure", savefig(fig, figure))
 
 
 if __name__ == "__main__":
