@@ -99,7 +99,7 @@ class FlowerOptions:
     num_gpus_per_client: float = 0.0
     ray_address: str | None = None
     ray_num_cpus: int | None = None
-    object_store_mb: int = 256
+    object_store_mb: int | None = None  # Ray's object store (client data live there); None: Ray's default
     round_timeout: float = 600.0
     faults: dict = field(default_factory=dict)
     sleep_s: float = 0.0
@@ -445,8 +445,9 @@ def _ray(opts: FlowerOptions):
         kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=opts.verbose)
         address = opts.ray_address or os.environ.get("RAY_ADDRESS")
         if address is None:
-            kw.update(num_cpus=opts.ray_num_cpus or os.cpu_count(), num_gpus=None if torch.cuda.is_available() else 0,
-                      object_store_memory=opts.object_store_mb * 2**20)
+            kw.update(num_cpus=opts.ray_num_cpus or os.cpu_count(), num_gpus=None if torch.cuda.is_available() else 0)
+            if opts.object_store_mb:
+                kw["object_store_memory"] = opts.object_store_mb * 2**20
         else:
             kw["address"] = address
         ray.init(**kw)

@@ -61,7 +61,8 @@ def both(problem):
     res = FW.run_rounds(p["model"], [setup_f], METHODS, rounds=3, init=init,
                         generator=torch.Generator().manual_seed(2),
                         exchange=FW.FedGOExchange(p["D"], p["G"], epochs=1, generator=torch.Generator().manual_seed(1)),
-                        options=FW.FlowerOptions(ray_num_cpus=2, faults=FAULTS, keep_params=True), **ROUNDS)
+                        options=FW.FlowerOptions(ray_num_cpus=2, object_store_mb=256, faults=FAULTS, keep_params=True),
+                        **ROUNDS)
     return ref, res, setup, setup_f, local3
 
 
