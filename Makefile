@@ -35,12 +35,12 @@ reproduce: venv
 test: venv
 	rm -rf $(TESTOUT) && mkdir -p $(TESTOUT)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_DIR=$(TESTOUT)/run FEDLIB_CACHE=$(TESTOUT)/cache \
-	MPLBACKEND=Agg $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=15 \
+	MPLBACKEND=Agg $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=15 -m "not slow" \
 	  --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 \
 	  tests notebooks
 
 unit: venv
-	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -m "not slow" tests
 
 nbval: venv
 	rm -rf $(TESTOUT) && mkdir -p $(TESTOUT)
