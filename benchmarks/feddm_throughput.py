@@ -7,7 +7,7 @@ Configurations (``--configs``), all on seeded data so no dataset is needed:
 
 - ``digits``: 8x8, the notebook's default U-Net (channels 8, mults 1-2), K = 4 clients x 5 federated
   models (the quick run's vmap width: 20 models), batch 16;
-- ``fashion``: 28x28 stand-in data, the ``fashion_mnist`` set's U-Net (channels 32, mults 1-2-2), K = 10 x 3
+- ``fashion``: 28x28 stand-in data, the ``fashion_mnist`` set's U-Net (channels 32, mults 1-2-2), K = 10 x 6
   models, batch 32;
 - ``cifar``: 32x32x3 stand-in data, the ``paper`` set's U-Net (channels 64, mults 1-2-2-2), K = 10 x 1, batch 32.
 
@@ -37,7 +37,7 @@ from fedlib.utils import resolve_device
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "digits": dict(data="digits", channels=8, mults=(1, 2), clients=4, models=5, batch=16),
-    "fashion": dict(data="fashion_mnist", channels=32, mults=(1, 2, 2), clients=10, models=3, batch=32),
+    "fashion": dict(data="fashion_mnist", channels=32, mults=(1, 2, 2), clients=10, models=6, batch=32),
     "cifar": dict(data="cifar10", channels=64, mults=(1, 2, 2, 2), clients=10, models=1, batch=32),
 }
 
