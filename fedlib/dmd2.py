@@ -457,3 +457,50 @@ def train_dmd2(teacher: Denoiser, data: torch.Tensor, config: DMD2Config | None 
 
 def config_dict(cfg: DMD2Config) -> dict:
     return asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation helpers (the notebook's comparison table)
+
+
+@torch.no_grad()
+def teacher_baselines(teacher: Denoiser, x_T: torch.Tensor, nfes, samplers, score, schedule_name: str = "edm",
+                      batch_size: int = 1000) -> list[dict]:
+    """The teacher at each NFE with each sampler (``schedule_name`` grid, ``nfe`` steps; samplers
+    whose NFE is one per step), all from the same noise ``x_T``. ``score(x) -> float`` (lower is
+    better). Rows: nfe, sampler, score, seconds per 1000 samples, and ``best`` (the lowest score
+    at that NFE: the teacher "with its best sampler")."""
+    from .diffusion.samplers import get_sampler, nfe_for_steps
+    from .diffusion.schedules import schedule
+
+    rows = []
+    for nfe in nfes:
+        times = schedule(schedule_name, teacher.process, int(nfe))
+        for name in samplers:
+            if nfe_for_steps(name, int(nfe)) != int(nfe):
+                raise ValueError(f"sampler {name!r} does not take one network evaluation per step; "
+                                 "use euler, dpm_solver_pp_2m/3m, ipndm or unipc here")
+            sampler = get_sampler(name)
+            start = time.perf_counter()
+            outs, used = [], 0
+            for i in range(0, len(x_T), batch_size):
+                x, used = sampler(teacher, x_T[i:i + batch_size], times)
+                outs.append(x)
+            seconds = time.perf_counter() - start
+            x = torch.cat(outs)
+            if used != nfe:
+                raise RuntimeError(f"{name} used {used} network evaluations on a {nfe}-step grid")
+            rows.append({"nfe": int(nfe), "sampler": name, "score": float(score(x)),
+                         "s_per_1000": seconds / len(x_T) * 1000, "samples": x})
+        best = min((r for r in rows if r["nfe"] == nfe), key=lambda r: r["score"])
+        for r in rows:
+            if r["nfe"] == nfe:
+                r["best"] = r is best
+    return rows
+
+
+def timed_sample(result: DMD2Result, n: int, seed: int = 0, device=None) -> tuple[torch.Tensor, float]:
+    """(``n`` student samples, seconds per 1000 samples)."""
+    start = time.perf_counter()
+    x = result.sample(n, seed=seed, device=device)
+    return x, (time.perf_counter() - start) / n * 1000
