@@ -196,7 +196,8 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
     r = ball_scale * d / nfe**2 * float(process.sigma(torch.tensor(process.t_max)))  # unit-variance units
     xT_soft = xT_tr.clone()
     g = torch.Generator().manual_seed(seed)
-    for prm in denoiser.parameters():
+    was_trainable = [prm.requires_grad for prm in denoiser.parameters()]
+    for prm in denoiser.parameters():  # the network is frozen while its times are learned
         prm.requires_grad_(False)
 
     def solve(xT, th, ph, grad=True):
@@ -258,6 +259,8 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
                             for grp in opt.param_groups:
                                 grp["lr"] *= decay
                         stale = 0
+    for prm, flag in zip(denoiser.parameters(), was_trainable):
+        prm.requires_grad_(flag)
     hist["steps"] = step
     hist["best_val_loss"] = best
     hist["wall_time_s"] = time.perf_counter() - t0
@@ -280,3 +283,34 @@ def load_or_learn(denoiser, solver: str, nfe: int, train_pairs, val_pairs, model
     s.save(path)
     s.history["cached"] = False
     return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing discretisations (notebook 03)
+
+
+@torch.no_grad()
+def compare_discretisations(denoiser, x_T: torch.Tensor, solvers, schedules, nfes, metric,
+                            learned: dict | None = None, batch_size: int = 500) -> list[dict]:
+    """One row per (solver, schedule, NFE) - and per learned schedule, ``learned[(solver, nfe)]`` -
+    with ``metric(samples) -> dict`` evaluated on the samples from the same ``x_T``."""
+    rows = []
+
+    def run(fn, times, tn=None):
+        outs, nfe = [], 0
+        for i in range(0, len(x_T), batch_size):
+            o, nfe = fn(denoiser, x_T[i:i + batch_size], times, tn)
+            outs.append(o)
+        return torch.cat(outs), nfe
+
+    for solver in solvers:
+        fn = get_sampler(solver)
+        for nfe in nfes:
+            for name in schedules:
+                out, used = run(fn, hand_schedule(name, denoiser.process, nfe).to(x_T.device))
+                rows.append({"solver": solver, "schedule": name, "nfe": used, **metric(out)})
+            if learned and (solver, nfe) in learned:
+                times, tn = learned[(solver, nfe)].tensors(x_T.device)
+                out, used = run(fn, times, tn)
+                rows.append({"solver": solver, "schedule": "ld3", "nfe": used, **metric(out)})
+    return rows

@@ -100,7 +100,7 @@ def load_checkpoint(path: str | Path, denoiser: Denoiser, use_ema: bool = True, 
 # ---------------------------------------------------------------------------------------------
 # Standard teachers, shared by notebooks 03 (LD3) and 04 (DMD2)
 
-TEACHERS = ("digits", "fashion_mnist", "grid", "ring")
+TEACHERS = ("digits", "fashion_mnist", "cifar10", "grid", "ring")
 
 
 def teacher_config(dataset: str) -> dict:
@@ -110,14 +110,18 @@ def teacher_config(dataset: str) -> dict:
         return dict(net="unet", channels=16, channel_mults=(1, 2), blocks=1, batch_size=128, lr=3e-3, ema_decay=0.995)
     if dataset == "fashion_mnist":
         return dict(net="unet", channels=32, channel_mults=(1, 2, 2), blocks=1, batch_size=64, lr=1e-3, ema_decay=0.999)
+    if dataset == "cifar10":  # a small EDM-style U-Net (the paper uses EDM's 56M-parameter DDPM++)
+        return dict(net="unet", channels=64, channel_mults=(1, 2, 2, 2), blocks=2, attention=True, batch_size=128,
+                    lr=2e-4, ema_decay=0.9999)
     return dict(net="mlp", hidden=128, depth=3, batch_size=256, lr=3e-3, ema_decay=0.995, n=4000)
 
 
-def make_teacher(dataset: str, **overrides) -> Denoiser:
+def make_teacher(dataset: str, in_channels: int | None = None, **overrides) -> Denoiser:
     """An untrained teacher denoiser (EDM process, EDM preconditioning)."""
     cfg = {**teacher_config(dataset), **overrides}
     if cfg["net"] == "unet":
-        net = UNet(1, cfg["channels"], tuple(cfg["channel_mults"]), cfg["blocks"])
+        c = in_channels or (3 if dataset == "cifar10" else 1)
+        net = UNet(c, cfg["channels"], tuple(cfg["channel_mults"]), cfg["blocks"], cfg.get("attention", False))
     else:
         net = MLPDenoiser(2, cfg["hidden"], cfg["depth"])
     return Denoiser(net, EDM(), "edm")
@@ -128,8 +132,8 @@ def teacher_data(dataset: str, seed: int = 0):
 
     if dataset == "digits":
         return fdata.load_digits("train")
-    if dataset == "fashion_mnist":
-        return fdata.load_dataset("fashion_mnist", "train")
+    if dataset in ("fashion_mnist", "cifar10"):
+        return fdata.load_dataset(dataset, "train")
     return fdata.toy_2d(dataset, n=teacher_config(dataset)["n"], seed=seed)
 
 
@@ -150,7 +154,7 @@ def pretrained_teacher(dataset: str = "digits", steps: int = 2000, seed: int = 0
     key = json.dumps({"dataset": dataset, "steps": steps, "seed": seed, "cfg": cfg, "data": digest,
                       "version": 1}, sort_keys=True)
     path = cache_dir("teachers") / f"{dataset}-{steps}-{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-    denoiser = make_teacher(dataset, **overrides)
+    denoiser = make_teacher(dataset, in_channels=x.shape[1] if x.ndim == 4 else None, **overrides)
     if path.exists():
         history = load_checkpoint(path, denoiser)
         history["cached"] = True

@@ -1,0 +1,99 @@
+"""Sampling overhead: the time a sampler spends outside network evaluations, as a fraction of the
+network time (the goal is zero), per solver.
+
+For each solver the full solve ``sampler(denoiser, x_T, times)`` is timed against a bare loop that
+makes the same NFE denoiser calls on the same batch and nothing else (both synchronised once at the
+end on a GPU); overhead = (t_solve - t_bare) / t_bare, median of ``--repeats`` interleaved repeats.
+The peer is that bare loop: a sampler with zero overhead would match it.
+
+Configurations: ``digits`` (fedlib's digits teacher U-Net, 8x8, batch 500) and ``cifar`` (the
+``paper`` set's 32x32x3 U-Net, batch 128). Untrained weights: timing does not depend on them.
+
+    .venv/bin/python benchmarks/sampler_overhead.py                       # CPU: digits
+    .venv/bin/python benchmarks/sampler_overhead.py --device cuda --configs digits cifar
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fedlib.diffusion import get_sampler, make_teacher, schedule
+from fedlib.utils import resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"digits": dict(teacher="digits", shape=(1, 8, 8), batch=500),
+           "cifar": dict(teacher="cifar10", shape=(3, 32, 32), batch=128)}
+SOLVERS = ["euler", "heun", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "ipndm", "unipc"]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure(cfg: dict, device, nfe: int, repeats: int) -> dict:
+    den = make_teacher(cfg["teacher"]).to(device).eval()
+    x_T = den.process.prior((cfg["batch"], *cfg["shape"]), generator=torch.Generator().manual_seed(0)).to(device)
+    out = {}
+    for solver in SOLVERS:
+        steps = nfe // 2 if solver == "heun" else nfe
+        times = schedule("edm", den.process, steps).to(device)
+        fn = get_sampler(solver)
+        _, used = fn(den, x_T, times)  # warm-up, and the exact NFE
+        call_t = [times[min(i, steps - 1)] for i in range(used)]
+
+        def bare():
+            x = x_T
+            for t in call_t:
+                x = den(x, t, t)
+            return x
+
+        t_solve, t_bare = [], []
+        for _ in range(repeats):
+            for which, f, acc in (("solve", lambda: fn(den, x_T, times), t_solve), ("bare", bare, t_bare)):
+                _sync(device)
+                t0 = time.perf_counter()
+                f()
+                _sync(device)
+                acc.append(time.perf_counter() - t0)
+        s, b = statistics.median(t_solve), statistics.median(t_bare)
+        out[solver] = {"nfe": used, "solve_s": s, "network_only_s": b, "overhead_fraction": (s - b) / b}
+        print(f"{solver:18s} NFE {used:2d}: solve {1e3 * s:8.2f} ms, network only {1e3 * b:8.2f} ms, "
+              f"overhead {100 * (s - b) / b:+.1f}%")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--configs", nargs="+", default=["digits"], choices=list(CONFIGS))
+    ap.add_argument("--nfe", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    results = {c: measure(CONFIGS[c], device, args.nfe, args.repeats) for c in args.configs}
+    name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+    doc = {"benchmark": "sampler_overhead", "device": name, "peer": "bare loop of the same NFE denoiser calls",
+           "nfe": args.nfe, "repeats": args.repeats, "threads": args.threads, "results": results,
+           "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__}
+    path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"sampler_overhead-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
