@@ -42,7 +42,6 @@ from .diffusion.networks import UNet
 from .diffusion.process import make_process
 from .federated import (CommLedger, ClientData, concat_clients, fedavg, get_params, local_train, masked_mean,
                         pack_clients)
-from .utils import check_choice
 
 Params = dict[str, Tensor]
 
@@ -167,14 +166,6 @@ class Group:
         return f"{self.variant.name} | {self.partition} | seed {self.seed}"
 
 
-@dataclass
-class FedDMResult:
-    groups: list[Group]
-    history: list[dict]  # one row per (group, evaluated round): round, bytes_up, bytes_down, metric...
-    model_bytes: int
-    samples: dict = field(default_factory=dict)  # group label -> final samples [n, ...]
-
-
 def _stack(params_list: list[Params]) -> Params:
     return {n: torch.stack([p[n] for p in params_list]) for n in params_list[0]}
 
@@ -186,9 +177,19 @@ def _repeat_each(params_list: list[Params], k: int) -> Params:
 
 def feddm_round(denoiser: Denoiser, groups: list[Group], round_: int, *, local_steps: int, batch_size: int,
                 lr: float, momentum: float = 0.9, generator: torch.Generator | None = None,
-                vectorised: bool = True, chunk_size: int | None = None) -> None:
+                vectorised: bool = True, chunk_size: int | None = None, cache: dict | None = None) -> None:
     """One round for every group, in place: local training (one vmap per distinct mu, one for central),
-    uplink (float32 or quantised), FedAvg, downlink, byte accounting."""
+    uplink (float32 or quantised), FedAvg, downlink, byte accounting. ``cache`` (a dict kept across
+    rounds) holds the concatenated client data of each vmap, so it is built once, not every round."""
+
+    def joined(gs):
+        key = tuple(id(g) for g in gs)
+        if cache is None:
+            return concat_clients([g.clients for g in gs])
+        if key not in cache:
+            cache[key] = concat_clients([g.clients for g in gs])
+        return cache[key]
+
     net, loss_fn, extras = denoiser.net, diffusion_client_loss(denoiser), noise_extras(denoiser.process)
     fed = [g for g in groups if not g.variant.central]
     by_mu: dict[float, list[Group]] = {}
@@ -197,7 +198,7 @@ def feddm_round(denoiser: Denoiser, groups: list[Group], round_: int, *, local_s
     for mu, gs in by_mu.items():
         k = gs[0].clients.n_clients
         start = _repeat_each([g.params for g in gs], k)
-        clients = concat_clients([g.clients for g in gs])
+        clients = joined(gs)
         w_k = local_train(net, start, clients, loss_fn, steps=local_steps, lr=lr, momentum=momentum, mu=mu,
                           batch_size=batch_size, generator=generator, extras_fn=extras, vectorised=vectorised,
                           chunk_size=chunk_size)
@@ -205,7 +206,7 @@ def feddm_round(denoiser: Denoiser, groups: list[Group], round_: int, *, local_s
             _aggregate(g, {n: p[j * k:(j + 1) * k] for n, p in w_k.items()}, round_, generator)
     central = [g for g in groups if g.variant.central]
     if central:
-        w = local_train(net, _stack([g.params for g in central]), concat_clients([g.clients for g in central]),
+        w = local_train(net, _stack([g.params for g in central]), joined(central),
                         loss_fn, steps=local_steps, lr=lr, momentum=momentum, batch_size=batch_size * central[0].batch_scale,
                         generator=generator, extras_fn=extras, vectorised=vectorised, chunk_size=chunk_size)
         for j, g in enumerate(central):
@@ -240,18 +241,20 @@ def _aggregate(g: Group, w_k: Params, round_: int, generator) -> None:
 def build_groups(denoiser: Denoiser, x: Tensor, y: Tensor, partitions: dict[str, list], variants: list[Variant],
                  seeds, init: dict[int, Params]) -> list[Group]:
     """One Group per (variant, partition, seed); ``partitions[name][i]`` is seed i's list of client
-    index arrays. Central groups ignore the partition (one per seed, labelled 'union')."""
+    index arrays. Central groups ignore the partition (one per seed, labelled 'union'). Groups on the
+    same (partition, seed) share one ClientData (read only)."""
     groups = []
+    packed = {(pname, i): pack_clients(x, y, parts[i]) for pname, parts in partitions.items() for i in range(len(seeds))}
+    union = pack_clients(x, y, [np.arange(len(x))]) if any(v.central for v in variants) else None
     for i, seed in enumerate(seeds):
         for v in variants:
             if v.central:
                 k = len(next(iter(partitions.values()))[i])
-                groups.append(Group(v, "union", seed, pack_clients(x, y, [np.arange(len(x))]),
-                                    {n: p.clone() for n, p in init[seed].items()}, batch_scale=k))
+                groups.append(Group(v, "union", seed, union, {n: p.clone() for n, p in init[seed].items()},
+                                    batch_scale=k))
                 continue
-            for pname, parts in partitions.items():
-                groups.append(Group(v, pname, seed, pack_clients(x, y, parts[i]),
-                                    {n: p.clone() for n, p in init[seed].items()}))
+            for pname in partitions:
+                groups.append(Group(v, pname, seed, packed[(pname, i)], {n: p.clone() for n, p in init[seed].items()}))
     return groups
 
 
@@ -261,10 +264,10 @@ def run_feddm(denoiser: Denoiser, groups: list[Group], rounds: int, *, local_ste
     """Train every group for ``rounds`` rounds. At each round in ``eval_rounds``, ``evaluate(groups)``
     returns one dict of metrics per group; rows with the cumulative bytes are returned."""
     gen = torch.Generator().manual_seed(seed)
-    history = []
+    history, cache = [], {}
     for r in tqdm(range(1, rounds + 1), desc="FedDM rounds", disable=not progress):
         feddm_round(denoiser, groups, r, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                    generator=gen, chunk_size=chunk_size)
+                    generator=gen, chunk_size=chunk_size, cache=cache)
         if evaluate is not None and r in set(eval_rounds):
             for g, m in zip(groups, evaluate(groups)):
                 history.append({"variant": g.variant.name, "kind": g.variant.kind, "partition": g.partition,
@@ -276,9 +279,6 @@ def run_feddm(denoiser: Denoiser, groups: list[Group], rounds: int, *, local_ste
 def params_of(denoiser: Denoiser) -> Params:
     return get_params(denoiser.net)
 
-
-def check_partition_name(name: str) -> str:
-    return check_choice("partition", name, ("iid", "dirichlet"))
 
 
 # ----------------------------------------------------------------------------------------------
