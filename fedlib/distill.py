@@ -391,7 +391,7 @@ class GaussianSource(nn.Module):
 
 
 def build_setups(train, test, *, n_clients: int, alphas, seeds, gan_steps: int, disc_epochs: int,
-                 disc_lr: float = 0.05, gan_lr: float = 2e-3, z_dim: int = 16, dense: bool = True,
+                 disc_lr: float = 0.05, gan_lr: float = 2e-3, z_dim: int = 16, gen_width: int = 32, dense: bool = True,
                  generator: torch.Generator | None = None, device="cpu", progress=None) -> dict:
     """The FedGO protocol's one-off part for every (alpha, seed): FedGO split of ``train`` (half of each
     class, unlabeled, to the server), one GAN per seed on the server data (the split of the server
@@ -418,7 +418,7 @@ def build_setups(train, test, *, n_clients: int, alphas, seeds, gan_steps: int, 
         server = splits[alphas[0]][1]
         x_server = train.x[torch.as_tensor(server, device=device)]
         torch.manual_seed(seed)
-        G = fm.make_generator(shape, z_dim=z_dim).to(device)
+        G = fm.make_generator(shape, z_dim=z_dim, width=gen_width).to(device)
         t = time.perf_counter()
         train_gan(x_server, G, fm.make_discriminator(shape).to(device), steps=gan_steps, lr=gan_lr,
                   generator=generator)
@@ -438,7 +438,8 @@ def build_setups(train, test, *, n_clients: int, alphas, seeds, gan_steps: int, 
             out["server_indices"][(a, seed)] = server
             out["pre"].append(Setup(packs[i], x_server, test.x, test.y, train.y[torch.as_tensor(server, device=device)],
                                     discriminator_logits(D, dp, x_server)))
-            dense_g = fm.make_generator(shape, z_dim=z_dim + train.n_classes).to(device) if dense else None
+            dense_g = (fm.make_generator(shape, z_dim=z_dim + train.n_classes, width=gen_width).to(device)
+                       if dense else None)
             out["data_free"].append(Setup(packs[i], x_free, test.x, test.y, None, discriminator_logits(D, dp, x_free),
                                           dense_generator=dense_g))
     return out
