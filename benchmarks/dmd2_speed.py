@@ -2,7 +2,7 @@
 and the time of one DMD2 training step (``ttur_ratio`` fake-score updates + one generator update).
 
     python benchmarks/dmd2_speed.py --device cpu          # -> benchmarks/results/dmd2_speed-cpu.json
-    python benchmarks/dmd2_speed.py --device cuda --dataset cifar10 --stand-in --batch 256
+    python benchmarks/dmd2_speed.py --device cuda --dataset cifar10 --stand-in --teacher-steps 200 --batch 256
 
 The student is the teacher's architecture (DMD2 initialises it from the teacher), so its speed does
 not depend on training: we time an untrained copy. The teacher is fedlib's standard one
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/dmd2_speed-<device>.json)")
     p.add_argument("--dataset", default="digits", help="teacher dataset: digits | fashion_mnist | cifar10")
     p.add_argument("--stand-in", action="store_true", help="train the teacher on fedlib's stand-in data")
-    p.add_argument("--teacher-steps", type=int, default=1500, help="teacher training steps (cached; 1500 = notebook 04)")
+    p.add_argument("--teacher-steps", type=int, default=500, help="teacher training steps (cached; 500 = notebook 04 quick)")
     p.add_argument("--batch", type=int, default=256, help="samples per batch (same for student and teacher)")
     p.add_argument("--train-batch", type=int, default=64, help="batch of the timed DMD2 training step")
     p.add_argument("--nfe", type=int, default=50, help="teacher NFE")
@@ -102,7 +102,10 @@ def main(argv=None) -> dict:
         "n_params": sum(p.numel() for p in teacher.parameters()),
         "torch": torch.__version__,
     }
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"dmd2_speed-{device.type}.json"
+    tag = device.type
+    if device.type == "cuda":  # the GPU's name in the file name, e.g. dmd2_speed-cuda-nvidia-h100-80gb-hbm3.json
+        tag += "-" + "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(0).lower()).strip("-")
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"dmd2_speed-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
