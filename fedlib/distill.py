@@ -91,7 +91,7 @@ def _adam(params, grads, state, t, lr, betas=(0.9, 0.999), eps=1e-8):
 
 def kl_distill(model: nn.Module, start: fl.Params, x: Tensor, targets: Tensor, *, steps: int, lr: float = 1e-3,
                batch_size: int = 64, temperature: float = 1.0, generator: torch.Generator | None = None,
-               per_model_x: bool = False) -> fl.Params:
+               per_model_x: bool = False, chunk_size: int | None = None) -> fl.Params:
     """Distil ``targets`` (soft labels [N, C], or [M, N, C] with a stacked ``start``) into the server
     model(s) starting at ``start`` (the FedAvg model): Adam, ``steps`` steps on mini-batches of the
     server data ``x`` ([N, ...] shared, or [M, N, ...] one set per model with ``per_model_x=True``)."""
@@ -110,7 +110,7 @@ def kl_distill(model: nn.Module, start: fl.Params, x: Tensor, targets: Tensor, *
     def loss(p, xb, qb):
         return kl_to_targets(call(p, xb), qb, temperature).mean()
 
-    step = vmap(grad_and_value(loss), in_dims=(0, 0 if per_model_x else None, 0))
+    step = vmap(grad_and_value(loss), in_dims=(0, 0 if per_model_x else None, 0), chunk_size=chunk_size)
     state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     b = min(batch_size, N)
     for t in range(1, steps + 1):
@@ -287,9 +287,11 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
                distill_steps: int = 50, distill_lr: float = 1e-3, distill_batch: int = 64,
                temperature: float = 1.0, pseudo_label_mode: str = "prob", dense_steps: int | None = None,
                generator: torch.Generator | None = None, init: fl.Params | None = None,
-               progress=None) -> RoundsResult:
+               progress=None, chunk_size: int | str | None = "auto", predict_batch: int = 1024) -> RoundsResult:
     """Run ``rounds`` rounds of every method on every setup, vectorised (see the module docstring).
-    All global models start from ``init`` (default: the model's parameters), as in the papers."""
+    All global models start from ``init`` (default: the model's parameters), as in the papers.
+    ``chunk_size``: models per vmap chunk in local training and distillation ("auto": see
+    :func:`fedlib.federated.local_train`); lower it for big models (ResNet at paper scale) to bound memory."""
     methods = tuple(methods)
     for m in methods:
         check_choice("method", m, METHODS, fix="See fedlib.distill.METHODS.")
@@ -311,7 +313,7 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
     for r in it:
         start = {n: p.repeat_interleave(K, dim=0) for n, p in glob.items()}
         local = fl.local_train(model, start, clients, epochs=local_epochs, lr=lr, momentum=momentum, mu=mu_k,
-                               batch_size=batch_size, generator=generator)
+                               batch_size=batch_size, generator=generator, chunk_size=chunk_size)
         glob = fl.fedavg(local, clients.n_k, groups=S * M)
         if distil or "dense" in methods:
             xs, qs, entries = [], [], []
@@ -319,7 +321,7 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
                 for j in distil:
                     e = s * M + j
                     k_params = fl.index_params(local, slice(e * K, (e + 1) * K))
-                    logits = fl.predict(call, k_params, setup.server_x, stacked=True)  # [K, N, C]
+                    logits = fl.predict(call, k_params, setup.server_x, predict_batch, stacked=True)  # [K, N, C]
                     if methods[j] == "fedka":
                         q = majority_vote(logits)
                     else:
@@ -350,18 +352,20 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
                     raise ValueError("server datasets of all setups must have the same size to distil in one vmap")
                 new = kl_distill(model, fl.index_params(glob, idx), x_all, torch.stack(qs), steps=distill_steps,
                                  lr=distill_lr, batch_size=distill_batch, temperature=temperature,
-                                 generator=generator, per_model_x=True)
+                                 generator=generator, per_model_x=True,
+                                 chunk_size=None if chunk_size == "auto" else chunk_size)
                 for n in glob:
                     glob[n][idx] = new[n]
         for s, setup in enumerate(setups):
-            out = fl.predict(call, fl.index_params(glob, slice(s * M, (s + 1) * M)), setup.test_x, stacked=True)
+            out = fl.predict(call, fl.index_params(glob, slice(s * M, (s + 1) * M)), setup.test_x, predict_batch,
+                             stacked=True)
             acc[s, :, r] = fl.accuracy(out, setup.test_y).cpu()
     return RoundsResult(methods, acc, tacc, glob)
 
 
 def central_training(model: nn.Module, x_list: list[Tensor], y_list: list[Tensor], *, epochs: int, lr: float = 0.05,
-                     momentum: float = 0.9, batch_size: int = 32, generator=None, init: fl.Params | None = None
-                     ) -> fl.Params:
+                     momentum: float = 0.9, batch_size: int = 32, generator=None, init: fl.Params | None = None,
+                     chunk_size: int | str | None = "auto") -> fl.Params:
     """The upper reference: one model per dataset in ``x_list`` (e.g. one per seed) trained centrally on
     all of it, all in one vmap (each dataset is one 'client'). Returns stacked params."""
     x = torch.cat(x_list)
@@ -371,7 +375,7 @@ def central_training(model: nn.Module, x_list: list[Tensor], y_list: list[Tensor
     clients = fl.pack_clients(x, y, idx)
     init = init if init is not None else fl.get_params(model)
     return fl.local_train(model, init, clients, epochs=epochs, lr=lr, momentum=momentum, batch_size=batch_size,
-                          generator=generator)
+                          generator=generator, chunk_size=chunk_size)
 
 
 

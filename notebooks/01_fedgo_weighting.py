@@ -76,6 +76,7 @@ toy_epochs = 20  # local epochs of the toy clients (one round)
 toy_disc_epochs = 30  # discriminator epochs of the toy clients
 toy_distill_steps = 300  # distillation steps of the toy server models
 device = "auto"  # auto | cpu | cuda
+client_chunk = 0  # models per vmap chunk, to bound memory for big models; 0 means auto: 128 on CPU, all on GPU
 cpu_threads = 1  # torch CPU threads; 1 is fastest for these tiny models on a shared 2-core CPU; 0 keeps torch's
 
 # %%
@@ -110,7 +111,7 @@ run = Run("01_fedgo_weighting", seed=seeds, params=dict(
     dense_steps=dense_steps,
     toy_mixture=toy_mixture, toy_clients=toy_clients, toy_alpha=toy_alpha, toy_epochs=toy_epochs,
     toy_disc_epochs=toy_disc_epochs, toy_distill_steps=toy_distill_steps, device=device,
-    cpu_threads=cpu_threads))
+    cpu_threads=cpu_threads, client_chunk=client_chunk))
 t_start = time.perf_counter()
 
 # %% [markdown]
@@ -210,7 +211,8 @@ sizes
 t0 = time.perf_counter()
 common = dict(rounds=rounds, local_epochs=local_epochs, lr=lr, batch_size=batch_size, mu=mu,
               distill_steps=distill_steps, distill_lr=distill_lr, distill_batch=distill_batch,
-              temperature=temperature, dense_steps=dense_steps, generator=g, init=fl.get_params(clf), progress=tqdm)
+              temperature=temperature, dense_steps=dense_steps, generator=g, init=fl.get_params(clf), progress=tqdm,
+              chunk_size=client_chunk or "auto", predict_batch=256 if client_chunk else 1024)
 results = {}
 if scenario in ("pre", "both"):
     results["pre-existing"] = D.run_rounds(clf, setups["pre"], methods, **common)
@@ -220,7 +222,7 @@ seconds_rounds = time.perf_counter() - t0
 union = [torch.as_tensor(np.concatenate(setups["client_indices"][(alphas[0], s)])) for s in seeds]
 central = D.central_training(clf, [train.x[i.to(dev)] for i in union], [train.y[i.to(dev)] for i in union],
                              epochs=rounds * local_epochs, lr=lr, batch_size=batch_size, generator=g,
-                             init=fl.get_params(clf))
+                             init=fl.get_params(clf), chunk_size=client_chunk or "auto")
 central_acc = fl.accuracy(fl.predict(fl.functional(clf), central, test.x, stacked=True), test.y).cpu()
 print(f"federated rounds: {seconds_rounds:.1f} s; central accuracy {central_acc.mean():.3f} ± {central_acc.std():.3f}")
 
