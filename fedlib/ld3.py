@@ -4,7 +4,7 @@ With the network frozen, learn the N+1 time points of one sampler at one NFE fro
 set of (x_T, x_0*) pairs by backpropagating through the whole few-step solve.
 
 - :func:`ld3_times` - the cumulative-softmax parameterisation: p = softmax(theta), c = cumsum(p),
-  u_i = (c_i - c_0)/(c_N - c_0) in [0, 1] (monotone for any logits, u_0 = 0 and u_N = 1 exactly);
+  u_i = (c_i - c_0)/(c_N - c_0) in [0, 1] (papers.md writes 1 - c_0 for c_N - c_0; equal) (monotone for any logits, u_0 = 0 and u_N = 1 exactly);
   pixel-space models place lambda_i = lambda_min + u_i (lambda_max - lambda_min) (uniform in
   log-SNR at theta = 1), latent models place t the same way (``space="t"``).
 - :func:`network_times` - the decoupled network time: phi shifts the *interior* points in the same
@@ -42,9 +42,13 @@ LD3_SOLVERS = ("euler", "ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "ipndm",
 
 
 def ld3_u(theta: torch.Tensor) -> torch.Tensor:
-    """u in [0, 1], non-decreasing, u_0 = 0, u_N = 1 exactly, from N+1 logits."""
-    c = torch.cumsum(torch.softmax(theta, dim=-1), dim=-1)
-    return (c - c[..., :1]) / (c[..., -1:] - c[..., :1])
+    """u in [0, 1], non-decreasing, u_0 = 0, u_N = 1 exactly, from N+1 logits.
+
+    (c_i - c_0)/(c_N - c_0) with c = cumsum(softmax(theta)) equals cumsum(softmax(theta[1:])) (the
+    normaliser cancels; theta_0 drops out), which is how it is computed: no 0/0 when theta_0
+    dominates the softmax."""
+    c = torch.cumsum(torch.softmax(theta[..., 1:], dim=-1), dim=-1)
+    return torch.cat([torch.zeros_like(c[..., :1]), c / c[..., -1:]], dim=-1)
 
 
 def _bounds(process, space: str):
