@@ -137,6 +137,7 @@ def train_toy(name, seed, **kw):
                            desc=f"{name} seed {seed}", device=dev)
 
 
+# %%
 # NBVAL_CHECK_OUTPUT
 # what is trained: generator and fake score are copies of the teacher; the GAN head reads the fake score's bottleneck
 print(f"{toy} teacher: {sum(p.numel() for p in toy_teacher.parameters()):,} parameters, process {toy_teacher.process}")
