@@ -291,7 +291,7 @@ def local_train(model: nn.Module, start: Params, clients: ClientData, loss_fn=No
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses[k, t] = loss.detach().cpu()
+                losses[k, t] = float(loss.detach())
             out.append(get_params(m))
         params = stack_params(out)
         return (params, losses) if return_loss else params
@@ -330,7 +330,7 @@ def local_train(model: nn.Module, start: Params, clients: ClientData, loss_fn=No
                     params[n] = new
                 else:
                     params[n][sub] = new
-        losses[k_list, t] = loss.detach().cpu()
+        losses[k_list, t] = loss.detach().cpu().to(losses.dtype)
     return (params, losses) if return_loss else params
 
 
