@@ -154,6 +154,7 @@ def pretrained_teacher(dataset: str = "digits", steps: int = 2000, seed: int = 0
     key = json.dumps({"dataset": dataset, "steps": steps, "seed": seed, "cfg": cfg, "data": digest,
                       "version": 1}, sort_keys=True)
     path = cache_dir("teachers") / f"{dataset}-{steps}-{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+    seed_everything(seed)  # the initial weights are part of what the seed (and the cache key) fixes
     denoiser = make_teacher(dataset, in_channels=x.shape[1] if x.ndim == 4 else None, **overrides)
     if path.exists():
         history = load_checkpoint(path, denoiser)
