@@ -107,3 +107,16 @@ def test_schedules_are_decreasing_with_exact_ends(name, proc):
     if name == "uniform_lambda":
         lam = p.lambda_(t)
         torch.testing.assert_close(lam[1:] - lam[:-1], torch.full((7,), float(lam[1] - lam[0]), dtype=torch.float64))
+
+
+def test_pretrained_teacher_is_fixed_by_its_seed(tmp_path, monkeypatch):
+    from fedlib.diffusion import pretrained_teacher
+
+    x = torch.randn(4, 2)
+    outs = []
+    for k in range(2):  # two cold caches, different global RNG states before the call
+        monkeypatch.setenv("FEDLIB_CACHE", str(tmp_path / str(k)))
+        torch.manual_seed(100 + k)
+        t = pretrained_teacher("ring", steps=5, seed=0, device="cpu", progress=False)
+        outs.append(t(x, torch.tensor(1.0)))
+    torch.testing.assert_close(outs[0], outs[1])
