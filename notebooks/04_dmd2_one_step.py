@@ -268,10 +268,10 @@ if run_images:
     fd = lambda x: metrics.classifier_fd(features, x, ref_stats)  # noqa: E731
     img_cfg = dict(steps=steps, batch_size=batch_size, lr=lr, ttur_ratio=ttur_ratio, gan_critic_weight=gan_critic_weight,
                    gan_generator_weight=gan_generator_weight, seed=seeds[0], checkpoint_every=max(1, steps // 3))
-    img_runs = {"1-step DMD2": dmd2.train_dmd2(teacher, train.x, dmd2.DMD2Config(**img_cfg), desc="digits 1-step", device=dev)}
+    img_runs = {"1-step DMD2": dmd2.train_dmd2(teacher, train.x, dmd2.DMD2Config(**img_cfg), desc=f"{dataset} 1-step", device=dev)}
     img_runs[f"{n_student_steps}-step DMD2"] = dmd2.train_dmd2(
         teacher, train.x, dmd2.DMD2Config(**img_cfg, n_student_steps=n_student_steps, backward_simulation=backward_simulation),
-        desc=f"digits {n_student_steps}-step", device=dev)
+        desc=f"{dataset} {n_student_steps}-step", device=dev)
     shape = tuple(train.x.shape[1:])
     x_T = teacher.process.prior((n_eval, *shape), generator=torch.Generator().manual_seed(1), device=dev)
     img_teacher_rows = dmd2.teacher_baselines(teacher, x_T, teacher_nfes, samplers, fd)
