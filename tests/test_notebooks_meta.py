@@ -23,7 +23,7 @@ def test_notebook_conventions(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code), "committed with the outputs of the default run"
     assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
-    assert "run.finish()" in "".join(c.source for c in code), "writes metrics.json"
+    assert "run.finish(" in "".join(c.source for c in code), "writes metrics.json"
     assert "savefig(" in "".join(c.source for c in code), "every result has a figure"
     assert nb.cells[0].cell_type == "markdown", "opens with the paper's claim"
     assert "papermill" not in nb.metadata, "volatile metadata stripped"

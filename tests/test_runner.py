@@ -37,11 +37,16 @@ def test_list_shows_every_notebook_with_parameters_types_defaults_help():
     (["reproduce", "00", "--scale", "huge"], "unknown scale 'huge'; allowed: fashion_mnist, paper, quick, smoke"),
     (["reproduce", "00", "--device", "tpu"], "unknown device 'tpu'; allowed: auto, cpu, cuda"),
 ])
-def test_bad_input_is_refused_before_anything_runs(args, message, tmp_path):
-    out = cli(*args, "--out", str(tmp_path))
-    assert out.returncode == 2
-    assert message in out.stderr
+def test_bad_input_is_refused_before_anything_runs(args, message, tmp_path, capsys):
+    # in-process (main() is what `python -m fedlib` calls); the subprocess path is tested below
+    assert runner.main([*args, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing may run when the input is refused"
+
+
+def test_refusal_through_the_command_line(tmp_path):
+    out = cli("reproduce", "99_nope", "--out", str(tmp_path))
+    assert out.returncode == 2 and "valid names: 00_data_and_partitions" in out.stderr
 
 
 def test_parse_and_coerce_values():
