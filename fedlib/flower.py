@@ -534,6 +534,7 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
                distill_lr: float = 1e-3, distill_batch: int = 64, temperature: float = 1.0,
                pseudo_label_mode: str = "prob", dense_steps: int | None = None,
                generator: torch.Generator | None = None, init: Params | None = None, progress=None,
+               chunk_size: int | str | None = "auto", predict_batch: int = 1024,
                exchange: FedGOExchange | None = None, options: FlowerOptions | None = None) -> DS.RoundsResult:
     """:func:`fedlib.distill.run_rounds` on Flower: same arguments, same :class:`~fedlib.distill.RoundsResult`
     (with ``.flower``: a :class:`FlowerReport`; with ``exchange``, ``setups[s].disc_logits`` are set
@@ -595,11 +596,11 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
                     glob[n][e] = new[n]
             if j in distil:
                 setup = setups[s]
-                logits = fl.predict(call, k_params, setup.server_x, stacked=True)
+                logits = fl.predict(call, k_params, setup.server_x, predict_batch, stacked=True)
                 if methods[j] in ("fedgo", "dafkd") and s in disc_ok:
                     ok = ok & disc_ok[s]  # a client without a discriminator has no FedGO weight
                     k_params = fl.index_params(local, torch.nonzero(ok).squeeze(1) + e * K)
-                    logits = fl.predict(call, k_params, setup.server_x, stacked=True)
+                    logits = fl.predict(call, k_params, setup.server_x, predict_batch, stacked=True)
                 keep = torch.nonzero(ok).squeeze(1)
                 if methods[j] == "fedka":
                     q = DS.majority_vote(logits)
@@ -617,11 +618,13 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
             idx = torch.tensor(entries)
             new = DS.kl_distill(model, fl.index_params(glob, idx), torch.stack(xs), torch.stack(qs),
                                 steps=distill_steps, lr=distill_lr, batch_size=distill_batch,
-                                temperature=temperature, generator=generator, per_model_x=True)
+                                temperature=temperature, generator=generator, per_model_x=True,
+                                chunk_size=None if chunk_size == "auto" else chunk_size)
             for n in glob:
                 glob[n][idx] = new[n]
         for s, setup in enumerate(setups):
-            out = fl.predict(call, fl.index_params(glob, slice(s * M, (s + 1) * M)), setup.test_x, stacked=True)
+            out = fl.predict(call, fl.index_params(glob, slice(s * M, (s + 1) * M)), setup.test_x, predict_batch,
+                             stacked=True)
             acc[s, :, r - 1] = fl.accuracy(out, setup.test_y).cpu()
         if opts.keep_params:
             report.params.append({n: p.clone() for n, p in glob.items()})
