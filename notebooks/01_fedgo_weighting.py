@@ -78,6 +78,7 @@ toy_distill_steps = 300  # distillation steps of the toy server models
 device = "auto"  # auto | cpu | cuda
 client_chunk = 0  # models per vmap chunk, to bound memory for big models; 0 means auto: 128 on CPU, all on GPU
 cpu_threads = 1  # torch CPU threads; 1 is fastest for these tiny models on a shared 2-core CPU; 0 keeps torch's
+backend = "inprocess"  # inprocess (vectorised, this process) | flower (the same rounds as Flower ServerApp and ClientApps on Ray)
 
 # %%
 import time
@@ -208,6 +209,14 @@ sizes
 # (the union; the same for every α) for `rounds × local_epochs` epochs: an upper reference.
 
 # %%
+# the same rounds, seeds and partitions on either backend; Flower only changes who runs them
+check_choice("backend", backend, ("inprocess", "flower"), fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
+if backend == "flower":
+    from fedlib import flower as FW
+
+    run_rounds = FW.run_rounds
+else:
+    run_rounds = D.run_rounds
 t0 = time.perf_counter()
 common = dict(rounds=rounds, local_epochs=local_epochs, lr=lr, batch_size=batch_size, mu=mu,
               distill_steps=distill_steps, distill_lr=distill_lr, distill_batch=distill_batch,
@@ -215,9 +224,9 @@ common = dict(rounds=rounds, local_epochs=local_epochs, lr=lr, batch_size=batch_
               chunk_size=client_chunk or "auto", predict_batch=256 if client_chunk else 1024)
 results = {}
 if scenario in ("pre", "both"):
-    results["pre-existing"] = D.run_rounds(clf, setups["pre"], methods, **common)
+    results["pre-existing"] = run_rounds(clf, setups["pre"], methods, **common)
 if scenario in ("data_free", "both"):
-    results["data-free"] = D.run_rounds(clf, setups["data_free"], data_free_methods, **common)
+    results["data-free"] = run_rounds(clf, setups["data_free"], data_free_methods, **common)
 seconds_rounds = time.perf_counter() - t0
 union = [torch.as_tensor(np.concatenate(setups["client_indices"][(alphas[0], s)])) for s in seeds]
 central = D.central_training(clf, [train.x[i.to(dev)] for i in union], [train.y[i.to(dev)] for i in union],
