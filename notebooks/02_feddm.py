@@ -67,6 +67,7 @@ feature_steps = 600  # training steps of the feature classifier (cached)
 seeds = [0, 1]  # seeds (initialisation, partitions, training noise)
 vmap_chunk = 0  # models per vmap chunk in local training, to bound GPU memory; 0 trains all at once
 device = "auto"  # "auto" | "cpu" | "cuda"
+backend = "inprocess"  # "inprocess" (vectorised, this process) | "flower" (the same rounds as Flower ServerApp and ClientApps on Ray)
 
 # %%
 import time
@@ -82,7 +83,7 @@ from fedlib import feddm as F
 from fedlib import metrics as M
 from fedlib.plots import image_grid, savefig, use_style
 from fedlib.results import Run
-from fedlib.utils import resolve_device, seed_everything
+from fedlib.utils import check_choice, resolve_device, seed_everything
 
 use_style()
 dev = resolve_device(device)
@@ -164,9 +165,17 @@ evaluate = F.fd_evaluator(denoiser, feature_net, ref_stats, n_eval, sample_steps
                           seed=123, keep=final_samples)
 print(f"{len(groups)} models ({len(variants)} variants x {len(partitions)} partitions x {len(seeds)} seeds, central once "
       f"per seed); evaluated at rounds {eval_rounds}")
+# the same rounds, seeds and payloads on either backend; Flower only changes who runs them
+check_choice("backend", backend, ("inprocess", "flower"), fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
+if backend == "flower":
+    from fedlib import flower as FW
+
+    run_feddm = FW.run_feddm
+else:
+    run_feddm = F.run_feddm
 seed_everything(seeds[0])
 t0 = time.perf_counter()
-history = F.run_feddm(denoiser, groups, rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
+history = run_feddm(denoiser, groups, rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
                       eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0], chunk_size=vmap_chunk or None)
 train_time = time.perf_counter() - t0
 hist = pd.DataFrame(history)
