@@ -69,6 +69,13 @@ class ArrayDataset:
     def label_counts(self) -> np.ndarray:
         return np.bincount(self.y.cpu().numpy(), minlength=self.n_classes)
 
+    def stratified(self, n: int | None, seed: int = 0) -> "ArrayDataset":
+        """A seeded class-stratified subset of ``n`` samples; the whole set when ``n`` is 0/None or
+        not smaller than it (quick CPU runs cap Fashion-MNIST this way, digits stays whole)."""
+        if not n or n >= len(self):
+            return self
+        return self.subset(stratified_subset(self.y.cpu().numpy(), n, seed))
+
 
 # ---------------------------------------------------------------------------------------------
 # Digits: the embedded default
@@ -248,6 +255,19 @@ def _torchvision_dataset(name: str, split: str, root, download: bool) -> ArrayDa
             raise
         raise _offline_error(name, [base], how) from err
     return _to_dataset(torch.as_tensor(np.asarray(ds.data)), ds.targets, k, name)
+
+
+def load_train_test(name: str, stand_in_data: bool = False, stand_in_n: tuple[int, int] = (2048, 512),
+                    root: str | Path | None = None, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) for a notebook: the real dataset, or its seeded :func:`stand_in` when asked
+    (``stand_in_data``) or when the real one is not on this machine, which is then said out loud, so
+    paper-scale parameter sets still smoke-run on a machine without the data."""
+    if not stand_in_data:
+        try:
+            return load_dataset(name, "train", root=root), load_dataset(name, "test", root=root)
+        except DatasetUnavailable as err:
+            print(f"{name} is not on this machine; using fedlib's seeded stand-in of its shape instead.\n  ({err})")
+    return (stand_in(name, "train", n=stand_in_n[0], seed=seed), stand_in(name, "test", n=stand_in_n[1], seed=seed))
 
 
 def stand_in(name: str, split: str = "train", n: int = 512, seed: int = 0) -> ArrayDataset:

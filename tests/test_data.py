@@ -184,3 +184,19 @@ def test_stratified_subset_keeps_proportions():
     idx = D.stratified_subset(y, 200, seed=0)
     assert len(idx) == 200 and len(np.unique(idx)) == 200
     assert np.abs(np.bincount(y[idx], minlength=10) - 20).max() <= 2
+
+
+def test_load_train_test_falls_back_to_the_stand_in_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEDLIB_CACHE", str(tmp_path))
+    train, test = D.load_train_test("cifar10", stand_in_n=(64, 16))
+    assert train.name == "stand_in_cifar10" and train.x.shape == (64, 3, 32, 32) and len(test) == 16
+    assert "not on this machine" in capsys.readouterr().out
+    train, test = D.load_train_test("digits")
+    assert (len(train), len(test)) == (1437, 360)
+    assert D.load_train_test("digits", stand_in_data=True, stand_in_n=(10, 5))[0].name == "stand_in_digits"
+
+
+def test_stratified_cap_keeps_small_sets_whole():
+    tr = D.load_digits("train")
+    assert tr.stratified(0) is tr and tr.stratified(5000) is tr
+    assert len(tr.stratified(100)) == 100
