@@ -160,18 +160,8 @@ toy_table
 # client trains its discriminator against G samples (all clients of all α of a seed in one vmap).
 
 # %%
-def load(split, cap):
-    try:
-        ds = fdata.load_dataset(dataset, split)
-    except fdata.DatasetUnavailable as err:
-        print(f"{dataset} is not on this machine ({type(err).__name__}); using seeded stand-in data of its shape")
-        ds = fdata.stand_in(dataset, split, n=cap or 2000, seed=0)
-    if cap and cap < len(ds):
-        ds = ds.subset(fdata.stratified_subset(ds.y.numpy(), cap, seed=0))
-    return ds
-
-
-train, test = load("train", max_train), load("test", max_test)
+train, test = fdata.load_train_test(dataset, stand_in_n=(max_train or 2000, max_test or 2000))
+train, test = train.stratified(max_train), test.stratified(max_test)
 shape = tuple(train.x.shape[1:])
 clf = models.make_classifier(classifier, shape, train.n_classes, width=width).to(dev)
 setups = D.build_setups(train, test, n_clients=n_clients, alphas=alphas, seeds=seeds, gan_steps=gan_steps,

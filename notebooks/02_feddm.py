@@ -99,15 +99,9 @@ t_start = time.perf_counter()
 # ## Data, partitions and the feature space of the quality metric
 
 # %%
-if stand_in_data:
-    full_train = D.stand_in(dataset, "train", n=n_train or 2048, seed=0)
-    full_test = D.stand_in(dataset, "test", n=n_reference, seed=0)
-else:
-    full_train, full_test = D.load_dataset(dataset, "train"), D.load_dataset(dataset, "test")
-train = full_train
-if 0 < n_train < len(full_train):  # digits (1437) stays whole; Fashion-MNIST on a CPU uses a subset
-    train = full_train.subset(D.stratified_subset(full_train.y.numpy(), n_train, 0))
-test = full_test.subset(D.stratified_subset(full_test.y.numpy(), min(n_reference, len(full_test)), 0))
+full_train, full_test = D.load_train_test(dataset, stand_in_data, stand_in_n=(n_train or 2048, n_reference))
+train = full_train.stratified(n_train)  # digits (1437) stays whole; Fashion-MNIST on a CPU uses a subset
+test = full_test.stratified(n_reference)
 image_shape = tuple(train.x.shape[1:])
 print(f"{train.name}: train {tuple(train.x.shape)}, reference (test) {tuple(test.x.shape)}")
 # the feature classifier learns from the whole training split (cached, shared with other notebooks)

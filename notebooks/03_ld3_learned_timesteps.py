@@ -97,18 +97,9 @@ t_start = time.perf_counter()
 # small U-Net, EMA weights), trained once and cached; notebook 04 (DMD2) reuses the same cached model.
 
 # %%
-if use_stand_in or dataset == "cifar10":
-    train, test = D.stand_in(dataset, "train", n=2048, seed=0), D.stand_in(dataset, "test", n=512, seed=0)
-elif dataset == "digits":
-    train, test = D.load_digits("train"), D.load_digits("test")
-else:
-    try:
-        train, test = D.load_dataset(dataset, "train"), D.load_dataset(dataset, "test")
-    except D.DatasetUnavailable as err:
-        print(f"{dataset} is not on this machine ({type(err).__name__}); using fedlib's stand-in of its shape")
-        train, test = D.stand_in(dataset, "train", n=2048, seed=0), D.stand_in(dataset, "test", n=512, seed=0)
+train, test = D.load_train_test(dataset, use_stand_in)
 teacher = pretrained_teacher(dataset, steps=teacher_steps, seed=teacher_seed, device=dev,
-                             data=train if (use_stand_in or dataset == "cifar10") else None)
+                             data=train if train.name.startswith("stand_in") else None)
 features = metrics.feature_extractor(train, test, steps=feature_steps, seed=0, device=dev)
 shape = tuple(train.x.shape[1:])
 run.metrics["teacher"] = {"cached": teacher.history.get("cached"), "train_wall_time_s": teacher.history["wall_time_s"],

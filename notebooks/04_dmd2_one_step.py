@@ -251,18 +251,9 @@ fig_path = savefig(fig, "04_toy_training_curves")
 # %%
 img_table = pd.DataFrame()
 if run_images:
-    if use_stand_in or dataset == "cifar10":
-        train, test = D.stand_in(dataset, "train", n=2048, seed=0), D.stand_in(dataset, "test", n=512, seed=0)
-    elif dataset == "digits":
-        train, test = D.load_digits("train"), D.load_digits("test")
-    else:
-        try:
-            train, test = D.load_dataset(dataset, "train"), D.load_dataset(dataset, "test")
-        except D.DatasetUnavailable as err:
-            print(f"{dataset} is not on this machine ({type(err).__name__}); using fedlib's stand-in of its shape")
-            train, test = D.stand_in(dataset, "train", n=2048, seed=0), D.stand_in(dataset, "test", n=512, seed=0)
+    train, test = D.load_train_test(dataset, use_stand_in)
     teacher = pretrained_teacher(dataset, steps=teacher_steps, seed=teacher_seed, device=dev,
-                                 data=train if (use_stand_in or dataset == "cifar10") else None)
+                                 data=train if train.name.startswith("stand_in") else None)
     features = metrics.feature_extractor(train, test, steps=feature_steps, seed=0, device=dev)
     ref_stats = metrics.gaussian_stats(metrics.extract_features(features, test.x))
     fd = lambda x: metrics.classifier_fd(features, x, ref_stats)  # noqa: E731
