@@ -97,8 +97,9 @@ def feature_extractor(train, test=None, steps: int = 600, batch_size: int = 128,
     ``seed`` and cached under ``cache_dir("metrics")`` (key: data checksum, shape, settings);
     ``test_accuracy`` is measured on ``test`` (when given). Returned frozen, in eval mode."""
     device = resolve_device(device)
+    # v: bumped whenever the training code changes what a key produces (2: seeded initial weights)
     key = json.dumps(dict(data=_digest(train), test=None if test is None else _digest(test), steps=steps,
-                          bs=batch_size, lr=lr, width=width, seed=seed, augment=augment, v=1), sort_keys=True)
+                          bs=batch_size, lr=lr, width=width, seed=seed, augment=augment, v=2), sort_keys=True)
     path = cache_dir("metrics") / f"features-{train.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     torch.manual_seed(seed)  # initial weights too: the feature space is fixed by the seed
     net = FeatureNet(train.x.shape[1], train.n_classes, width)

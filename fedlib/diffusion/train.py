@@ -151,8 +151,10 @@ def pretrained_teacher(dataset: str = "digits", steps: int = 2000, seed: int = 0
     train = teacher_data(dataset, seed) if data is None else data
     x = _as_tensor(train)
     digest = hashlib.sha1(x.detach().cpu().float().numpy().tobytes()).hexdigest()[:10]
+    # bump "version" whenever the training code changes what a key produces (2: seeded initial weights),
+    # so that a cache written by older code is never silently reused
     key = json.dumps({"dataset": dataset, "steps": steps, "seed": seed, "cfg": cfg, "data": digest,
-                      "version": 1}, sort_keys=True)
+                      "version": 2}, sort_keys=True)
     path = cache_dir("teachers") / f"{dataset}-{steps}-{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     seed_everything(seed)  # the initial weights are part of what the seed (and the cache key) fixes
     denoiser = make_teacher(dataset, in_channels=x.shape[1] if x.ndim == 4 else None, **overrides)
