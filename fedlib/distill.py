@@ -282,6 +282,41 @@ class RoundsResult:
     params: fl.Params         # final global models, stacked [S * M, ...] (problem-major)
 
 
+@dataclass
+class RoundsState:
+    """What every round driver (in-process here, Flower in :mod:`fedlib.flower`) starts from."""
+
+    methods: tuple
+    S: int          # setups
+    M: int          # methods
+    K: int          # clients per setup
+    call: object    # functional model
+    init: fl.Params
+    glob: fl.Params  # one global model per (setup, method): [S*M, ...]
+    n_classes: int
+    acc: Tensor     # [S, M, rounds] server test accuracy
+    tacc: Tensor    # [S, M, rounds] teacher accuracy on the server data
+    distil: list    # indices of the methods that distil
+
+
+def prepare_rounds(model: nn.Module, setups: list, methods, rounds: int, init: fl.Params | None) -> RoundsState:
+    """Check the methods and setups and lay out the state of :func:`run_rounds` (shared with Flower)."""
+    methods = tuple(methods)
+    for m in methods:
+        check_choice("method", m, METHODS, fix="See fedlib.distill.METHODS.")
+    S, M = len(setups), len(methods)
+    K = setups[0].clients.n_clients
+    if any(s.clients.n_clients != K for s in setups):
+        raise ValueError("every setup must have the same number of clients")
+    call = fl.functional(model)
+    init = init if init is not None else fl.get_params(model)
+    with torch.no_grad():
+        n_classes = call(init, setups[0].test_x[:1]).shape[-1]
+    return RoundsState(methods, S, M, K, call, init, fl.broadcast_params(init, S * M), n_classes,
+                       torch.full((S, M, rounds), float("nan")), torch.full((S, M, rounds), float("nan")),
+                       [j for j, m in enumerate(methods) if m not in AGGREGATION_ONLY and m != "dense"])
+
+
 def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, local_epochs: int = 1,
                lr: float = 0.05, momentum: float = 0.9, batch_size: int = 32, mu: float = 0.01,
                distill_steps: int = 50, distill_lr: float = 1e-3, distill_batch: int = 64,
@@ -292,23 +327,11 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
     All global models start from ``init`` (default: the model's parameters), as in the papers.
     ``chunk_size``: models per vmap chunk in local training and distillation ("auto": see
     :func:`fedlib.federated.local_train`); lower it for big models (ResNet at paper scale) to bound memory."""
-    methods = tuple(methods)
-    for m in methods:
-        check_choice("method", m, METHODS, fix="See fedlib.distill.METHODS.")
-    S, M = len(setups), len(methods)
-    K = setups[0].clients.n_clients
-    if any(s.clients.n_clients != K for s in setups):
-        raise ValueError("every setup must have the same number of clients")
-    call = fl.functional(model)
-    init = init if init is not None else fl.get_params(model)
-    glob = fl.broadcast_params(init, S * M)                      # [S*M, ...]
-    with torch.no_grad():
-        n_classes = call(init, setups[0].test_x[:1]).shape[-1]
+    st = prepare_rounds(model, setups, methods, rounds, init)
+    methods, S, M, K, call, init, glob = st.methods, st.S, st.M, st.K, st.call, st.init, st.glob
+    n_classes, acc, tacc, distil = st.n_classes, st.acc, st.tacc, st.distil
     clients = fl.concat_clients([s.clients.repeat(M) for s in setups])  # [S*M*K]
     mu_k = torch.tensor([mu if m == "fedprox" else 0.0 for _ in setups for m in methods for _ in range(K)])
-    acc = torch.full((S, M, rounds), float("nan"))
-    tacc = torch.full((S, M, rounds), float("nan"))
-    distil = [j for j, m in enumerate(methods) if m not in AGGREGATION_ONLY and m != "dense"]
     it = range(rounds) if progress is None else progress(range(rounds))
     for r in it:
         start = {n: p.repeat_interleave(K, dim=0) for n, p in glob.items()}

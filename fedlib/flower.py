@@ -540,21 +540,9 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
     (with ``.flower``: a :class:`FlowerReport`; with ``exchange``, ``setups[s].disc_logits`` are set
     from the discriminators the clients uploaded). Node k is client k of every setup and method."""
     opts = options or FlowerOptions()
-    methods = tuple(methods)
-    for m in methods:
-        check_choice("method", m, DS.METHODS, fix="See fedlib.distill.METHODS.")
-    S, M = len(setups), len(methods)
-    K = setups[0].clients.n_clients
-    if any(s.clients.n_clients != K for s in setups):
-        raise ValueError("every setup must have the same number of clients")
-    call = fl.functional(model)
-    init = init if init is not None else fl.get_params(model)
-    glob = fl.broadcast_params(init, S * M)
-    acc = torch.full((S, M, rounds), float("nan"))
-    tacc = torch.full((S, M, rounds), float("nan"))
-    distil = [j for j, m in enumerate(methods) if m not in DS.AGGREGATION_ONLY and m != "dense"]
-    with torch.no_grad():
-        n_classes = call(init, setups[0].test_x[:1]).shape[-1]
+    st = DS.prepare_rounds(model, setups, methods, rounds, init)
+    methods, S, M, K, call, init, glob = st.methods, st.S, st.M, st.K, st.call, st.init, st.glob
+    n_classes, acc, tacc, distil = st.n_classes, st.acc, st.tacc, st.distil
     data = fl.concat_clients([s.clients for s in setups])  # data row s*K + k
     report = FlowerReport()
     disc_ok: dict[int, Tensor] = {}  # setup -> which clients' discriminators arrived (FedGO exchange)
