@@ -13,19 +13,15 @@ Configurations: ``digits`` (fedlib's digits teacher U-Net, 8x8) and ``cifar`` (t
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
 from fedlib import ld3
 from fedlib.diffusion import make_teacher
+from fedlib.results import write_benchmark
 from fedlib.utils import resolve_device
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"digits": dict(teacher="digits", shape=(1, 8, 8)), "cifar": dict(teacher="cifar10", shape=(3, 32, 32))}
 PAPER_MINUTES = (5, 10)
 
@@ -61,14 +57,8 @@ def main():
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     results = {c: measure(CONFIGS[c], device, args.solver, args.nfe, args.pairs, args.loss) for c in args.configs}
-    name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
-    doc = {"benchmark": "ld3_train_time", "device": name, "peer": "LD3 paper: 5-10 min on one GPU (CIFAR-10)",
-           "results": results, "threads": args.threads, "load_average": os.getloadavg(),
-           "python": platform.python_version(), "torch": torch.__version__}
-    path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"ld3_train_time-{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    print("wrote", path)
+    write_benchmark("ld3_train_time", {"peer": "LD3 paper: 5-10 min on one GPU (CIFAR-10)", "results": results,
+                                       "threads": args.threads}, device, args.out)
 
 
 if __name__ == "__main__":

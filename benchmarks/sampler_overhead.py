@@ -20,19 +20,15 @@ Configurations: ``digits`` (fedlib's digits teacher U-Net, 8x8, batch 500) and `
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from fedlib.diffusion import get_sampler, make_teacher, schedule
+from fedlib.results import write_benchmark
 from fedlib.utils import resolve_device
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"digits": dict(teacher="digits", shape=(1, 8, 8), batch=500),
            "cifar": dict(teacher="cifar10", shape=(3, 32, 32), batch=128)}
 SOLVERS = ["euler", "heun", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "ipndm", "unipc"]
@@ -116,14 +112,9 @@ def main():
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     results = {c: measure(CONFIGS[c], device, args.nfe, args.repeats) for c in args.configs}
-    name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
-    doc = {"benchmark": "sampler_overhead", "device": name, "peer": "bare loop of the same NFE denoiser calls",
-           "nfe": args.nfe, "repeats": args.repeats, "threads": args.threads, "results": results,
-           "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__}
-    path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"sampler_overhead-{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    print("wrote", path)
+    write_benchmark("sampler_overhead", {"peer": "bare loop of the same NFE denoiser calls", "nfe": args.nfe,
+                                         "repeats": args.repeats, "threads": args.threads, "results": results},
+                    device, args.out)
 
 
 if __name__ == "__main__":

@@ -317,6 +317,41 @@ def prepare_rounds(model: nn.Module, setups: list, methods, rounds: int, init: f
                        [j for j, m in enumerate(methods) if m not in AGGREGATION_ONLY and m != "dense"])
 
 
+def ensemble_targets(method: str, logits: Tensor, n_k: Tensor, disc_logits: Tensor | None = None,
+                     mode: str = "prob", temperature: float = 1.0) -> Tensor:
+    """The server's pseudo-labels [N, C] for ``method`` from client logits [K, N, C] (papers.md 1.1, 1.3)."""
+    if method == "fedka":
+        return majority_vote(logits)
+    a = W.compute_weights(WEIGHTING_OF[method], logits, n_k=n_k, disc_logits=disc_logits)
+    return pseudo_labels(logits, a, mode, temperature)
+
+
+def distil_into(model: nn.Module, glob: fl.Params, entries: list[int], xs: list[Tensor], qs: list[Tensor], *,
+                steps: int, lr: float, batch_size: int, temperature: float, generator,
+                chunk_size: int | str | None = "auto") -> None:
+    """Distil the pseudo-labels ``qs`` on ``xs`` into the global models ``glob[entries]``, all in one vmap
+    (in place)."""
+    if not entries:
+        return
+    if any(x.shape != xs[0].shape for x in xs):
+        raise ValueError("server datasets of all setups must have the same size to distil in one vmap")
+    idx = torch.tensor(entries)
+    new = kl_distill(model, fl.index_params(glob, idx), torch.stack(xs), torch.stack(qs), steps=steps, lr=lr,
+                     batch_size=batch_size, temperature=temperature, generator=generator, per_model_x=True,
+                     chunk_size=None if chunk_size == "auto" else chunk_size)
+    for n in glob:
+        glob[n][idx] = new[n]
+
+
+def record_test_accuracy(call, glob: fl.Params, setups: list, M: int, acc: Tensor, r: int,
+                         predict_batch: int = 1024) -> None:
+    """acc[s, :, r] = test accuracy of the M global models of every setup s."""
+    for s, setup in enumerate(setups):
+        out = fl.predict(call, fl.index_params(glob, slice(s * M, (s + 1) * M)), setup.test_x, predict_batch,
+                         stacked=True)
+        acc[s, :, r] = fl.accuracy(out, setup.test_y).cpu()
+
+
 def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, local_epochs: int = 1,
                lr: float = 0.05, momentum: float = 0.9, batch_size: int = 32, mu: float = 0.01,
                distill_steps: int = 50, distill_lr: float = 1e-3, distill_batch: int = 64,
@@ -345,12 +380,8 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
                     e = s * M + j
                     k_params = fl.index_params(local, slice(e * K, (e + 1) * K))
                     logits = fl.predict(call, k_params, setup.server_x, predict_batch, stacked=True)  # [K, N, C]
-                    if methods[j] == "fedka":
-                        q = majority_vote(logits)
-                    else:
-                        a = W.compute_weights(WEIGHTING_OF[methods[j]], logits, n_k=setup.clients.n_k,
-                                              disc_logits=setup.disc_logits)
-                        q = pseudo_labels(logits, a, pseudo_label_mode, temperature)
+                    q = ensemble_targets(methods[j], logits, setup.clients.n_k, setup.disc_logits,
+                                         pseudo_label_mode, temperature)
                     if setup.server_y is not None:
                         tacc[s, j, r] = (q.argmax(-1) == setup.server_y).float().mean().cpu()
                     xs.append(setup.server_x)
@@ -367,22 +398,9 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
                                         temperature=temperature, generator=generator)
                     for n in glob:
                         glob[n][e] = new[n]
-            if entries:
-                idx = torch.tensor(entries)
-                same_x = all(x.shape == xs[0].shape for x in xs)
-                x_all = torch.stack(xs) if same_x else None
-                if x_all is None:
-                    raise ValueError("server datasets of all setups must have the same size to distil in one vmap")
-                new = kl_distill(model, fl.index_params(glob, idx), x_all, torch.stack(qs), steps=distill_steps,
-                                 lr=distill_lr, batch_size=distill_batch, temperature=temperature,
-                                 generator=generator, per_model_x=True,
-                                 chunk_size=None if chunk_size == "auto" else chunk_size)
-                for n in glob:
-                    glob[n][idx] = new[n]
-        for s, setup in enumerate(setups):
-            out = fl.predict(call, fl.index_params(glob, slice(s * M, (s + 1) * M)), setup.test_x, predict_batch,
-                             stacked=True)
-            acc[s, :, r] = fl.accuracy(out, setup.test_y).cpu()
+            distil_into(model, glob, entries, xs, qs, steps=distill_steps, lr=distill_lr, batch_size=distill_batch,
+                        temperature=temperature, generator=generator, chunk_size=chunk_size)
+        record_test_accuracy(call, glob, setups, M, acc, r, predict_batch)
     return RoundsResult(methods, acc, tacc, glob)
 
 

@@ -60,8 +60,6 @@ from torch import Tensor, nn
 from . import compression as C
 from . import distill as DS
 from . import federated as fl
-from . import weighting as W
-from .utils import check_choice
 
 # Keep Ray and Flower on this machine and quiet unless told otherwise: Ray's usage stats and Flower's
 # telemetry would try the network; without RAY_ADDRESS Ray binds to loopback only (Ray reads this at
@@ -590,30 +588,17 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
                     k_params = fl.index_params(local, torch.nonzero(ok).squeeze(1) + e * K)
                     logits = fl.predict(call, k_params, setup.server_x, predict_batch, stacked=True)
                 keep = torch.nonzero(ok).squeeze(1)
-                if methods[j] == "fedka":
-                    q = DS.majority_vote(logits)
-                else:
-                    dl = setup.disc_logits[keep] if setup.disc_logits is not None else None
-                    a = W.compute_weights(DS.WEIGHTING_OF[methods[j]], logits, n_k=setup.clients.n_k[keep],
-                                          disc_logits=dl)
-                    q = DS.pseudo_labels(logits, a, pseudo_label_mode, temperature)
+                dl = setup.disc_logits[keep] if setup.disc_logits is not None else None
+                q = DS.ensemble_targets(methods[j], logits, setup.clients.n_k[keep], dl, pseudo_label_mode,
+                                        temperature)
                 if setup.server_y is not None:
                     tacc[s, j, r - 1] = (q.argmax(-1) == setup.server_y).float().mean().cpu()
                 xs.append(setup.server_x)
                 qs.append(q)
                 entries.append(e)
-        if entries:
-            idx = torch.tensor(entries)
-            new = DS.kl_distill(model, fl.index_params(glob, idx), torch.stack(xs), torch.stack(qs),
-                                steps=distill_steps, lr=distill_lr, batch_size=distill_batch,
-                                temperature=temperature, generator=generator, per_model_x=True,
-                                chunk_size=None if chunk_size == "auto" else chunk_size)
-            for n in glob:
-                glob[n][idx] = new[n]
-        for s, setup in enumerate(setups):
-            out = fl.predict(call, fl.index_params(glob, slice(s * M, (s + 1) * M)), setup.test_x, predict_batch,
-                             stacked=True)
-            acc[s, :, r - 1] = fl.accuracy(out, setup.test_y).cpu()
+        DS.distil_into(model, glob, entries, xs, qs, steps=distill_steps, lr=distill_lr, batch_size=distill_batch,
+                       temperature=temperature, generator=generator, chunk_size=chunk_size)
+        DS.record_test_accuracy(call, glob, setups, M, acc, r - 1, predict_batch)
         if opts.keep_params:
             report.params.append({n: p.clone() for n, p in glob.items()})
 

@@ -188,3 +188,26 @@ def validate_metrics(doc: dict) -> list[str]:
 
 def load_metrics(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def device_label(device) -> str:
+    """``cpu`` or the GPU's name with underscores: the suffix of a benchmark's result file."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+
+
+def write_benchmark(benchmark: str, doc: dict, device, out: str | Path | None = None) -> Path:
+    """Write a benchmark's JSON (its numbers, peer and ratios in ``doc``) with the machine facts that
+    make it comparable, to ``out`` or ``benchmarks/results/<benchmark>-<device>.json``."""
+    import torch
+
+    name = device_label(device)
+    full = {"benchmark": benchmark, "device": name, **doc, "load_average": os.getloadavg(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    path = Path(out) if out else REPO_ROOT / "benchmarks" / "results" / f"{benchmark}-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(full), indent=1) + "\n")
+    print("wrote", path)
+    return path
