@@ -25,7 +25,6 @@ per-sample loss at the old and the proposed x'_T under the updated schedule.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ import torch
 
 from .diffusion.samplers import get_sampler
 from .diffusion.schedules import schedule as hand_schedule
-from .utils import cache_dir, check_choice, resolve_device
+from .utils import cache_dir, check_choice
 
 LOSSES = ("l2", "features", "lpips")
 LD3_SOLVERS = ("euler", "ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "ipndm", "unipc", "unipc_bh1")

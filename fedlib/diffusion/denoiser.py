@@ -16,7 +16,6 @@ weight (eps-MSE, x0-MSE, v-MSE, EDM's F-MSE = lambda(sigma)-weighted x0-MSE).
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..utils import cache_dir, check_choice, resolve_device, seed_everything
 from .denoiser import Denoiser, diffusion_loss, draw_noise_and_time, frozen
 from .networks import MLPDenoiser, UNet
-from .process import EDM, make_process
+from .process import EDM
 
 
 @torch.no_grad()
