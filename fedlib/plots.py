@@ -33,9 +33,15 @@ def use_style() -> None:
     plt.rcParams.update(STYLE)
 
 
+INTERACTIVE_FIGURES = REPO_ROOT / "results" / "interactive" / "figures"
+
+
 def figures_dir() -> Path:
-    """``$FEDLIB_FIGURES_DIR`` (set by the runner to the run's folder) or the repo's ``figures/``."""
-    path = Path(os.environ.get("FEDLIB_FIGURES_DIR", REPO_ROOT / "figures"))
+    """``$FEDLIB_FIGURES_DIR`` (the runner sets it to the run's folder), else
+    ``results/interactive/figures/`` (ignored by git): running a notebook by hand, in JupyterLab say,
+    never rewrites the tracked ``figures/``. Only ``python -m fedlib reproduce --update-notebooks``
+    copies a run's figures there."""
+    path = Path(os.environ.get("FEDLIB_FIGURES_DIR") or INTERACTIVE_FIGURES)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
