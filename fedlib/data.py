@@ -115,6 +115,10 @@ PAPER_DATASETS = {
     "celeba": (3, 64, 64, 1, "CelebA"),
 }
 DATASET_NAMES = tuple(PAPER_DATASETS)
+# training-split sizes (digits: fedlib's fixed 80/20 split), so parameter rules such as "no more
+# clients than images" are checked before anything loads (fedlib.params.train_size)
+TRAIN_SIZES = {"digits": 1437, "fashion_mnist": 60000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000,
+               "celeba": 162770}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

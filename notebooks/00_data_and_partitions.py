@@ -31,10 +31,10 @@
 # unlabeled, to the server**. This notebook shows those splits and checks their invariants.
 
 # %% tags=["parameters"]
-seed = 0  # seed of every partition drawn here
-n_clients = 10  # K, the number of clients
-alphas = [0.05, 0.1, 1.0, 100.0]  # Dirichlet concentrations shown in the heatmaps
-toy_points = 2000  # points per 2-D toy dataset
+seed = 0  # seed of every partition drawn here [min 0]
+n_clients = 10  # K, the number of clients [min 1; max train_size("digits") // 4]
+alphas = [0.05, 0.1, 1.0, 100.0]  # Dirichlet concentrations shown in the heatmaps [non-empty; each > 0]
+toy_points = 2000  # points per 2-D toy dataset [min 10]
 show_fashion_mnist = True  # also show Fashion-MNIST when Debian's files are present
 
 # %%
