@@ -38,10 +38,10 @@ from torch import nn
 
 from .diffusion.denoiser import Denoiser, diffusion_loss, frozen
 from .diffusion.process import EDM, Process, _bcast
+from .diffusion.schedules import karras_sigmas
 from .utils import check_choice
 
 DM_RANGE = (0.02, 0.98)  # the middle of the noise range the generator loss draws t from (DMD2 sec. 4)
-EDM_RHO = 7.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,8 +54,7 @@ def t_from_noise_fraction(process: Process, u: torch.Tensor) -> torch.Tensor:
     between sigma_min and sigma_max, the grid DMD2 discretises EDM teachers on."""
     u = torch.as_tensor(u, dtype=torch.float64)
     if isinstance(process, EDM):
-        lo, hi = process.t_min ** (1 / EDM_RHO), process.t_max ** (1 / EDM_RHO)
-        return (lo + u * (hi - lo)) ** EDM_RHO
+        return karras_sigmas(1 - u, process.t_min, process.t_max)
     if getattr(process, "discrete", False):  # land on the DDPM grid t = (n+1)/N, n = 0..N-1
         n = process.n_steps
         return torch.clamp(torch.round(u * n), 1, n) / n
@@ -470,7 +469,7 @@ def teacher_baselines(teacher: Denoiser, x_T: torch.Tensor, nfes, samplers, scor
     whose NFE is one per step), all from the same noise ``x_T``. ``score(x) -> float`` (lower is
     better). Rows: nfe, sampler, score, seconds per 1000 samples, and ``best`` (the lowest score
     at that NFE: the teacher "with its best sampler")."""
-    from .diffusion.samplers import get_sampler, nfe_for_steps
+    from .diffusion.samplers import nfe_for_steps, solve
     from .diffusion.schedules import schedule
 
     rows = []
@@ -480,14 +479,9 @@ def teacher_baselines(teacher: Denoiser, x_T: torch.Tensor, nfes, samplers, scor
             if nfe_for_steps(name, int(nfe)) != int(nfe):
                 raise ValueError(f"sampler {name!r} does not take one network evaluation per step; "
                                  "use euler, dpm_solver_pp_2m/3m, ipndm or unipc here")
-            sampler = get_sampler(name)
             start = time.perf_counter()
-            outs, used = [], 0
-            for i in range(0, len(x_T), batch_size):
-                x, used = sampler(teacher, x_T[i:i + batch_size], times)
-                outs.append(x)
+            x, used = solve(teacher, x_T, times, name, batch_size=batch_size)
             seconds = time.perf_counter() - start
-            x = torch.cat(outs)
             if used != nfe:
                 raise RuntimeError(f"{name} used {used} network evaluations on a {nfe}-step grid")
             rows.append({"nfe": int(nfe), "sampler": name, "score": float(score(x)),

@@ -129,7 +129,8 @@ def sample_stacked(denoiser: Denoiser, params: Params, n: int, steps: int = 20, 
                    seed: int = 0, image_shape=None) -> tuple[Tensor, int]:
     """``n`` samples from each of G models (the same initial noise for every model): [G, n, ...], NFE.
     Grid: uniform in t from the process's t_max down to 0 (our choice; the same for every variant)."""
-    from .diffusion.samplers import get_sampler
+    from .diffusion.samplers import solve
+    from .diffusion.schedules import karras_sigmas
 
     g_count = next(iter(params.values())).shape[0]
     device = next(iter(params.values())).device
@@ -138,11 +139,9 @@ def sample_stacked(denoiser: Denoiser, params: Params, n: int, steps: int = 20, 
     x_T = x_T.repeat(g_count, *([1] * len(image_shape)))
     times = torch.linspace(p.t_max, 0.0, steps + 1, dtype=torch.float64, device=device)
     if p.name == "edm":  # EDM: sigma grid with rho = 7 (Karras et al.), then 0
-        r = 7.0
-        s = torch.linspace(0, 1, steps, dtype=torch.float64, device=device)
-        sig = (p.t_max ** (1 / r) + s * (p.t_min ** (1 / r) - p.t_max ** (1 / r))) ** r
+        sig = karras_sigmas(torch.linspace(0, 1, steps, dtype=torch.float64), p.t_min, p.t_max).to(device)
         times = torch.cat([sig, sig.new_zeros(1)])
-    x0, nfe = get_sampler(sampler)(StackedDenoiser(denoiser, params), x_T, times)
+    x0, nfe = solve(StackedDenoiser(denoiser, params), x_T, times, sampler)
     return x0.clamp(-1, 1).reshape(g_count, n, *image_shape), nfe
 
 

@@ -141,3 +141,34 @@ def test_euler_is_ddim_and_matches_the_ddim_update():
         y = a2 * d + s2 * (y - a * d) / s
     torch.testing.assert_close(out, y)
     assert math.isclose(float(times[0]), 1.0) and math.isclose(float(times[-1]), 1e-3)
+
+
+def test_solve_in_batches_equals_one_call_and_takes_names_or_functions():
+    from fedlib.diffusion import EDM, solve
+    from fedlib.diffusion.samplers import dpm_solver_pp_2m
+
+    class Exact:  # the exact denoiser of N(0, I) data under EDM: D(x, sigma) = x / (1 + sigma^2)
+        process = EDM()
+
+        def __call__(self, x, t, t_net=None):
+            return x / (1 + torch.as_tensor(t, dtype=x.dtype) ** 2)
+
+    x_T = 80 * torch.randn(37, 3, generator=torch.Generator().manual_seed(0))
+    times = schedule("edm", Exact.process, 6)
+    whole, nfe = solve(Exact(), x_T, times, "dpm_solver_pp_2m")
+    parts, nfe2 = solve(Exact(), x_T, times, dpm_solver_pp_2m, batch_size=10)
+    assert nfe == nfe2 == 6 and torch.allclose(whole, parts, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        solve(Exact(), x_T, times, batch_size=0)
+
+
+def test_karras_sigmas_is_the_edm_grid_everywhere():
+    from fedlib import dmd2
+    from fedlib.diffusion import EDM, karras_sigmas
+
+    p = EDM()
+    u = torch.linspace(0, 1, 9, dtype=torch.float64)
+    s = karras_sigmas(u, p.t_min, p.t_max)
+    assert s[0] == pytest.approx(p.t_max) and s[-1] == pytest.approx(p.t_min) and (s[1:] < s[:-1]).all()
+    assert torch.allclose(schedule("edm", p, 8), s)
+    assert torch.allclose(dmd2.t_from_noise_fraction(p, 1 - u), s)

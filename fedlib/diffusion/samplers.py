@@ -303,6 +303,24 @@ def get_sampler(name: str):
     return SAMPLERS[name]
 
 
+def solve(denoiser, x_T: torch.Tensor, times, sampler="dpm_solver_pp_2m", network_times=None,
+          batch_size: int | None = None, **sampler_kw):
+    """"Solve x_T with sampler S on grid T, in batches": (x_0, nfe). ``sampler`` is a name in
+    ``SAMPLERS`` or a sampler function; ``batch_size`` (None: all at once) bounds memory, the result
+    is the same as one call. Gradients flow as the caller's grad mode says (LD3 trains through it;
+    wrap in ``torch.no_grad()`` to sample)."""
+    fn = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1 (or None for one batch)")
+    if batch_size is None or len(x_T) <= batch_size:
+        return fn(denoiser, x_T, times, network_times, **sampler_kw)
+    outs, nfe = [], 0
+    for i in range(0, len(x_T), batch_size):
+        out, nfe = fn(denoiser, x_T[i:i + batch_size], times, network_times, **sampler_kw)
+        outs.append(out)
+    return torch.cat(outs), nfe
+
+
 def nfe_for_steps(name: str, steps: int, final_zero: bool = False) -> int:
     """NFE of ``steps`` steps of sampler ``name`` (Heun: 2 per step, one fewer onto sigma = 0)."""
     check_choice("sampler", name, SAMPLERS)
