@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .utils import cache_dir, check_choice
+from .utils import atomic_write, cache_dir, check_choice
 
 # ---------------------------------------------------------------------------------------------
 # Containers
@@ -185,13 +185,9 @@ def _unpack_fashion(src: Path) -> Path:
         dst = raw / f
         if dst.exists() and dst.stat().st_size > 0:
             continue  # unpacked by an earlier call: reuse
-        tmp = dst.with_suffix(".part")
-        if (src / f).exists():
-            shutil.copyfile(src / f, tmp)
-        else:
-            with gzip.open(src / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        tmp.replace(dst)  # atomic: an interrupted unpack never looks finished
+        with (open(src / f, "rb") if (src / f).exists() else gzip.open(src / f"{f}.gz", "rb")) as fin:
+            # atomic: an interrupted unpack never looks finished
+            atomic_write(dst, lambda fout: shutil.copyfileobj(fin, fout))
     return root
 
 

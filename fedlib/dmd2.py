@@ -38,7 +38,7 @@ from torch import nn
 
 from .diffusion.denoiser import Denoiser, diffusion_loss, frozen
 from .diffusion.process import EDM, Process, _bcast
-from .utils import check_choice
+from .utils import atomic_torch_save, check_choice
 
 DM_RANGE = (0.02, 0.98)  # the middle of the noise range the generator loss draws t from (DMD2 sec. 4)
 EDM_RHO = 7.0
@@ -360,7 +360,7 @@ def train_dmd2(teacher: Denoiser, data: torch.Tensor, config: DMD2Config | None 
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(last_good["state"], checkpoint_path)
+        atomic_torch_save(last_good["state"], checkpoint_path)
 
     def restore():
         state = load_checkpoint(checkpoint_path) if checkpoint_path is not None else last_good["state"]
@@ -442,7 +442,7 @@ def train_dmd2(teacher: Denoiser, data: torch.Tensor, config: DMD2Config | None 
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             state = _state(generator, fake_score, head, opt_g, opt_f, step)
             if checkpoint_path is not None:
-                torch.save(state, checkpoint_path)
+                atomic_torch_save(state, checkpoint_path)
             else:
                 last_good["state"] = copy.deepcopy(state)
         if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
