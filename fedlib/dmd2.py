@@ -38,6 +38,7 @@ from torch import nn
 
 from .diffusion.denoiser import Denoiser, diffusion_loss, frozen
 from .diffusion.process import EDM, Process, _bcast
+from .diffusion.samplers import check_grid
 from .utils import atomic_torch_save, check_choice
 
 DM_RANGE = (0.02, 0.98)  # the middle of the noise range the generator loss draws t from (DMD2 sec. 4)
@@ -179,7 +180,7 @@ def _step_input(process: Process, x0: torch.Tensor, t_next: torch.Tensor, noise_
 def sample_student(generator: Denoiser, x_T: torch.Tensor, times: torch.Tensor, noise_generator=None):
     """Run the few-step generator: x0 = G(x_{t_i}, t_i), re-noised with fresh noise to t_{i+1}.
     Same signature as the diffusion samplers: returns (x0, nfe) with nfe = len(times)."""
-    times = torch.as_tensor(times, device=x_T.device)
+    times = check_grid(times, device=x_T.device, min_points=1)[0]  # a NaN or negative t gives NaN samples
     x = x_T
     for i in range(len(times)):
         x0 = generator(x, times[i].expand(x.shape[0]))
