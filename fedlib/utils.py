@@ -35,6 +35,20 @@ def check_choice(name: str, value, allowed: Iterable, fix: str | None = None):
     raise ValueError(msg)
 
 
+def positive_counts(n_k, name: str = "n_k", fix: str = "Drop empty clients first.") -> torch.Tensor:
+    """``n_k`` (per-client sample counts) as a flat float64 tensor; a ValueError naming the first bad
+    entries unless every entry is finite and > 0 (NaN compares False, so ``(n_k <= 0).any()`` alone
+    lets it through, into NaN weights)."""
+    n = torch.as_tensor(n_k, dtype=torch.float64).reshape(-1)
+    bad = ~torch.isfinite(n) | (n <= 0)
+    if bad.any():
+        idx = torch.nonzero(bad).flatten()
+        shown = ", ".join(f"{name}[{i}]={float(n[i])!r}" for i in idx[:4].tolist())
+        raise ValueError(f"{shown} ({len(idx)} of {len(n)} entries bad); allowed: finite counts, each must be > 0. "
+                         f"{fix}")
+    return n
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
     """Seed Python, NumPy and torch (CPU and CUDA) and return a torch.Generator seeded the same.
 
