@@ -38,8 +38,9 @@ from torch import nn
 
 from .diffusion.denoiser import Denoiser, diffusion_loss, frozen
 from .diffusion.process import EDM, Process, _bcast
+from .diffusion.samplers import check_grid
 from .diffusion.schedules import karras_sigmas
-from .utils import check_choice
+from .utils import atomic_torch_save, check_choice
 
 DM_RANGE = (0.02, 0.98)  # the middle of the noise range the generator loss draws t from (DMD2 sec. 4)
 
@@ -178,7 +179,7 @@ def _step_input(process: Process, x0: torch.Tensor, t_next: torch.Tensor, noise_
 def sample_student(generator: Denoiser, x_T: torch.Tensor, times: torch.Tensor, noise_generator=None):
     """Run the few-step generator: x0 = G(x_{t_i}, t_i), re-noised with fresh noise to t_{i+1}.
     Same signature as the diffusion samplers: returns (x0, nfe) with nfe = len(times)."""
-    times = torch.as_tensor(times, device=x_T.device)
+    times = check_grid(times, device=x_T.device, min_points=1)[0]  # a NaN or negative t gives NaN samples
     x = x_T
     for i in range(len(times)):
         x0 = generator(x, times[i].expand(x.shape[0]))
@@ -359,7 +360,7 @@ def train_dmd2(teacher: Denoiser, data: torch.Tensor, config: DMD2Config | None 
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(last_good["state"], checkpoint_path)
+        atomic_torch_save(last_good["state"], checkpoint_path)
 
     def restore():
         state = load_checkpoint(checkpoint_path) if checkpoint_path is not None else last_good["state"]
@@ -441,7 +442,7 @@ def train_dmd2(teacher: Denoiser, data: torch.Tensor, config: DMD2Config | None 
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             state = _state(generator, fake_score, head, opt_g, opt_f, step)
             if checkpoint_path is not None:
-                torch.save(state, checkpoint_path)
+                atomic_torch_save(state, checkpoint_path)
             else:
                 last_good["state"] = copy.deepcopy(state)
         if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .utils import positive_counts
+
 WEIGHTINGS = ("uniform", "sample_count", "entropy", "variance", "dafkd", "fedgo", "oracle")
 NEEDS = {  # extra inputs of each rule (besides the client logits)
     "uniform": (), "sample_count": ("n_k",), "entropy": (), "variance": (),
@@ -55,12 +57,10 @@ def _check_kn(name: str, t: Tensor, K: int, N: int, fix: str) -> None:
 
 
 def _log_n(n_k, K: int, like: Tensor) -> Tensor:
-    n_k = torch.as_tensor(n_k, dtype=like.dtype, device=like.device).reshape(-1)
+    n_k = positive_counts(n_k)
     if len(n_k) != K:
         raise ValueError(f"n_k has {len(n_k)} entries but there are K={K} clients; pass one count per client")
-    if (n_k <= 0).any():
-        raise ValueError(f"n_k={n_k.tolist()} must be > 0 for every client; drop empty clients first")
-    return n_k.log()[:, None]
+    return n_k.to(like.device, like.dtype).log()[:, None]
 
 
 def uniform_weights(logits: Tensor) -> Tensor:
