@@ -46,8 +46,7 @@ from fedlib.plots import image_grid, savefig, use_style
 from fedlib.results import Run
 
 use_style()
-run = Run("00_data_and_partitions", params=dict(seed=seed, n_clients=n_clients, alphas=alphas,
-                                                toy_points=toy_points, show_fashion_mnist=show_fashion_mnist))
+run = Run.start("00_data_and_partitions", globals())
 
 # %% [markdown]
 # ## The embedded dataset: digits

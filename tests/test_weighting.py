@@ -19,7 +19,7 @@ def _inputs(K, N, C, seed):
 
 @settings(max_examples=25, deadline=None)
 @given(K=st.integers(1, 6), N=st.integers(1, 20), C=st.integers(2, 5), seed=st.integers(0, 10_000),
-       name=st.sampled_from(W.WEIGHTINGS))
+       name=st.sampled_from(list(W.RULES)))
 def test_every_rule_is_a_distribution_over_clients(K, N, C, seed, name):
     inp = _inputs(K, N, C, seed)
     a = W.compute_weights(name, inp.pop("logits"), **inp)
