@@ -14,7 +14,7 @@ SCALE  ?= quick
 TESTOUT ?= $(CURDIR)/.test-output
 JOBS   ?= 2
 
-.PHONY: venv reproduce test unit nbval smoke notebook notebooks report lock fashion-mnist clean
+.PHONY: venv reproduce test unit nbval smoke notebook notebooks report lock fashion-mnist gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ notebooks: venv
 	for f in notebooks/[0-9][0-9]_*.py; do $(BIN)/jupytext --sync $$f; done
 	$(BIN)/python -m fedlib reproduce --scale quick --update-notebooks
 	$(BIN)/python -m fedlib report --scale quick --readme
+
+# On a lent GPU: every benchmark with --device cuda and every notebook's paper set as a short smoke
+# (notebooks/params/*: paper_smoke) -> benchmarks/results/*-<gpu>.json and results/paper/
+gpu: venv
+	$(BIN)/python scripts/gpu_suite.py --device cuda --out results/paper
 
 report: venv
 	$(BIN)/python -m fedlib report --scale $(SCALE)
