@@ -52,14 +52,15 @@ smoke: venv
 	$(BIN)/python -m fedlib reproduce --scale smoke
 
 # Re-execute one notebook from its jupytext source and commit-ready outputs:  make notebook NB=01_fedgo_weighting
+# The .py is the source: the .ipynb is converted from it afresh (jupytext --sync would keep the old
+# .ipynb's cell metadata, e.g. drop a new tag), then executed, and the executed copy replaces it.
 notebook: venv
 	test -n "$(NB)" || (echo "usage: make notebook NB=<notebook name>" && exit 2)
-	$(BIN)/jupytext --set-formats ipynb,py:percent notebooks/$(NB).py
-	$(BIN)/jupytext --sync notebooks/$(NB).py
+	$(BIN)/jupytext --to ipynb notebooks/$(NB).py
 	$(BIN)/python -m fedlib reproduce $(NB) --scale quick --update-notebooks
 
 notebooks: venv
-	for f in notebooks/[0-9][0-9]_*.py; do $(BIN)/jupytext --sync $$f; done
+	for f in notebooks/[0-9][0-9]_*.py; do $(BIN)/jupytext --to ipynb $$f || exit 1; done
 	$(BIN)/python -m fedlib reproduce --scale quick --update-notebooks
 	$(BIN)/python -m fedlib report --scale quick --readme
 
