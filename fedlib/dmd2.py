@@ -38,10 +38,11 @@ from torch import nn
 
 from .diffusion.denoiser import Denoiser, diffusion_loss, frozen
 from .diffusion.process import EDM, Process, _bcast
-from .utils import check_choice
+from .diffusion.samplers import check_grid
+from .diffusion.schedules import karras_sigmas
+from .utils import atomic_torch_save, check_choice
 
 DM_RANGE = (0.02, 0.98)  # the middle of the noise range the generator loss draws t from (DMD2 sec. 4)
-EDM_RHO = 7.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,8 +55,7 @@ def t_from_noise_fraction(process: Process, u: torch.Tensor) -> torch.Tensor:
     between sigma_min and sigma_max, the grid DMD2 discretises EDM teachers on."""
     u = torch.as_tensor(u, dtype=torch.float64)
     if isinstance(process, EDM):
-        lo, hi = process.t_min ** (1 / EDM_RHO), process.t_max ** (1 / EDM_RHO)
-        return (lo + u * (hi - lo)) ** EDM_RHO
+        return karras_sigmas(1 - u, process.t_min, process.t_max)
     if getattr(process, "discrete", False):  # land on the DDPM grid t = (n+1)/N, n = 0..N-1
         n = process.n_steps
         return torch.clamp(torch.round(u * n), 1, n) / n
@@ -179,7 +179,7 @@ def _step_input(process: Process, x0: torch.Tensor, t_next: torch.Tensor, noise_
 def sample_student(generator: Denoiser, x_T: torch.Tensor, times: torch.Tensor, noise_generator=None):
     """Run the few-step generator: x0 = G(x_{t_i}, t_i), re-noised with fresh noise to t_{i+1}.
     Same signature as the diffusion samplers: returns (x0, nfe) with nfe = len(times)."""
-    times = torch.as_tensor(times, device=x_T.device)
+    times = check_grid(times, device=x_T.device, min_points=1)[0]  # a NaN or negative t gives NaN samples
     x = x_T
     for i in range(len(times)):
         x0 = generator(x, times[i].expand(x.shape[0]))
@@ -360,7 +360,7 @@ def train_dmd2(teacher: Denoiser, data: torch.Tensor, config: DMD2Config | None 
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(last_good["state"], checkpoint_path)
+        atomic_torch_save(last_good["state"], checkpoint_path)
 
     def restore():
         state = load_checkpoint(checkpoint_path) if checkpoint_path is not None else last_good["state"]
@@ -442,7 +442,7 @@ def train_dmd2(teacher: Denoiser, data: torch.Tensor, config: DMD2Config | None 
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             state = _state(generator, fake_score, head, opt_g, opt_f, step)
             if checkpoint_path is not None:
-                torch.save(state, checkpoint_path)
+                atomic_torch_save(state, checkpoint_path)
             else:
                 last_good["state"] = copy.deepcopy(state)
         if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -470,7 +470,7 @@ def teacher_baselines(teacher: Denoiser, x_T: torch.Tensor, nfes, samplers, scor
     whose NFE is one per step), all from the same noise ``x_T``. ``score(x) -> float`` (lower is
     better). Rows: nfe, sampler, score, seconds per 1000 samples, and ``best`` (the lowest score
     at that NFE: the teacher "with its best sampler")."""
-    from .diffusion.samplers import get_sampler, nfe_for_steps
+    from .diffusion.samplers import nfe_for_steps, solve
     from .diffusion.schedules import schedule
 
     rows = []
@@ -480,14 +480,9 @@ def teacher_baselines(teacher: Denoiser, x_T: torch.Tensor, nfes, samplers, scor
             if nfe_for_steps(name, int(nfe)) != int(nfe):
                 raise ValueError(f"sampler {name!r} does not take one network evaluation per step; "
                                  "use euler, dpm_solver_pp_2m/3m, ipndm or unipc here")
-            sampler = get_sampler(name)
             start = time.perf_counter()
-            outs, used = [], 0
-            for i in range(0, len(x_T), batch_size):
-                x, used = sampler(teacher, x_T[i:i + batch_size], times)
-                outs.append(x)
+            x, used = solve(teacher, x_T, times, name, batch_size=batch_size)
             seconds = time.perf_counter() - start
-            x = torch.cat(outs)
             if used != nfe:
                 raise RuntimeError(f"{name} used {used} network evaluations on a {nfe}-step grid")
             rows.append({"nfe": int(nfe), "sampler": name, "score": float(score(x)),

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from .diffusion.samplers import get_sampler
+from .diffusion.samplers import solve
 from .diffusion.schedules import schedule as hand_schedule
-from .utils import cache_dir, check_choice
+from .utils import atomic_write, cache_dir, check_choice, load_cache_entry
 
 LOSSES = ("l2", "features", "lpips")
 LD3_SOLVERS = ("euler", "ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "ipndm", "unipc", "unipc_bh1")
@@ -108,13 +108,11 @@ class LearnedSchedule:
 
     def sample(self, denoiser, x_T):
         times, tn = self.tensors(x_T.device)
-        return get_sampler(self.solver)(denoiser, x_T, times, tn)
+        return solve(denoiser, x_T, times, self.solver, tn)
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else schedule_path(self.model, self.solver, self.nfe)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
-        return path
+        return atomic_write(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "LearnedSchedule":
@@ -134,9 +132,7 @@ def teacher_pairs(denoiser, n: int, shape: tuple, solver: str = "unipc", nfe: in
     p = denoiser.process
     x_T = p.prior((n, *shape), generator=g).to(device)
     times = hand_schedule(schedule, p, nfe).to(device)
-    fn = get_sampler(solver)
-    x0 = torch.cat([fn(denoiser, x_T[i:i + batch_size], times)[0] for i in range(0, n, batch_size)])
-    return x_T, x0
+    return x_T, solve(denoiser, x_T, times, solver, batch_size=batch_size)[0]
 
 
 def lpips_distance(device="cpu"):
@@ -185,7 +181,6 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
     uniform-lambda start's val loss, acceptances, wall time).
     """
     check_choice("LD3 solver", solver, LD3_SOLVERS, fix="Heun uses 2 NFE per step; learn its times with 'euler' or a multistep solver.")
-    fn = get_sampler(solver)
     dist = make_loss(loss, feature_fn)
     process = denoiser.process
     xT_tr, x0_tr = train_pairs
@@ -203,15 +198,15 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
     for prm in denoiser.parameters():  # the network is frozen while its times are learned
         prm.requires_grad_(False)
 
-    def solve(xT, th, ph, grad=True):
+    def solve_at(xT, th, ph, grad=True):
         times = ld3_times(th, process, space).to(device)
         tn = network_times(th, ph, process, space).to(device)
         with torch.set_grad_enabled(grad):
-            return fn(denoiser, xT, times, tn)[0]
+            return solve(denoiser, xT, times, solver, tn)[0]
 
     @torch.no_grad()
     def validate():
-        return float(dist(solve(xT_va, theta, phi, grad=False), x0_va).mean())
+        return float(dist(solve_at(xT_va, theta, phi, grad=False), x0_va).mean())
 
     t0 = time.perf_counter()
     best = validate()
@@ -225,7 +220,7 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
             for i in range(0, len(perm), batch_size):
                 idx = perm[i:i + batch_size]
                 x_start = xT_soft[idx].clone().requires_grad_(soft)
-                out = solve(x_start, theta, phi if phase == "both" else phi.detach())
+                out = solve_at(x_start, theta, phi if phase == "both" else phi.detach())
                 per = dist(out, x0_tr[idx])
                 opt_theta.zero_grad(set_to_none=True)
                 opt_phi.zero_grad(set_to_none=True)
@@ -242,7 +237,7 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
                         norm = delta.norm(dim=1, keepdim=True)
                         prop = xT_tr[idx].flatten(1) + delta * torch.clamp(r / norm.clamp_min(1e-12), max=1.0)
                         both = torch.cat([x_start.detach(), prop.view_as(x_start)])
-                        l2 = dist(solve(both, theta, phi, grad=False), torch.cat([x0_tr[idx], x0_tr[idx]]))
+                        l2 = dist(solve_at(both, theta, phi, grad=False), torch.cat([x0_tr[idx], x0_tr[idx]]))
                         keep = l2[len(idx):] < l2[: len(idx)]
                         xT_soft[idx[keep]] = prop.view_as(x_start)[keep]
                         hist["accepted"] += int(keep.sum())
@@ -276,10 +271,11 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
 
 def load_or_learn(denoiser, solver: str, nfe: int, train_pairs, val_pairs, model_name: str,
                   retrain: bool = False, **kw) -> LearnedSchedule:
-    """Reload the saved schedule of (model, solver, NFE) or learn and save it."""
+    """Reload the saved schedule of (model, solver, NFE) or learn and save it (also when the saved
+    file cannot be read: it is reported, removed and learned again)."""
     path = schedule_path(model_name, solver, nfe)
-    if path.exists() and not retrain:
-        s = LearnedSchedule.load(path)
+    s = None if retrain else load_cache_entry(path, LearnedSchedule.load)
+    if s is not None:
         s.history["cached"] = True
         return s
     s = learned_timesteps(denoiser, solver, nfe, train_pairs, val_pairs, model_name=model_name, **kw)
@@ -298,22 +294,14 @@ def compare_discretisations(denoiser, x_T: torch.Tensor, solvers, schedules, nfe
     """One row per (solver, schedule, NFE) - and per learned schedule, ``learned[(solver, nfe)]`` -
     with ``metric(samples) -> dict`` evaluated on the samples from the same ``x_T``."""
     rows = []
-
-    def run(fn, times, tn=None):
-        outs, nfe = [], 0
-        for i in range(0, len(x_T), batch_size):
-            o, nfe = fn(denoiser, x_T[i:i + batch_size], times, tn)
-            outs.append(o)
-        return torch.cat(outs), nfe
-
     for solver in solvers:
-        fn = get_sampler(solver)
         for nfe in nfes:
             for name in schedules:
-                out, used = run(fn, hand_schedule(name, denoiser.process, nfe).to(x_T.device))
+                times = hand_schedule(name, denoiser.process, nfe).to(x_T.device)
+                out, used = solve(denoiser, x_T, times, solver, batch_size=batch_size)
                 rows.append({"solver": solver, "schedule": name, "nfe": used, **metric(out)})
             if learned and (solver, nfe) in learned:
                 times, tn = learned[(solver, nfe)].tensors(x_T.device)
-                out, used = run(fn, times, tn)
+                out, used = solve(denoiser, x_T, times, solver, tn, batch_size=batch_size)
                 rows.append({"solver": solver, "schedule": "ld3", "nfe": used, **metric(out)})
     return rows

@@ -1,17 +1,27 @@
-"""A notebook's results: metrics, claims and provenance, written as one ``metrics.json``.
+"""A notebook's results: metrics, claims and provenance, written as one ``metrics.json``; and the one
+rule by which a claim is decided.
 
 Every notebook ends with a claims table computed from its own measurements. The schema is the
 same for all notebooks (``SCHEMA``), so the runner, the README report and the tests read any of them::
 
-    {"schema": "fedlib.metrics/1", "notebook": str, "scale": str | None,
+    {"schema": "fedlib.metrics/2", "notebook": str, "scale": str | None,
      "params": {...}, "seed": ..., "metrics": {...},
-     "claims": [{"name", "paper", "measured", "holds", "note", "required"}],
-     "provenance": {"git_commit", "git_dirty", "python", "packages", "device",
+     "claims": [{"name", "paper", "measured", "verdict", "holds", "note", "required", "evidence"}],
+     "provenance": {"git_commit", "git_dirty", "dirty_paths", "python", "packages", "device", "threads",
                     "hostname", "started", "finished", "wall_time_s"}}
 
-``holds`` is True / False, or None where the claim could not be tested at this scale.
-A claim marked ``required`` makes ``python -m fedlib reproduce`` exit non-zero when it fails;
-paper claims that may honestly fail at CPU scale are not required, sanity claims are.
+``verdict`` is one of ``VERDICTS``: "holds", "does not hold", "within noise" (the measured difference
+is inside the seed spread, by :data:`NOISE_RULE`), "not applicable" (the claim cannot apply to this
+run, e.g. weighting clients when there is one client). ``holds`` is derived from it: True / False /
+None (within noise or not applicable). ``evidence`` holds the per-seed differences a comparative
+verdict was decided on (or null). A claim marked ``required`` makes ``python -m fedlib reproduce``
+exit non-zero unless it holds; paper claims that may honestly fail at CPU scale are not required,
+sanity claims are.
+
+Provenance says which code produced the results: ``git_commit`` and ``git_dirty``, where dirty means
+that one of the run's *inputs* (``INPUT_PATHS``: the library, the notebook sources and parameter sets,
+the pins) differs from that commit; outputs written while the run goes on (results, executed
+notebooks, figures) do not count.
 """
 
 from __future__ import annotations
@@ -31,10 +41,145 @@ from typing import Any
 
 from .utils import REPO_ROOT
 
-SCHEMA = "fedlib.metrics/1"
-CLAIM_KEYS = ("name", "paper", "measured", "holds", "note", "required")
+SCHEMA = "fedlib.metrics/2"
+CLAIM_KEYS = ("name", "paper", "measured", "verdict", "holds", "note", "required", "evidence")
+VERDICTS = ("holds", "does not hold", "within noise", "not applicable")
+# what produced a result: a later commit touching one of these makes committed results stale
+INPUT_PATHS = ("fedlib", "notebooks/*.py", "notebooks/params", "constraints.txt")
 _PACKAGES = ("fedlib", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "matplotlib",
              "papermill", "flwr", "diffusers", "torchmetrics")
+
+# ---------------------------------------------------------------------------------------------
+# The noise rule: how every comparative claim in fedlib is decided
+
+MIN_SEEDS = 3
+K_SE = 2.0
+NOISE_RULE = (f"paired over seeds: a claim 'A beats B' holds when the mean of the per-seed differences "
+              f"A - B (signed so that positive favours A) exceeds {K_SE:g} standard errors (SE = sample std / "
+              f"sqrt(n)), does not hold when it is below -{K_SE:g} SE, and is 'within noise' otherwise or "
+              f"with fewer than {MIN_SEEDS} seeds")
+
+
+@dataclass
+class Comparison:
+    """A paired comparison over seeds, decided by :data:`NOISE_RULE`. ``diffs`` are the per-seed
+    differences signed so that positive supports the claim."""
+
+    a_name: str
+    b_name: str
+    a: list
+    b: list
+    diffs: list
+    mean: float
+    se: float
+    verdict: str
+    fmt: str = ".3f"
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    def measured(self) -> str:
+        f = self.fmt
+        sd = lambda v: (float(_np().std(v, ddof=1)) if len(v) > 1 else float("nan"))  # noqa: E731
+        mean = lambda v: float(_np().mean(v))  # noqa: E731
+        side = (f"{self.a_name} {mean(self.a):{f}} ± {sd(self.a):{f}} vs {self.b_name} "
+                f"{mean(self.b):{f}} ± {sd(self.b):{f}}" if len(self.b) else f"{self.a_name} {mean(self.a):{f}}")
+        return f"{side} (paired difference {self.mean:+{f}} ± {self.se:{f}} SE, {self.n} seeds)"
+
+    def evidence(self) -> dict:
+        return {"rule": "paired", "diffs": self.diffs, "mean": self.mean, "se": self.se, "n": self.n}
+
+
+def _np():
+    import numpy as np
+
+    return np
+
+
+def decide(diffs) -> tuple[str, float, float]:
+    """(verdict, mean, SE) of per-seed differences (positive supports the claim) by :data:`NOISE_RULE`."""
+    np = _np()
+    d = np.asarray(diffs, dtype=float).reshape(-1)
+    if not np.isfinite(d).all():
+        raise ValueError(f"per-seed differences {d.tolist()} hold NaN or inf; a claim cannot be decided on "
+                         "them (did a run diverge?)")
+    n = len(d)
+    mean = float(d.mean()) if n else float("nan")
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    if n < MIN_SEEDS:
+        return "within noise", mean, se
+    if mean > K_SE * se:
+        return "holds", mean, se
+    if mean < -K_SE * se:
+        return "does not hold", mean, se
+    return "within noise", mean, se
+
+
+def compare(a, b, *, a_name: str = "A", b_name: str = "B", higher_is_better: bool = True,
+            margin: float = 0.0, fmt: str = ".3f") -> Comparison:
+    """The claim 'A is better than B by more than ``margin``', paired over seeds (``a[i]`` and
+    ``b[i]`` come from the same seed)."""
+    np = _np()
+    a, b = np.asarray(a, dtype=float).reshape(-1), np.asarray(b, dtype=float).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison needs one value per seed on both sides, got {len(a)} and {len(b)}")
+    diffs = (a - b if higher_is_better else b - a) - margin
+    verdict, mean, se = decide(diffs)
+    return Comparison(a_name, b_name, a.tolist(), b.tolist(), diffs.tolist(), mean, se, verdict, fmt)
+
+
+def compare_to(values, threshold: float, *, name: str = "value", below: bool = True,
+               fmt: str = ".3f") -> Comparison:
+    """The claim 'the value is below (or above) ``threshold``', over seeds: per-seed differences to
+    the threshold, decided by the same rule."""
+    np = _np()
+    v = np.asarray(values, dtype=float).reshape(-1)
+    diffs = threshold - v if below else v - threshold
+    verdict, mean, se = decide(diffs)
+    return Comparison(name, f"{'<' if below else '>'} {threshold:g}", v.tolist(), [], diffs.tolist(), mean, se,
+                      verdict, fmt)
+
+
+def combine(comparisons: dict) -> tuple[str, str]:
+    """(verdict, key of the deciding comparison) of 'A beats every B': holds when every comparison holds,
+    does not hold when any does not, within noise otherwise. The deciding one is the first that does
+    not hold, else the closest (smallest mean difference)."""
+    if not comparisons:
+        raise ValueError("nothing to compare against")
+    losing = [k for k, c in comparisons.items() if c.verdict == "does not hold"]
+    closest = min(comparisons, key=lambda k: comparisons[k].mean)
+    if losing:
+        return "does not hold", losing[0]
+    if all(c.verdict == "holds" for c in comparisons.values()):
+        return "holds", closest
+    return "within noise", closest
+
+
+def as_verdict(value) -> str:
+    """A verdict from a bool (holds / does not hold), None ("not applicable"), a verdict string or a
+    :class:`Comparison`."""
+    if isinstance(value, Comparison):
+        return value.verdict
+    if value is None:
+        return "not applicable"
+    if isinstance(value, str):
+        if value not in VERDICTS:
+            raise ValueError(f"unknown verdict {value!r}; allowed: {', '.join(map(repr, VERDICTS))}")
+        return value
+    try:
+        import numpy as np
+
+        if isinstance(value, np.bool_):
+            value = bool(value)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, bool):
+        return "holds" if value else "does not hold"
+    raise TypeError(f"a claim's verdict must be a bool, None, a verdict string or a Comparison, got {value!r}")
+
+
+HOLDS = {"holds": True, "does not hold": False, "within noise": None, "not applicable": None}
 
 
 @dataclass
@@ -42,9 +187,18 @@ class Claim:
     name: str
     paper: str
     measured: str
-    holds: bool | None
+    verdict: str
     note: str = ""
     required: bool = False
+    evidence: dict | None = None
+
+    @property
+    def holds(self) -> bool | None:
+        return HOLDS[self.verdict]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "paper": self.paper, "measured": self.measured, "verdict": self.verdict,
+                "holds": self.holds, "note": self.note, "required": self.required, "evidence": self.evidence}
 
 
 def _jsonable(x: Any) -> Any:
@@ -78,7 +232,16 @@ def _git(*args: str) -> str | None:
         out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout.strip("\n") if out.returncode == 0 else None
+
+
+def dirty_inputs() -> list[str] | None:
+    """Input files (``INPUT_PATHS``) that differ from HEAD, untracked ones included; None outside git."""
+    status = _git("status", "--porcelain", "-z", "--untracked-files=all", "--", *INPUT_PATHS)
+    if status is None:
+        return None
+    # -z: entries "XY path" separated by NUL (no quoting, no stripped leading blanks)
+    return sorted(e[3:] for e in status.split("\0") if len(e) > 3 and "__pycache__" not in e)
 
 
 def provenance(device: str | None = None) -> dict:
@@ -88,21 +251,25 @@ def provenance(device: str | None = None) -> dict:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             packages[name] = None
-    if device is None:
-        try:
-            import torch
+    threads = None
+    try:
+        import torch
 
+        threads = torch.get_num_threads()
+        if device is None:
             device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        except Exception:  # pragma: no cover
-            device = "unknown"
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    except Exception:  # pragma: no cover
+        device = device or "unknown"
+    dirty = dirty_inputs()
     return {
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "dirty_paths": dirty,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": packages,
         "device": device,
+        "threads": threads,
         "hostname": socket.gethostname(),
     }
 
@@ -114,9 +281,21 @@ def run_dir(notebook: str) -> Path:
     return path
 
 
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so a kill
+    or a full disk never leaves a truncated file (the old one stays until the new one is whole)."""
+    from .utils import atomic_write
+
+    atomic_write(Path(path), text.encode())
+    return Path(path)
+
+
 @dataclass
 class Run:
-    """Collects one notebook run. ``run.metrics[...] = ...``; ``run.claim(...)``; ``run.finish()``."""
+    """Collects one notebook run. ``run.metrics[...] = ...``; ``run.claim(...)``; ``run.finish()``.
+
+    ``Run.start(notebook, globals())`` reads the notebook's own parameters (the names in its tagged
+    parameters cell) from the namespace, so no notebook retypes them."""
 
     notebook: str
     params: dict
@@ -125,22 +304,42 @@ class Run:
     claims: list = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
-    def claim(self, name: str, paper: str, measured: str, holds: bool | None, note: str = "",
+    @classmethod
+    def start(cls, notebook: str, namespace: dict, seed: Any = None) -> "Run":
+        from .params import parameters
+
+        names = parameters(REPO_ROOT / "notebooks" / f"{notebook}.ipynb")
+        missing = [n for n in names if n not in namespace]
+        if missing:
+            raise ValueError(f"the namespace lacks the parameters {missing} of {notebook}; pass globals() of the "
+                             "notebook after its parameters cell ran")
+        return cls(notebook, {n: namespace[n] for n in names}, seed)
+
+    def claim(self, name: str, paper: str, measured: str | None, verdict, note: str = "",
               required: bool = False) -> Claim:
-        if holds is not None:
-            holds = bool(holds)
-        c = Claim(name=name, paper=str(paper), measured=str(measured), holds=holds, note=note,
-                  required=bool(required))
+        """Record a claim. ``verdict``: a :class:`Comparison` (its verdict and evidence; ``measured``
+        None takes its text), a bool, None (not applicable) or a verdict string."""
+        evidence = verdict.evidence() if isinstance(verdict, Comparison) else None
+        if measured is None:
+            if not isinstance(verdict, Comparison):
+                raise ValueError(f"claim {name!r}: measured=None needs a Comparison to describe it")
+            measured = verdict.measured()
+        c = Claim(name=name, paper=str(paper), measured=str(measured), verdict=as_verdict(verdict), note=note,
+                  required=bool(required), evidence=evidence)
         self.claims = [old for old in self.claims if old.name != name] + [c]
         return c
+
+    def claims_table(self):
+        """The claims as a Markdown table (shown whole, as in the README)."""
+        from IPython.display import Markdown
+
+        return Markdown(claims_markdown([{"notebook": self.notebook, "ok": True, "error": None,
+                                           "claims": [c.to_dict() for c in self.claims]}], notes=True))
 
     def claims_frame(self):
         import pandas as pd
 
-        rows = [asdict(c) for c in self.claims]
-        frame = pd.DataFrame(rows, columns=list(CLAIM_KEYS))
-        frame["holds"] = frame["holds"].map({True: "yes", False: "no", None: "n/a"})
-        return frame
+        return pd.DataFrame([c.to_dict() for c in self.claims], columns=list(CLAIM_KEYS))
 
     def to_dict(self, device: str | None = None) -> dict:
         finished = time.time()
@@ -151,7 +350,7 @@ class Run:
             "params": self.params,
             "seed": self.seed if self.seed is not None else self.params.get("seed", self.params.get("seeds")),
             "metrics": self.metrics,
-            "claims": [asdict(c) for c in self.claims],
+            "claims": [c.to_dict() for c in self.claims],
             "provenance": {
                 **provenance(device),
                 "started": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
@@ -162,8 +361,7 @@ class Run:
 
     def finish(self, device: str | None = None) -> Path:
         path = run_dir(self.notebook) / "metrics.json"
-        path.write_text(json.dumps(self.to_dict(device), indent=2) + "\n")
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(device), indent=2) + "\n")
 
 
 def validate_metrics(doc: dict) -> list[str]:
@@ -178,9 +376,11 @@ def validate_metrics(doc: dict) -> list[str]:
         missing = [k for k in CLAIM_KEYS if k not in c]
         if missing:
             problems.append(f"claim {i} misses {missing}")
-        elif c["holds"] not in (True, False, None):
-            problems.append(f"claim {c['name']!r}: holds must be true/false/null, got {c['holds']!r}")
-    for key in ("git_commit", "packages", "device", "wall_time_s"):
+        elif c["verdict"] not in VERDICTS:
+            problems.append(f"claim {c['name']!r}: verdict must be one of {VERDICTS}, got {c['verdict']!r}")
+        elif c["holds"] is not HOLDS[c["verdict"]]:
+            problems.append(f"claim {c['name']!r}: holds={c['holds']!r} contradicts verdict {c['verdict']!r}")
+    for key in ("git_commit", "git_dirty", "packages", "device", "wall_time_s"):
         if key not in doc.get("provenance", {}):
             problems.append(f"provenance misses {key!r}")
     return problems
@@ -188,6 +388,65 @@ def validate_metrics(doc: dict) -> list[str]:
 
 def load_metrics(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def shown_verdict(claim: dict) -> str:
+    """The verdict as the tables show it: a paper claim that fails is failing *at this scale*."""
+    v = claim["verdict"]
+    return "does not hold at this scale" if v == "does not hold" and not claim.get("required") else v
+
+
+def claims_markdown(records: list[dict], notes: bool = False) -> str:
+    """The claims table (README, report, notebooks): one row per claim, text shown whole."""
+    head = "| notebook | claim | paper | measured | verdict |" + (" note |" if notes else "")
+    lines = [head, "|---|---|---|---|---|" + ("---|" if notes else "")]
+    for r in records:
+        if not r["ok"]:
+            lines.append(f"| {r['notebook']} | (notebook failed) | | {(r['error'] or '')[:200]} | failed |"
+                         + (" |" if notes else ""))
+        for c in r["claims"]:
+            req = " (required)" if c.get("required") else ""
+            cells = [r["notebook"], c["name"] + req, c["paper"], c["measured"], shown_verdict(c)]
+            if notes:
+                cells.append(c.get("note", ""))
+            lines.append("| " + " | ".join(str(x).replace("|", "/").replace("\n", " ") for x in cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Explorer data: what a notebook's explorer reads, stored beside metrics.json
+
+EXPLORER_FILE = "explorer.pt"
+
+
+def save_explorer(notebook: str, data: dict) -> Path:
+    """Store the (compact) data a notebook's explorer draws from, beside its metrics.json: tensors,
+    numbers, strings and lists/dicts of them (loaded with ``weights_only=True``)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    from .utils import atomic_write
+
+    path = run_dir(notebook) / EXPLORER_FILE
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def load_explorer(notebook: str, scale: str = "quick") -> dict:
+    """The explorer data of ``notebook``: from this session's run (``$FEDLIB_RUN_DIR`` or
+    ``results/interactive/<notebook>``) when there is one, else the committed ``results/<scale>/<notebook>``."""
+    import torch
+
+    here = Path(os.environ.get("FEDLIB_RUN_DIR", REPO_ROOT / "results" / "interactive" / notebook)) / EXPLORER_FILE
+    committed = REPO_ROOT / "results" / scale / notebook / EXPLORER_FILE
+    for path in (here, committed):
+        if path.exists():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no explorer data for {notebook}: neither {here} nor {committed} exists; run the "
+                            f"notebook (or `python -m fedlib reproduce {notebook}`) first")
 
 
 def device_label(device) -> str:
@@ -208,6 +467,6 @@ def write_benchmark(benchmark: str, doc: dict, device, out: str | Path | None = 
             "python": platform.python_version(), "torch": torch.__version__}
     path = Path(out) if out else REPO_ROOT / "benchmarks" / "results" / f"{benchmark}-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(full), indent=1) + "\n")
+    write_atomic(path, json.dumps(_jsonable(full), indent=1) + "\n")
     print("wrote", path)
     return path

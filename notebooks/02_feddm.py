@@ -39,35 +39,35 @@
 # subset on a CPU; the `fashion_mnist` parameter set uses all 60,000 images and a larger U-Net on a GPU).
 
 # %% tags=["parameters"]
-dataset = "digits"  # "digits" (8x8, bundled) | "fashion_mnist" (28x28, Debian package) | "cifar10" (needs the files)
+dataset = "digits"  # "digits" (8x8, bundled) | "fashion_mnist" (28x28, Debian package) | "cifar10" (needs the files) [one of digits, fashion_mnist, mnist, cifar10, cifar100]
 stand_in_data = False  # use fedlib.data.stand_in(dataset) instead of the real data (smoke runs of paper sets)
-n_train = 6000  # training images: a stratified subset of this size when the split is larger; 0 keeps it all
-n_clients = 4  # K clients (every client takes part in every round)
-alpha = 0.1  # Dirichlet label-skew concentration of the non-IID partition
-rounds = 15  # communication rounds
-local_steps = 5  # SGD steps per client per round
-batch_size = 16  # client batch size (central training uses n_clients * batch_size)
-lr = 0.05  # client SGD learning rate
-momentum = 0.9  # client SGD momentum (reset every round)
-mu = [0.01, 0.1]  # FedDM-prox: proximal weights swept
-bits = [8, 4]  # FedDM-quant: uplink bits swept, uniform affine; 32 sends float32
-down_bits = 32  # downlink bits for the quant variants; 32 sends the float32 model
-scheme = "tensor"  # quantisation scale per "tensor" or per output "channel"
-rounding = "nearest"  # "nearest" | "stochastic"
-process = "edm"  # "edm" | "vp_linear" (DDPM) | "vp_cosine"
-prediction = "edm"  # "edm" (preconditioned) | "eps" | "x0" | "v"
-channels = 8  # U-Net base width
-channel_mults = [1, 2]  # U-Net width multipliers per level
-n_evals = 3  # quality is measured at this many rounds (evenly spaced, the last round included)
-n_eval = 256  # samples per model for the Frechet distance
-n_reference = 2000  # reference images (test split) for the Frechet distance
-sampler = "dpm_solver_pp_2m"  # the same ODE sampler for every model
-sample_steps = 10  # sampler steps, equal to the NFE for DPM-Solver++(2M)
-feature_steps = 600  # training steps of the feature classifier (cached)
-seeds = [0, 1]  # seeds (initialisation, partitions, training noise)
-vmap_chunk = 0  # models per vmap chunk in local training, to bound GPU memory; 0 trains all at once
-device = "auto"  # "auto" | "cpu" | "cuda"
-backend = "inprocess"  # "inprocess" (vectorised, this process) | "flower" (the same rounds as Flower ServerApp and ClientApps on Ray)
+n_train = 6000  # training images: a stratified subset of this size when the split is larger; 0 keeps it all [min 0]
+n_clients = 4  # K clients (every client takes part in every round) [min 1; max train_size(dataset, n_train) // 4]
+alpha = 0.1  # Dirichlet label-skew concentration of the non-IID partition [> 0]
+rounds = 15  # communication rounds [min 1]
+local_steps = 5  # SGD steps per client per round [min 1]
+batch_size = 16  # client batch size (central training uses n_clients * batch_size) [min 1]
+lr = 0.05  # client SGD learning rate [> 0]
+momentum = 0.9  # client SGD momentum (reset every round) [min 0; < 1]
+mu = [0.01, 0.1]  # FedDM-prox: proximal weights swept [distinct; each > 0]
+bits = [8, 4]  # FedDM-quant: uplink bits swept, uniform affine; 32 sends float32 [distinct; each one of 2, 4, 8, 16, 32]
+down_bits = 32  # downlink bits for the quant variants; 32 sends the float32 model [one of 2, 4, 8, 16, 32]
+scheme = "tensor"  # quantisation scale per "tensor" or per output "channel" [one of tensor, channel]
+rounding = "nearest"  # "nearest" | "stochastic" [one of nearest, stochastic]
+process = "edm"  # "edm" | "vp_linear" (DDPM) | "vp_cosine" [one of edm, vp_linear, vp_cosine, vp_linear_continuous, vp_cosine_continuous]
+prediction = "edm"  # "edm" (preconditioned) | "eps" | "x0" | "v" [one of edm, eps, x0, v]
+channels = 8  # U-Net base width [min 1]
+channel_mults = [1, 2]  # U-Net width multipliers per level [non-empty; each min 1]
+n_evals = 3  # quality is measured at this many rounds (evenly spaced, the last round included) [min 1; max rounds]
+n_eval = 256  # samples per model for the Frechet distance [min 2]
+n_reference = 2000  # reference images (test split) for the Frechet distance [min 2]
+sampler = "dpm_solver_pp_2m"  # the same ODE sampler for every model [in sampler_names()]
+sample_steps = 10  # sampler steps, equal to the NFE for DPM-Solver++(2M) [min 1]
+feature_steps = 600  # training steps of the feature classifier (cached) [min 1]
+seeds = [0, 1]  # seeds (initialisation, partitions, training noise) [non-empty; distinct; each min 0]
+vmap_chunk = 0  # models per vmap chunk in local training, to bound GPU memory; 0 trains all at once [min 0]
+device = "auto"  # "auto" | "cpu" | "cuda" [one of auto, cpu, cuda]
+backend = "inprocess"  # "inprocess" (vectorised, this process) | "flower" (the same rounds as Flower ServerApp and ClientApps on Ray) [one of inprocess, flower]
 
 # %%
 import time
@@ -87,12 +87,7 @@ from fedlib.utils import check_choice, resolve_device, seed_everything
 
 use_style()
 dev = resolve_device(device)
-run = Run("02_feddm", params=dict(
-    dataset=dataset, stand_in_data=stand_in_data, n_train=n_train, n_clients=n_clients, alpha=alpha, rounds=rounds,
-    local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum, mu=mu, bits=bits, down_bits=down_bits,
-    scheme=scheme, rounding=rounding, process=process, prediction=prediction, channels=channels,
-    channel_mults=channel_mults, n_evals=n_evals, n_eval=n_eval, n_reference=n_reference, sampler=sampler,
-    sample_steps=sample_steps, feature_steps=feature_steps, seeds=seeds, vmap_chunk=vmap_chunk, device=device))
+run = Run.start("02_feddm", globals())
 t_start = time.perf_counter()
 
 # %% [markdown]
@@ -159,18 +154,12 @@ evaluate = F.fd_evaluator(denoiser, feature_net, ref_stats, n_eval, sample_steps
                           seed=123, keep=final_samples)
 print(f"{len(groups)} models ({len(variants)} variants x {len(partitions)} partitions x {len(seeds)} seeds, central once "
       f"per seed); evaluated at rounds {eval_rounds}")
-# the same rounds, seeds and payloads on either backend; Flower only changes who runs them
-check_choice("backend", backend, ("inprocess", "flower"), fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
-if backend == "flower":
-    from fedlib import flower as FW
-
-    run_feddm = FW.run_feddm
-else:
-    run_feddm = F.run_feddm
 seed_everything(seeds[0])
 t0 = time.perf_counter()
-history = run_feddm(denoiser, groups, rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                      eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0], chunk_size=vmap_chunk or None)
+# the same rounds, seeds and payloads on either backend; Flower only changes who runs them
+history = F.run_feddm(denoiser, groups, rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
+                      eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0], chunk_size=vmap_chunk or None,
+                      backend=backend).history
 train_time = time.perf_counter() - t0
 hist = pd.DataFrame(history)
 client_steps = sum(rounds * local_steps * g.clients.n_clients for g in groups if not g.variant.central)

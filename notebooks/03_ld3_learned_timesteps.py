@@ -40,29 +40,29 @@
 # 2+5 rounds, every NFE.
 
 # %% tags=["parameters"]
-dataset = "digits"  # "digits" | "fashion_mnist" | "cifar10": image dataset of the teacher
+dataset = "digits"  # "digits" | "fashion_mnist" | "cifar10": image dataset of the teacher [one of digits, fashion_mnist, cifar10]
 use_stand_in = False  # use fedlib's seeded stand-in data of the dataset's shape (smoke runs of `paper`)
-teacher_steps = 1500  # training steps of the image teacher (cached under fedlib's cache dir)
-teacher_seed = 0  # seed of the teacher (and of the cache key)
-solvers = ["ipndm", "dpm_solver_pp_2m"]  # samplers compared (fedlib.diffusion.SAMPLERS)
-schedules = ["uniform_t", "quadratic_t", "uniform_lambda", "edm"]  # hand-made grids
-nfes = [3, 4, 5, 6, 8, 10]  # NFEs of the quality table
-ld3_nfes = [4, 6, 10]  # NFEs at which LD3 is learned (subset of nfes)
-ld3_train = 24  # LD3 teacher pairs for training (paper: 50)
-ld3_val = 24  # LD3 teacher pairs for validation (paper: 50)
-ld3_rounds_theta = 1  # rounds on theta alone (paper: 2)
-ld3_rounds_both = 3  # rounds on theta and phi (paper: 5)
-ld3_batch = 2  # LD3 batch size (paper: 2)
-ld3_loss = "features"  # "l2" | "features" (fedlib classifier features + L2) | "lpips" (needs weights)
-teacher_solver = "unipc"  # solver of the LD3 teacher set
-teacher_nfe = 20  # NFE of the LD3 teacher set and of the reference row
-n_eval = 500  # samples per table entry
-feature_steps = 600  # training steps of the classifier that defines the feature space
+teacher_steps = 1500  # training steps of the image teacher (cached under fedlib's cache dir) [min 1]
+teacher_seed = 0  # seed of the teacher (and of the cache key) [min 0]
+solvers = ["ipndm", "dpm_solver_pp_2m"]  # samplers compared (fedlib.diffusion.SAMPLERS) [non-empty; distinct; each in ld3_solver_names()]
+schedules = ["uniform_t", "quadratic_t", "uniform_lambda", "edm"]  # hand-made grids [non-empty; distinct; each in schedule_names()]
+nfes = [3, 4, 5, 6, 8, 10]  # NFEs of the quality table [non-empty; distinct; each min 1]
+ld3_nfes = [4, 6, 10]  # NFEs at which LD3 is learned (subset of nfes) [non-empty; distinct; subset of nfes]
+ld3_train = 24  # LD3 teacher pairs for training (paper: 50) [min 1]
+ld3_val = 24  # LD3 teacher pairs for validation (paper: 50) [min 1]
+ld3_rounds_theta = 1  # rounds on theta alone (paper: 2) [min 0]
+ld3_rounds_both = 3  # rounds on theta and phi (paper: 5) [min 0]
+ld3_batch = 2  # LD3 batch size (paper: 2) [min 1]
+ld3_loss = "features"  # "l2" | "features" (fedlib classifier features + L2) | "lpips" (needs weights) [one of l2, features, lpips]
+teacher_solver = "unipc"  # solver of the LD3 teacher set [in sampler_names()]
+teacher_nfe = 20  # NFE of the LD3 teacher set and of the reference row [min 2]
+n_eval = 500  # samples per table entry [min 2]
+feature_steps = 600  # training steps of the classifier that defines the feature space [min 1]
 run_2d = True  # also run the 2-D ring mixture case
-toy_teacher_steps = 1500  # training steps of the 2-D teacher
-toy_eval = 2000  # samples per 2-D table entry
-seed = 0  # seed of the evaluation noise and of LD3
-device = "auto"  # "auto" | "cpu" | "cuda"
+toy_teacher_steps = 1500  # training steps of the 2-D teacher [min 1]
+toy_eval = 2000  # samples per 2-D table entry [min 2]
+seed = 0  # seed of the evaluation noise and of LD3 [min 0]
+device = "auto"  # "auto" | "cpu" | "cuda" [one of auto, cpu, cuda]
 
 # %%
 import time
@@ -329,31 +329,31 @@ beats = all(v[0] < v[1] for v in wins.values())
 run.claim("LD3 beats the best hand-made grid at NFE 4-6 (iPNDM, DPM-Solver++)",
           paper="CIFAR-10 iPNDM FID: NFE 4 29.8 (EDM grid) -> 9.3 LD3; NFE 6 10.0 -> 3.4",
           measured="; ".join(f"{k}: LD3 {v[0]:.3f} vs {v[2]} {v[1]:.3f}" for k, v in wins.items()),
-          holds=beats, note="fd in fedlib classifier features (not FID); digits 8x8, small teacher")
+          verdict=beats, note="fd in fedlib classifier features (not FID); digits 8x8, small teacher")
 
 gain = {s: {n: (best_hand(s, n)[0] - ld3_value(s, n)) / best_hand(s, n)[0] for n in ld3_nfes} for s in solvers}
 shrinks = all(gain[s][min(ld3_nfes)] > gain[s][max(ld3_nfes)] for s in solvers)
 run.claim("LD3's gain shrinks as NFE grows",
           paper="iPNDM FID gain vs best hand-made: NFE 4 69%, 6 66%, 8 48%, 10 37%",
           measured="; ".join(f"{s}: " + ", ".join(f"NFE {n} {100 * g:.0f}%" for n, g in gain[s].items()) for s in solvers),
-          holds=shrinks, note="relative fd improvement over the best hand-made grid")
+          verdict=shrinks, note="relative fd improvement over the best hand-made grid")
 
 mean_time = float(np.mean(list(ld3_times_s.values())))
 run.claim("LD3 trains in minutes",
           paper="5-10 min on one GPU (CIFAR-10, 100 teacher samples)",
           measured=f"{mean_time:.1f} s per (solver, NFE) on {dev.type} ({ld3_train}+{ld3_val} pairs, "
                    f"{ld3_rounds_theta}+{ld3_rounds_both} rounds)",
-          holds=mean_time < 600, note="8x8 digits, small U-Net: much cheaper than CIFAR-10")
+          verdict=mean_time < 600, note="8x8 digits, small U-Net: much cheaper than CIFAR-10")
 
 run.claim("learned grids are strictly decreasing and hit both end points", paper="monotone by construction",
-          measured=f"{len(learned)} grids checked", holds=ends_ok, required=True)
+          measured=f"{len(learned)} grids checked", verdict=ends_ok, required=True)
 if run_2d:
     tw = {f"{s}@{n}": (float(toy_table[(toy_table.solver == s) & (toy_table.nfe == n) & (toy_table.schedule == "ld3")].sliced_w2.iloc[0]),
                        float(toy_table[(toy_table.solver == s) & (toy_table.nfe == n) & (toy_table.schedule != "ld3")].sliced_w2.min()))
           for s in solvers for n in low}
     run.claim("2-D: LD3 beats the best hand-made grid at NFE 4-6 (exact sliced W2)", paper="(not in the paper)",
               measured="; ".join(f"{k}: LD3 {a:.4f} vs best {b:.4f}" for k, (a, b) in tw.items()),
-              holds=all(a < b for a, b in tw.values()), note="ring mixture, MLP teacher, L2 loss")
+              verdict=all(a < b for a, b in tw.values()), note="ring mixture, MLP teacher, L2 loss")
 run.metrics["wall_time_s"] = time.perf_counter() - t_start
 run.claims_frame()
 

@@ -40,34 +40,34 @@
 # uses hundreds of thousands of GPU iterations): read verdicts as directions at this scale.
 
 # %% tags=["parameters"]
-toy = "ring"  # 2-D mixture with an exact density: "ring" | "grid"
-toy_teacher_steps = 500  # training steps of the 2-D teacher (cached; notebook 03 uses 1500)
-toy_steps = 250  # DMD2 generator updates on 2-D
-toy_batch = 128  # batch size on 2-D
-toy_lr = 2e-3  # AdamW learning rate on 2-D (equal for generator and fake score)
-toy_eval = 2000  # samples per 2-D table entry
-dataset = "digits"  # image dataset: "digits" | "fashion_mnist" | "cifar10" (stand-in when absent)
+toy = "ring"  # 2-D mixture with an exact density: "ring" | "grid" [one of ring, grid]
+toy_teacher_steps = 500  # training steps of the 2-D teacher (cached; notebook 03 uses 1500) [min 1]
+toy_steps = 250  # DMD2 generator updates on 2-D [min 1]
+toy_batch = 128  # batch size on 2-D [min 1]
+toy_lr = 2e-3  # AdamW learning rate on 2-D (equal for generator and fake score) [> 0]
+toy_eval = 2000  # samples per 2-D table entry [min 2]
+dataset = "digits"  # image dataset: "digits" | "fashion_mnist" | "cifar10" (stand-in when absent) [one of digits, fashion_mnist, cifar10]
 use_stand_in = False  # use fedlib's seeded stand-in data of the dataset's shape (smoke runs of `paper`)
-teacher_steps = 500  # training steps of the image teacher (cached; notebook 03 uses 1500)
-teacher_seed = 0  # seed of the teachers (and of their cache keys)
-steps = 40  # DMD2 generator updates on images
-batch_size = 64  # batch size on images
-lr = 5e-4  # AdamW learning rate on images
-ttur_ratio = 5  # fake-score updates per generator update (paper: 5)
-gan_critic_weight = 1e-2  # weight of the GAN classifier loss in the fake-score update (paper: ~1e-2)
-gan_generator_weight = 3e-3  # weight of the GAN loss in the generator update (paper: 3e-3)
-n_student_steps = 4  # steps of the few-step student (paper: 4)
+teacher_steps = 500  # training steps of the image teacher (cached; notebook 03 uses 1500) [min 1]
+teacher_seed = 0  # seed of the teachers (and of their cache keys) [min 0]
+steps = 40  # DMD2 generator updates on images [min 1]
+batch_size = 64  # batch size on images [min 1]
+lr = 5e-4  # AdamW learning rate on images [> 0]
+ttur_ratio = 5  # fake-score updates per generator update (paper: 5) [min 1]
+gan_critic_weight = 1e-2  # weight of the GAN classifier loss in the fake-score update (paper: ~1e-2) [min 0]
+gan_generator_weight = 3e-3  # weight of the GAN loss in the generator update (paper: 3e-3) [min 0]
+n_student_steps = 4  # steps of the few-step student (paper: 4) [min 1]
 backward_simulation = True  # train the few-step student on its own simulated inputs
-regression_weight = 0.25  # weight of DMD1's regression loss in the DMD1 ablation
-teacher_nfes = [1, 2, 4, 10, 50]  # NFEs of the teacher rows of the table
-samplers = ["euler", "dpm_solver_pp_2m", "ipndm"]  # teacher samplers; the best per NFE is reported
-n_eval = 500  # image samples per table entry
-feature_steps = 600  # training steps of the classifier that defines the feature space (shared with 03)
+regression_weight = 0.25  # weight of DMD1's regression loss in the DMD1 ablation [min 0]
+teacher_nfes = [1, 2, 4, 10, 50]  # NFEs of the teacher rows of the table [non-empty; distinct; each min 1]
+samplers = ["euler", "dpm_solver_pp_2m", "ipndm"]  # teacher samplers; the best per NFE is reported [non-empty; distinct; each in step_sampler_names()]
+n_eval = 500  # image samples per table entry [min 2]
+feature_steps = 600  # training steps of the classifier that defines the feature space (shared with 03) [min 1]
 run_images = True  # also run the image part (digits)
 run_ablations = True  # run the 2-D ablations
-seeds = [0]  # seeds of the 2-D runs (ablations are averaged over them)
-cpu_threads = 1  # torch CPU threads (1 is fastest for these small networks on a shared CPU)
-device = "auto"  # "auto" | "cpu" | "cuda"
+seeds = [0]  # seeds of the 2-D runs (ablations are averaged over them) [non-empty; distinct; each min 0]
+cpu_threads = 1  # torch CPU threads (1 is fastest for these small networks on a shared CPU) [min 0]
+device = "auto"  # "auto" | "cpu" | "cuda" [one of auto, cpu, cuda]
 
 # %%
 import time

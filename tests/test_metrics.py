@@ -76,3 +76,15 @@ def test_inception_fid_fails_fast_and_clearly_without_weights(tmp_path, monkeypa
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(FileNotFoundError, match="never downloads"):
         metrics.inception_fid(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), device="cpu")
+
+
+def test_teacher_study_loads_the_same_teacher_and_features_for_every_notebook(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLIB_CACHE", str(tmp_path))
+    from fedlib.studies import teacher_study
+
+    a = teacher_study("digits", teacher_steps=5, feature_steps=5, progress=False)
+    b = teacher_study("digits", teacher_steps=5, feature_steps=5, progress=False)
+    assert a.teacher.history["cached"] is False and b.teacher.history["cached"] is True
+    for pa, pb in zip(a.teacher.parameters(), b.teacher.parameters()):
+        assert torch.equal(pa, pb)
+    assert a.shape == (1, 8, 8) and a.fd(a.test.x[:200]) < a.fd(torch.rand(200, 1, 8, 8) * 2 - 1)

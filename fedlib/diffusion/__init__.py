@@ -28,8 +28,10 @@ Training (``train.py``)::
 
 Samplers (``samplers.py``): ``x0, nfe = f(den, x_T, times, network_times=None)`` for ``euler`` (=
 ``ddim``), ``heun``, ``dpm_solver_pp_2m``, ``dpm_solver_pp_3m``, ``ipndm(order=4)``,
-``unipc(order=2, variant="bh2"|"bh1")``; ``get_sampler(name)``. Schedules (``schedules.py``):
-``schedule("uniform_t"|"quadratic_t"|"uniform_lambda"|"edm", process, n_steps)``.
+``unipc(order=2, variant="bh2"|"bh1")``; ``get_sampler(name)``; ``solve(den, x_T, times, sampler,
+network_times=None, batch_size=None) -> (x0, nfe)``: the one batched solve. Schedules (``schedules.py``):
+``schedule("uniform_t"|"quadratic_t"|"uniform_lambda"|"edm", process, n_steps)``;
+``karras_sigmas(u, sigma_min, sigma_max, rho=7)``: the one rho = 7 grid.
 Interop (``interop.py``): ``from_diffusers(unet, scheduler)`` -> Denoiser.
 """
 
@@ -37,15 +39,15 @@ from .denoiser import PREDICTIONS, Denoiser, diffusion_loss, draw_noise_and_time
 from .networks import MLPDenoiser, UNet, timestep_embedding
 from .process import EDM, VP, Process, ddpm_betas, make_process
 from .samplers import (SAMPLERS, ddim, dpm_solver_pp_2m, dpm_solver_pp_3m, euler, get_sampler, heun, ipndm,
-                       nfe_for_steps, unipc)
-from .schedules import SCHEDULES, schedule
+                       nfe_for_steps, solve, unipc)
+from .schedules import SCHEDULES, karras_sigmas, schedule
 from .train import (TEACHERS, load_checkpoint, make_teacher, pretrained_teacher, save_checkpoint,
                     teacher_config, train_diffusion)
 
 __all__ = [
     "PREDICTIONS", "Denoiser", "diffusion_loss", "draw_noise_and_time", "frozen", "MLPDenoiser", "UNet",
     "timestep_embedding", "EDM", "VP", "Process", "ddpm_betas", "make_process", "SAMPLERS", "ddim",
-    "dpm_solver_pp_2m", "dpm_solver_pp_3m", "euler", "get_sampler", "heun", "ipndm", "nfe_for_steps", "unipc",
-    "SCHEDULES", "schedule", "TEACHERS", "load_checkpoint", "make_teacher", "pretrained_teacher",
+    "dpm_solver_pp_2m", "dpm_solver_pp_3m", "euler", "get_sampler", "heun", "ipndm", "nfe_for_steps", "solve",
+    "unipc", "SCHEDULES", "karras_sigmas", "schedule", "TEACHERS", "load_checkpoint", "make_teacher", "pretrained_teacher",
     "save_checkpoint", "teacher_config", "train_diffusion",
 ]

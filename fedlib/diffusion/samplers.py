@@ -43,26 +43,45 @@ import torch
 from ..utils import check_choice
 
 
+def check_grid(times, network_times=None, device=None, min_points: int = 2):
+    """``times`` (and ``network_times``) as tensors on ``device``, refused unless 1-D with at least
+    ``min_points`` points, every value finite and >= 0, ``times`` strictly decreasing and
+    ``network_times`` of the same shape. Returns ``(times, network_times, t_N == 0)``.
+
+    All value checks read one combined mask back to the host: the one host synchronisation of a
+    solve (NaN compares False, so without the finiteness check a NaN grid passes the order check
+    and every sample comes out NaN)."""
+    times = torch.as_tensor(times, device=device)
+    if times.ndim != 1 or len(times) < min_points:
+        raise ValueError(f"times must be a 1-D tensor of at least {min_points} time points, got shape "
+                         f"{tuple(times.shape)}")
+    tn = times if network_times is None else torch.as_tensor(network_times, device=times.device)
+    if tn.shape != times.shape:
+        raise ValueError(f"network_times has shape {tuple(tn.shape)} but times has {tuple(times.shape)}; "
+                         "pass one network time per time point (or None)")
+    n = len(times)
+    flags = torch.cat([~torch.isfinite(times) | (times < 0), ~torch.isfinite(tn) | (tn < 0),
+                       times[1:] >= times[:-1], times[-1:] == 0]).cpu()  # the one host sync of a solve
+    for name, t, bad in (("times", times, flags[:n]), ("network_times", tn, flags[n:2 * n])):
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{name}[{i}]={float(t[i])!r} ({int(bad.sum())} of {n} points bad); allowed: finite "
+                             "times >= 0 (t_N = 0 is fine). Build grids with fedlib.diffusion.schedules, or look "
+                             "for the NaN or negative step in what computed these times.")
+    order = flags[2 * n:3 * n - 1]
+    if order.any():
+        i = int(order.nonzero()[0])
+        raise ValueError(f"times must be strictly decreasing (noisy -> clean), but times[{i}]={float(times[i]):.6g} "
+                         f"<= times[{i + 1}]={float(times[i + 1]):.6g}. Build grids with fedlib.diffusion.schedules "
+                         "or flip an increasing grid with times.flip(0).")
+    return times, tn, bool(flags[-1])
+
+
 class _Grid:
     """Per-step quantities of a time grid, float64, differentiable."""
 
     def __init__(self, denoiser, x: torch.Tensor, times, network_times):
-        times = torch.as_tensor(times, device=x.device)
-        if times.ndim != 1 or len(times) < 2:
-            raise ValueError(f"times must be a 1-D tensor of at least 2 time points, got shape {tuple(times.shape)}")
-        tn = times if network_times is None else torch.as_tensor(network_times, device=x.device)
-        if tn.shape != times.shape:
-            raise ValueError(f"network_times has shape {tuple(tn.shape)} but times has {tuple(times.shape)}; "
-                             "pass one network time per time point (or None)")
-        diffs = times[1:] - times[:-1]
-        ok_zero = (times[-1] == 0)
-        bad = torch.nonzero(diffs >= 0)  # the one host sync of a solve
-        if len(bad):
-            i = int(bad[0])
-            raise ValueError(f"times must be strictly decreasing (noisy -> clean), but times[{i}]={float(times[i]):.6g} "
-                             f"<= times[{i + 1}]={float(times[i + 1]):.6g}. Build grids with fedlib.diffusion.schedules "
-                             "or flip an increasing grid with times.flip(0).")
-        self.final_zero = bool(ok_zero)
+        times, tn, self.final_zero = check_grid(times, network_times, x.device)
         p = denoiser.process
         t64 = times.double()
         self.times, self.network_times = times, tn
@@ -301,6 +320,24 @@ def get_sampler(name: str):
     """The sampler function called ``name`` (see ``SAMPLERS``)."""
     check_choice("sampler", name, SAMPLERS)
     return SAMPLERS[name]
+
+
+def solve(denoiser, x_T: torch.Tensor, times, sampler="dpm_solver_pp_2m", network_times=None,
+          batch_size: int | None = None, **sampler_kw):
+    """"Solve x_T with sampler S on grid T, in batches": (x_0, nfe). ``sampler`` is a name in
+    ``SAMPLERS`` or a sampler function; ``batch_size`` (None: all at once) bounds memory, the result
+    is the same as one call. Gradients flow as the caller's grad mode says (LD3 trains through it;
+    wrap in ``torch.no_grad()`` to sample)."""
+    fn = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1 (or None for one batch)")
+    if batch_size is None or len(x_T) <= batch_size:
+        return fn(denoiser, x_T, times, network_times, **sampler_kw)
+    outs, nfe = [], 0
+    for i in range(0, len(x_T), batch_size):
+        out, nfe = fn(denoiser, x_T[i:i + batch_size], times, network_times, **sampler_kw)
+        outs.append(out)
+    return torch.cat(outs), nfe
 
 
 def nfe_for_steps(name: str, steps: int, final_zero: bool = False) -> int:
