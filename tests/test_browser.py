@@ -13,7 +13,9 @@ after ``make lab`` and checks that
 
 Screenshots go to ``$FEDLIB_TEST_OUTPUT/browser/<notebook>/`` (default ``.test-output/``). The test
 works on a copy of the notebooks in a temporary folder, with its own Jupyter config, data, settings
-and workspace folders: the repository and the user's Jupyter set-up are never written.
+and workspace folders, and its kernels get an empty ``$FEDLIB_RUN_DIR`` and ``$FEDLIB_FIGURES_DIR``
+(so explorers read the committed ``results/quick/<notebook>/`` data): the repository and the user's
+Jupyter set-up are never written.
 
 Needs Playwright (PyPI, in the ``test`` extra) and Chromium at ``$FEDLIB_CHROMIUM`` (default
 ``/usr/bin/chromium``; ``scripts/install_browser.sh``, run by ``make venv``, installs Debian's). Without
@@ -101,6 +103,11 @@ class Lab:
                          ("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTERLAB_SETTINGS_DIR", "settings"),
                          ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"), ("IPYTHONDIR", "ipython")):
             self.env[var] = str(root / sub)
+        # A run folder of its own: the kernels read explorer data from $FEDLIB_RUN_DIR before the
+        # committed results/quick/, and `make test` points that variable at the folder nbval's runs of
+        # every notebook write into at the same time.
+        self.env["FEDLIB_RUN_DIR"] = str(root / "run")
+        self.env["FEDLIB_FIGURES_DIR"] = str(root / "figures")
         settings = root / "settings"
         # Test-only user settings: every cell in the DOM (no virtual scrolling), no news pop-up.
         # The widget settings are left alone: they come from the environment's overrides.json.
