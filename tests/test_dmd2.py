@@ -535,3 +535,18 @@ def test_exact_denoiser_matches_the_mixture_score():
     x = torch.randn(20, 2) * 2
     for s in (0.05, 1.0, 10.0):
         torch.testing.assert_close(den(x, torch.full((20,), s)), x + s**2 * ring.score(x, s), rtol=1e-4, atol=1e-5)
+
+
+def test_toy_evaluator_matches_the_library_metric_and_keeps_val_and_test_apart():
+    from fedlib import metrics
+    from fedlib.data import mixture
+
+    ring = mixture("ring")
+    ev = dmd2.ToyEvaluator(ring, n=400, seed=3)
+    x = torch.randn(400, 2)
+    assert ev.sw(x, ev.test) == pytest.approx(metrics.sliced_wasserstein(x, ev.test), rel=1e-9)
+    assert not torch.equal(ev.val, ev.test)
+    ref = dmd2.stratified_sample(ring, 403, 0)
+    counts = torch.cdist(ref, ring.means).argmin(1).bincount(minlength=8)
+    assert int(counts.max() - counts.min()) <= 1 and len(ref) == 403  # the exact share per mode
+    assert dmd2.off_mode_fraction(ring, ring.means) == 0.0 and dmd2.off_mode_fraction(ring, torch.zeros(5, 2)) == 1.0
