@@ -141,7 +141,8 @@ def budget_gap_figure(frame, paper_ratio: float, title: str, second: tuple | Non
     seed_band_plot(ax, frame, "budget", "ratio", logx=True)
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="as good as the teacher")
     ax.axhline(paper_ratio, color="C2", lw=1.2, ls=":", label=f"paper: {paper_ratio:.2f}")
-    ax.set(xlabel="generator updates (log scale)", ylabel="student / teacher distance", title=title)
+    ax.set(xlabel="generator updates (log scale)", ylabel="student / teacher distance (log scale)", title=title,
+           yscale="log")
     ax.legend(fontsize=7)
     if second:
         column, level, label = second
