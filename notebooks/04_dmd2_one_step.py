@@ -336,7 +336,7 @@ if run_images:
 # %%
 to_uint8 = lambda x: ((x[:32].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # noqa: E731
 trace = main[0].history["eval"]
-save_explorer("04_dmd2_one_step", {
+_ = save_explorer("04_dmd2_one_step", {
     "mixture_means": gm.means, "mixture_std": gm.std,
     "toy_samples": {**{f"teacher NFE {n}": best_rows[n]["samples"][:400].cpu() for n in teacher_nfes},
                     **{k: v.cpu() for k, v in student_x.items() if v is not None}},
