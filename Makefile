@@ -14,7 +14,7 @@ SCALE  ?= quick
 TESTOUT ?= $(CURDIR)/.test-output
 JOBS   ?= 2
 
-.PHONY: venv reproduce test unit nbval smoke notebook notebooks report lock fashion-mnist clean
+.PHONY: venv reproduce test unit nbval smoke notebook notebooks report lock fashion-mnist gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,16 +52,22 @@ smoke: venv
 	$(BIN)/python -m fedlib reproduce --scale smoke
 
 # Re-execute one notebook from its jupytext source and commit-ready outputs:  make notebook NB=01_fedgo_weighting
+# The .py is the source: the .ipynb is converted from it afresh (jupytext --sync would keep the old
+# .ipynb's cell metadata, e.g. drop a new tag), then executed, and the executed copy replaces it.
 notebook: venv
 	test -n "$(NB)" || (echo "usage: make notebook NB=<notebook name>" && exit 2)
-	$(BIN)/jupytext --set-formats ipynb,py:percent notebooks/$(NB).py
-	$(BIN)/jupytext --sync notebooks/$(NB).py
+	$(BIN)/jupytext --to ipynb notebooks/$(NB).py
 	$(BIN)/python -m fedlib reproduce $(NB) --scale quick --update-notebooks
 
 notebooks: venv
-	for f in notebooks/[0-9][0-9]_*.py; do $(BIN)/jupytext --sync $$f; done
+	for f in notebooks/[0-9][0-9]_*.py; do $(BIN)/jupytext --to ipynb $$f || exit 1; done
 	$(BIN)/python -m fedlib reproduce --scale quick --update-notebooks
 	$(BIN)/python -m fedlib report --scale quick --readme
+
+# On a lent GPU: every benchmark with --device cuda and every notebook's paper set as a short smoke
+# (notebooks/params/*: paper_smoke) -> benchmarks/results/*-<gpu>.json and results/paper/
+gpu: venv
+	$(BIN)/python scripts/gpu_suite.py --device cuda --out results/paper
 
 report: venv
 	$(BIN)/python -m fedlib report --scale $(SCALE)

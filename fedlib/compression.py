@@ -43,15 +43,31 @@ _CODE_DTYPE = {16: np.dtype("<u2"), 8: np.dtype("u1"), 4: np.dtype("u1"), 2: np.
 
 # ----------------------------------------------------------------------------------------------
 # bit packing
+PACK_BITS = (1, 2, 4, 8, 16)
+
+
+def _check_codes(codes: np.ndarray, bits: int) -> None:
+    """Every code an integer in 0..2**bits - 1: numpy's casts would otherwise wrap a negative or too
+    wide code into another valid-looking one (300 -> 44 at 8 bits) or spill into its neighbours."""
+    if not codes.size:
+        return
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes have dtype {codes.dtype}; allowed: integers 0..{2**bits - 1}. Round and cast "
+                         "them first, e.g. np.rint(v).astype(np.int64)")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= 2**bits:
+        raise ValueError(f"a code {lo if lo < 0 else hi} does not fit in {bits} bits; allowed: integers "
+                         f"0..{2**bits - 1}. Clamp the codes or pack with more bits")
+
+
 def pack_bits(codes: np.ndarray, bits: int) -> bytes:
     """Unsigned integer codes (each < 2**bits) -> packed bytes. 1/2/4 bits: several codes per byte,
     the first code in the lowest bits; 8 bits: one byte each; 16 bits: little-endian pairs."""
+    check_choice("bits to pack", bits, PACK_BITS)
     codes = np.asarray(codes).ravel()
+    _check_codes(codes, bits)
     if bits in (8, 16):
         return codes.astype(_CODE_DTYPE[bits]).tobytes()
-    check_choice("bits to pack", bits, (1, 2, 4, 8, 16))
-    if codes.size and int(codes.max()) >= 2**bits:
-        raise ValueError(f"a code {int(codes.max())} does not fit in {bits} bits")
     per_byte = 8 // bits
     padded = np.zeros(-(-codes.size // per_byte) * per_byte, dtype=np.uint8)
     padded[: codes.size] = codes
@@ -64,9 +80,14 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
 
 def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: the first ``n`` codes, as int64."""
+    check_choice("bits to unpack", bits, PACK_BITS)
+    if not (isinstance(n, (int, np.integer)) and n >= 0):
+        raise ValueError(f"n={n!r} codes to unpack; allowed: an integer >= 0")
+    if len(data) < packed_size(n, bits):
+        raise ValueError(f"unpack_bits needs {packed_size(n, bits)} bytes for n={n} codes of {bits} bits but got "
+                         f"{len(data)}; the data are truncated, or n and bits differ from what was packed")
     if bits in (8, 16):
         return np.frombuffer(data, dtype=_CODE_DTYPE[bits], count=n).astype(np.int64)
-    check_choice("bits to unpack", bits, (1, 2, 4, 8, 16))
     per_byte = 8 // bits
     raw = np.frombuffer(data, dtype=np.uint8)
     codes = np.stack([(raw >> np.uint8(j * bits)) & np.uint8(2**bits - 1) for j in range(per_byte)], axis=1)
@@ -97,6 +118,11 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         return len(self.payload) + 4 * self.scale.numel() + 4 * self.zero_point.numel()
+
+    @property
+    def payload_size(self) -> int:
+        """Bytes the payload must have for this shape and bit width (what ``decode`` reads)."""
+        return 4 * self.numel if self.bits == 32 else packed_size(self.numel, self.bits)
 
     @property
     def numel(self) -> int:
@@ -143,10 +169,17 @@ def quantize_tensor(x: Tensor, bits: int = 8, scheme: str = "tensor", rounding: 
 
 
 def dequantize_tensor(q: QuantizedTensor) -> Tensor:
+    check_choice("bits", q.bits, BITS)
+    g = q.scale.numel()
+    groups_ok = g == 0 if q.bits == 32 else (g >= 1 and q.numel % g == 0)
+    if len(q.payload) != q.payload_size or q.zero_point.numel() != g or not groups_ok:
+        raise ValueError(f"QuantizedTensor of shape {q.shape} at {q.bits} bits needs a {q.payload_size}-byte payload "
+                         f"and equal numbers of scales and zero points (1, or one per row; none at 32 bits), got "
+                         f"{len(q.payload)} bytes, {g} scales, {q.zero_point.numel()} zero points. Rebuild it with "
+                         "quantize_tensor or decode")
     if q.bits == 32:
         x = torch.from_numpy(np.frombuffer(q.payload, dtype="<f4").copy())
     else:
-        g = q.scale.numel()
         codes = torch.from_numpy(unpack_bits(q.payload, q.bits, q.numel)).reshape(g, -1)
         x = q.zero_point[:, None] + q.scale[:, None] * codes.to(torch.float32)
     return x.reshape(q.shape).to(q.device, q.dtype)
@@ -175,10 +208,12 @@ def encode(q: dict[str, QuantizedTensor]) -> bytes:
 
 def decode(blob: bytes, like: dict[str, QuantizedTensor]) -> dict[str, QuantizedTensor]:
     """Rebuild the quantised tensors from ``blob`` alone; ``like`` supplies only what the receiver
-    already knows (names, shapes, bits, groups), never values."""
+    already knows (names, shapes, bits, groups), never values. A ``blob`` shorter or longer than that
+    layout is refused, naming the tensor where the bytes run out."""
+    _check_layout(blob, like)
     out, pos = {}, 0
     for name, t in like.items():
-        n_payload = 4 * t.numel if t.bits == 32 else packed_size(t.numel, t.bits)
+        n_payload = t.payload_size
         g = t.scale.numel()
         payload = blob[pos: pos + n_payload]
         pos += n_payload
@@ -187,9 +222,28 @@ def decode(blob: bytes, like: dict[str, QuantizedTensor]) -> dict[str, Quantized
         zero = torch.from_numpy(np.frombuffer(blob, dtype="<f4", count=g, offset=pos).copy())
         pos += 4 * g
         out[name] = QuantizedTensor(payload, scale, zero, t.shape, t.bits, t.dtype, t.device)
-    if pos != len(blob):
-        raise ValueError(f"byte string has {len(blob)} bytes but the layout needs {pos}")
     return out
+
+
+def _check_layout(blob: bytes, like: dict[str, QuantizedTensor]) -> None:
+    """Before reading anything: the byte count of ``blob`` against the layout of ``like``."""
+    end, total = {}, 0
+    for name, t in like.items():
+        total += t.payload_size + 8 * t.scale.numel()
+        end[name] = total
+    if total == len(blob):
+        return
+    fix = "Decode with the sender's shapes, bits and scheme, and check the transfer for truncation."
+    if len(blob) < total:
+        name = next(n for n, e in end.items() if e > len(blob))
+        t = like[name]
+        start = end[name] - t.payload_size - 8 * t.scale.numel()
+        raise ValueError(f"byte string has {len(blob)} bytes but the layout of {len(like)} tensors needs {total}: "
+                         f"the bytes run out in tensor {name!r} (shape {t.shape}, {t.bits} bits), which needs bytes "
+                         f"{start}..{end[name]} and got {max(0, len(blob) - start)} of its {end[name] - start}. {fix}")
+    last = f"the last tensor {list(like)[-1]!r}" if like else "the layout (it holds no tensors)"
+    raise ValueError(f"byte string has {len(blob)} bytes but the layout of {len(like)} tensors needs {total}: "
+                     f"{len(blob) - total} bytes are left over after {last}. {fix}")
 
 
 def float32_bytes(params: Params) -> int:

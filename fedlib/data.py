@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .utils import cache_dir, check_choice
+from .utils import atomic_write, cache_dir, check_choice
 
 # ---------------------------------------------------------------------------------------------
 # Containers
@@ -41,6 +41,7 @@ class ArrayDataset:
     name: str = "data"
 
     def __post_init__(self):
+        _check_labels(self.y, "y")
         if len(self.x) != len(self.y):
             raise ValueError(f"x has {len(self.x)} rows but y has {len(self.y)}; they must match")
 
@@ -75,6 +76,16 @@ class ArrayDataset:
         if not n or n >= len(self):
             return self
         return self.subset(stratified_subset(self.y.cpu().numpy(), n, seed))
+
+
+def _check_labels(labels, name: str = "labels"):
+    """``labels`` unless it is not 1-D: every partition indexes samples by ``labels == c``, which
+    on one-hot [N, C] labels silently yields indices into the flattened array (out of range)."""
+    if np.ndim(labels) != 1:
+        raise ValueError(f"{name} must be 1-D class indices of shape [N], got shape {tuple(np.shape(labels))}; "
+                         "for one-hot or per-class scores [N, C] pass y.argmax(1), for a column [N, 1] "
+                         "pass y.reshape(-1)")
+    return labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,13 +200,9 @@ def _unpack_fashion(src: Path) -> Path:
         dst = raw / f
         if dst.exists() and dst.stat().st_size > 0:
             continue  # unpacked by an earlier call: reuse
-        tmp = dst.with_suffix(".part")
-        if (src / f).exists():
-            shutil.copyfile(src / f, tmp)
-        else:
-            with gzip.open(src / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        tmp.replace(dst)  # atomic: an interrupted unpack never looks finished
+        with (open(src / f, "rb") if (src / f).exists() else gzip.open(src / f"{f}.gz", "rb")) as fin:
+            # atomic: an interrupted unpack never looks finished
+            atomic_write(dst, lambda fout: shutil.copyfileobj(fin, fout))
     return root
 
 
@@ -296,7 +303,7 @@ def stand_in(name: str, split: str = "train", n: int = 512, seed: int = 0) -> Ar
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """``n`` indices with (as nearly as possible) the label proportions of ``labels``, sorted."""
-    labels = np.asarray(labels)
+    labels = np.asarray(_check_labels(labels))
     if not 0 < n <= len(labels):
         raise ValueError(f"subset size n={n} must be in 1..{len(labels)} (the dataset's size)")
     rng = np.random.default_rng(seed)
@@ -428,7 +435,7 @@ def dirichlet_partition(labels, n_clients: int, alpha: float, seed: int = 0, min
                         max_tries: int = 10_000) -> list[np.ndarray]:
     """Label skew (papers.md 1.4): every class c is split among the clients by proportions
     pi_c ~ Dirichlet(alpha * 1_K), redrawn until every client holds at least ``min_size`` samples."""
-    labels = np.asarray(labels)
+    labels = np.asarray(_check_labels(labels))
     if not (isinstance(alpha, (int, float, np.floating)) and alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha={alpha!r} must be a finite number > 0 (e.g. 0.05 strongly non-IID, 100 near IID)")
     _check_clients(n_clients, len(labels), min_size)
@@ -453,7 +460,7 @@ def dirichlet_partition(labels, n_clients: int, alpha: float, seed: int = 0, min
 def shard_partition(labels, n_clients: int, shards_per_client: int = 2, seed: int = 0) -> list[np.ndarray]:
     """McMahan et al.'s pathological split: sort by label, cut into n_clients * shards_per_client
     shards, give every client ``shards_per_client`` random shards."""
-    labels = np.asarray(labels)
+    labels = np.asarray(_check_labels(labels))
     n_shards = n_clients * shards_per_client
     _check_clients(n_shards, len(labels))
     rng = np.random.default_rng(seed)
@@ -466,6 +473,7 @@ def shard_partition(labels, n_clients: int, shards_per_client: int = 2, seed: in
 def partition(name: str, labels, n_clients: int, seed: int = 0, **kw) -> list[np.ndarray]:
     """Dispatch by name: "iid", "dirichlet" (needs ``alpha``), "shards"."""
     check_choice("partition", name, PARTITIONS)
+    _check_labels(labels)  # "iid" only counts them, but a [N, C] array is still the wrong input
     if name == "iid":
         return iid_partition(len(labels), n_clients, seed)
     if name == "dirichlet":
@@ -480,7 +488,7 @@ def fedgo_split(labels, n_clients: int, alpha: float, seed: int = 0, server_frac
     """FedGO's setup (papers.md 1.2): ``server_fraction`` of every class goes, unlabeled, to the
     server; the rest is split over the clients by Dirichlet(alpha). Returns (client index arrays,
     server indices), all indices into ``labels``."""
-    labels = np.asarray(labels)
+    labels = np.asarray(_check_labels(labels))
     if not 0.0 < server_fraction < 1.0:
         raise ValueError(f"server_fraction={server_fraction} must lie strictly between 0 and 1")
     rng = np.random.default_rng(seed)
@@ -497,6 +505,6 @@ def fedgo_split(labels, n_clients: int, alpha: float, seed: int = 0, server_frac
 
 def label_distribution(labels, parts: Sequence[np.ndarray], n_classes: int | None = None) -> np.ndarray:
     """[K, C] counts of every class on every client (for the heatmaps)."""
-    labels = np.asarray(labels)
+    labels = np.asarray(_check_labels(labels))
     n_classes = n_classes or int(labels.max()) + 1
     return np.stack([np.bincount(labels[p], minlength=n_classes) for p in parts])

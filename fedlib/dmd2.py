@@ -49,8 +49,9 @@ from torch import nn
 
 from .diffusion.denoiser import Denoiser, diffusion_loss, frozen
 from .diffusion.process import EDM, Process, _bcast
+from .diffusion.samplers import check_grid
 from .diffusion.schedules import karras_sigmas
-from .utils import check_choice
+from .utils import atomic_torch_save, check_choice
 
 DM_RANGE = (0.02, 0.98)  # the middle of the noise range the generator loss draws t from (DMD2 sec. 4)
 FULL_RANGE = (0.0, 1.0)  # the fake score's denoising loss and the GAN term: the whole noise range
@@ -230,7 +231,7 @@ def _step_input(process: Process, x0: torch.Tensor, t_next: torch.Tensor, noise_
 def sample_student(generator: Denoiser, x_T: torch.Tensor, times: torch.Tensor, noise_generator=None):
     """Run the few-step generator: x0 = G(x_{t_i}, t_i), re-noised with fresh noise to t_{i+1}.
     Same signature as the diffusion samplers: returns (x0, nfe) with nfe = len(times)."""
-    times = torch.as_tensor(times, device=x_T.device)
+    times = check_grid(times, device=x_T.device, min_points=1)[0]  # a NaN or negative t gives NaN samples
     x = x_T
     for i in range(len(times)):
         x0 = generator(x, times[i].expand(x.shape[0]))
@@ -486,7 +487,7 @@ class Checkpointer:
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
         state["step"] = int(step)
         if self.path is not None:
-            torch.save(state, self.path)
+            atomic_torch_save(state, self.path)
         else:
             self._memory = copy.deepcopy(state)
 

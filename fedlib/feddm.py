@@ -9,22 +9,26 @@ Variants (one :class:`Variant` each, all trained side by side):
 
 - ``vanilla``: FedAvg of the client models (every client, every round).
 - ``prox``: each client adds (mu/2)||w - w_global||^2 (``local_train(mu=...)``).
-- ``quant``: each client sends ``w_k - w_global`` through a :class:`~fedlib.compression.Quantizer`
-  (``bits``, ``scheme``, ``rounding``); the server dequantises from the bytes and applies the
-  n_k-weighted mean update. ``down_bits < 32`` also quantises the downlink: the server sends the
-  change of the global model, quantised, and sets the global model to what the clients reconstruct,
-  so server and clients agree.
+- ``quant``: each client sends ``w_k - w_global`` through the variant's ``uplink``
+  :class:`~fedlib.compression.Quantizer` (bits, scheme, rounding; ``None`` = float32 models); the
+  server dequantises from the bytes and applies the n_k-weighted mean update. A ``downlink`` quantiser
+  also quantises the downlink: the server sends the change of the global model, quantised, and sets
+  the global model to what the clients reconstruct, so server and clients agree.
 - ``central``: one model trained on the union of the data by the same SGD code (one "client"),
   the same number of steps per round with a batch of K * B (the same samples per round as the K
   clients together).
 
 Byte accounting (``CommLedger``, per group): round 1 sends the float32 model down to every client
 (all variants; a shared-seed initialisation would save it, we count it); later rounds send the float32
-model, or the quantised change when ``down_bits < 32``. Up: float32 client models, or the length of
+model, or the quantised change with a downlink quantiser. Up: float32 client models, or the length of
 the encoded quantised update. Central training sends nothing.
 
-Everything that shares a proximal weight ``mu`` (variants x partitions x seeds) trains in one vmap:
-``run_feddm`` makes one ``local_train`` call per distinct ``mu`` per round, plus one for ``central``.
+One round = the clients' uploads (:func:`upload`: what travels) and the server's step per group
+(:func:`aggregate`: bytes, FedAvg over the accepted clients, downlink), plus :func:`train_central`
+and :func:`record_history`; the in-process driver (:func:`run_feddm`, ``backend="inprocess"``) and the
+Flower one (:func:`fedlib.flower.run_feddm`) share all of them. In-process, everything that shares a
+proximal weight ``mu`` (variants x partitions x seeds) trains in one vmap: one ``local_train`` call per
+distinct ``mu`` per round, plus one for ``central``.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .compression import Quantizer, compress_stacked, float32_bytes
+from .compression import (Quantizer, decode, dequantize_params, encode, float32_bytes, payload_bytes,
+                          quantize_params)
 from .diffusion.denoiser import Denoiser, diffusion_loss, draw_noise_and_time
 from .diffusion.networks import UNet
 from .diffusion.process import make_process
 from .federated import (CommLedger, ClientData, concat_clients, fedavg, get_params, local_train, masked_mean,
-                        pack_clients)
+                        pack_clients, stack_params)
+from .utils import check_choice
 
 Params = dict[str, Tensor]
 
@@ -81,27 +87,30 @@ def noise_extras(process):
 # variants
 @dataclass(frozen=True)
 class Variant:
+    """One FedDM variant: ``mu`` (FedProx's proximal weight; 0 = none), ``uplink`` / ``downlink``
+    quantisers (None: float32), or ``central`` training on the union."""
+
     name: str
     mu: float = 0.0
-    bits: int = 32  # uplink; 32 = float32 models
-    down_bits: int = 32
-    scheme: str = "tensor"
-    rounding: str = "nearest"
+    uplink: Quantizer | None = None
+    downlink: Quantizer | None = None
     central: bool = False
 
     @property
     def kind(self) -> str:
-        return "central" if self.central else "quant" if self.bits < 32 or self.down_bits < 32 else (
+        return "central" if self.central else "quant" if self.uplink or self.downlink else (
             "prox" if self.mu else "vanilla")
 
 
 def make_variants(mu=(0.01,), bits=(8, 4), scheme: str = "tensor", rounding: str = "nearest",
                   down_bits: int = 32, central: bool = True) -> list[Variant]:
-    """vanilla, one prox per mu > 0, one quant per bits (< 32), and central."""
+    """vanilla, one prox per mu > 0, one quant per bits (< 32; a downlink quantiser too when
+    ``down_bits`` < 32), and central."""
+    down = Quantizer(int(down_bits), scheme, rounding) if down_bits < 32 else None
     out = [Variant("vanilla")]
     out += [Variant(f"prox mu={m:g}", mu=float(m)) for m in mu if m > 0]
-    out += [Variant(f"quant {b}-bit" + (f" (down {down_bits})" if down_bits < 32 else ""), bits=int(b),
-                    down_bits=int(down_bits), scheme=scheme, rounding=rounding) for b in bits if b < 32]
+    out += [Variant(f"quant {b}-bit" + (f" (down {down_bits})" if down else ""),
+                    uplink=Quantizer(int(b), scheme, rounding), downlink=down) for b in bits if b < 32]
     if central:
         out.append(Variant("central", central=True))
     return out
@@ -165,76 +174,139 @@ class Group:
         return f"{self.variant.name} | {self.partition} | seed {self.seed}"
 
 
-def _stack(params_list: list[Params]) -> Params:
-    return {n: torch.stack([p[n] for p in params_list]) for n in params_list[0]}
-
-
 def _repeat_each(params_list: list[Params], k: int) -> Params:
     """[G] Params -> stacked [G * K] with group g's copy repeated K times (block-major)."""
     return {n: torch.stack([p[n] for p in params_list]).repeat_interleave(k, dim=0) for n in params_list[0]}
 
 
-def feddm_round(denoiser: Denoiser, groups: list[Group], round_: int, *, local_steps: int, batch_size: int,
-                lr: float, momentum: float = 0.9, generator: torch.Generator | None = None,
-                vectorised: bool = True, chunk_size: int | None = None, cache: dict | None = None) -> None:
-    """One round for every group, in place: local training (one vmap per distinct mu, one for central),
-    uplink (float32 or quantised), FedAvg, downlink, byte accounting. ``cache`` (a dict kept across
-    rounds) holds the concatenated client data of each vmap, so it is built once, not every round."""
+@dataclass
+class Upload:
+    """What one client sends: its float32 model (``params``) or its packed quantised update (``blob``)."""
 
-    def joined(gs):
-        key = tuple(id(g) for g in gs)
-        if cache is None:
-            return concat_clients([g.clients for g in gs])
-        if key not in cache:
-            cache[key] = concat_clients([g.clients for g in gs])
-        return cache[key]
-
-    net, loss_fn, extras = denoiser.net, diffusion_client_loss(denoiser), noise_extras(denoiser.process)
-    fed = [g for g in groups if not g.variant.central]
-    by_mu: dict[float, list[Group]] = {}
-    for g in fed:
-        by_mu.setdefault(g.variant.mu, []).append(g)
-    for mu, gs in by_mu.items():
-        k = gs[0].clients.n_clients
-        start = _repeat_each([g.params for g in gs], k)
-        clients = joined(gs)
-        w_k = local_train(net, start, clients, loss_fn, steps=local_steps, lr=lr, momentum=momentum, mu=mu,
-                          batch_size=batch_size, generator=generator, extras_fn=extras, vectorised=vectorised,
-                          chunk_size=chunk_size)
-        for j, g in enumerate(gs):
-            _aggregate(g, {n: p[j * k:(j + 1) * k] for n, p in w_k.items()}, round_, generator)
-    central = [g for g in groups if g.variant.central]
-    if central:
-        w = local_train(net, _stack([g.params for g in central]), joined(central),
-                        loss_fn, steps=local_steps, lr=lr, momentum=momentum, batch_size=batch_size * central[0].batch_scale,
-                        generator=generator, extras_fn=extras, vectorised=vectorised, chunk_size=chunk_size)
-        for j, g in enumerate(central):
-            g.params = {n: p[j] for n, p in w.items()}
+    n_bytes: int
+    params: Params | None = None
+    blob: bytes | None = None
 
 
-def _aggregate(g: Group, w_k: Params, round_: int, generator) -> None:
+def upload(w_k: Params, start: Params, quantizer: Quantizer | None, generator=None) -> Upload:
+    """Client side: the model as float32, or ``w_k - start`` quantised and packed (the real payload)."""
+    if quantizer is None:
+        return Upload(float32_bytes(w_k), params=w_k)
+    q = quantize_params({n: w_k[n] - start[n] for n in start}, quantizer.bits, quantizer.scheme,
+                        quantizer.rounding, generator)
+    blob = encode(q)
+    return Upload(len(blob), blob=blob)
+
+
+def receive(up: Upload, start: Params, quantizer: Quantizer | None) -> Params:
+    """Server side: the client model, or the dequantised update decoded from the bytes alone (the
+    receiver knows only the architecture: names, shapes, bits)."""
+    if quantizer is None:
+        return up.params
+    like = quantize_params({n: torch.zeros_like(p, device="cpu") for n, p in start.items()}, quantizer.bits,
+                           quantizer.scheme, quantizer.rounding)
+    if len(up.blob) != payload_bytes(like):
+        raise ValueError(f"quantised payload of {len(up.blob)} bytes, expected {payload_bytes(like)} for "
+                         f"{quantizer.bits}-bit updates of this model")
+    update = dequantize_params(decode(up.blob, like))
+    return {n: update[n].to(start[n].device) for n in start}
+
+
+def aggregate(g: Group, round_: int, received: list, sizes: list[int], accepted, generator=None,
+              on_event=None) -> None:
+    """The server's step for one group at ``round_`` (1-based), in place: log what went down, FedAvg of
+    the accepted clients (their models, or their dequantised updates applied to the global model),
+    log what came up, and the quantised downlink. ``received[k]`` is client k's :func:`receive` result
+    (None when not accepted)."""
     v, k = g.variant, g.clients.n_clients
     model_bytes = float32_bytes(g.params)
-    g.ledger.log(round_, "down", "model" if round_ == 1 or v.down_bits == 32 else f"update {v.down_bits}-bit",
-                 model_bytes if round_ == 1 or v.down_bits == 32 else g.next_down_bytes, copies=k)
-    if v.bits < 32:
-        updates = {n: w_k[n] - g.params[n].unsqueeze(0) for n in w_k}
-        received, sizes = compress_stacked(updates, Quantizer(v.bits, v.scheme, v.rounding), generator)
-        mean_update = fedavg(received, g.clients.n_k)
-        new = {n: g.params[n] + mean_update[n] for n in g.params}
-        for s in sizes:
-            g.ledger.log(round_, "up", f"update {v.bits}-bit", s)
-    else:
-        new = fedavg(w_k, g.clients.n_k)
-        g.ledger.log(round_, "up", "model", model_bytes, copies=k)
-    if v.down_bits < 32:
+    quantised_down = round_ > 1 and v.downlink is not None
+    g.ledger.log(round_, "down", f"update {v.downlink.bits}-bit" if quantised_down else "model",
+                 g.next_down_bytes if quantised_down else model_bytes, copies=k)
+    ok = [i for i in range(k) if accepted[i]]
+    if not ok:
+        if on_event is not None:
+            on_event(round_, "group-kept", f"no client of {g.label!r} replied; its model is unchanged")
+        return
+    n_k = g.clients.n_k[torch.tensor(ok, device=g.clients.n_k.device)]
+    mean = fedavg(stack_params([received[i] for i in ok]), n_k)
+    new = {n: g.params[n] + mean[n].to(g.params[n].device) for n in g.params} if v.uplink else mean
+    for i in ok:
+        g.ledger.log(round_, "up", f"update {v.uplink.bits}-bit" if v.uplink else "model", sizes[i])
+    if v.downlink is not None:
         # the clients hold the previous global model; they get the change, quantised, and the server
         # adopts what they reconstruct. Its bytes are logged at the start of the next round.
         change = {n: new[n] - g.params[n] for n in new}
-        received, n_bytes = Quantizer(v.down_bits, v.scheme, v.rounding).roundtrip(change, generator)
-        new = {n: g.params[n] + received[n] for n in new}
+        got, n_bytes = v.downlink.roundtrip(change, generator)
+        new = {n: g.params[n] + got[n].to(g.params[n].device) for n in new}
         g.next_down_bytes = n_bytes
     g.params = new
+
+
+def train_central(denoiser: Denoiser, central: list[Group], *, local_steps: int, batch_size: int, lr: float,
+                  momentum: float, generator, chunk_size=None, vectorised: bool = True, cache: dict | None = None):
+    """The central reference groups' round, on the server: the same SGD for ``local_steps`` steps on the
+    union, batch K * B (all central groups in one vmap)."""
+    if not central:
+        return
+    w = local_train(denoiser.net, stack_params([g.params for g in central]), _joined(central, cache),
+                    diffusion_client_loss(denoiser), steps=local_steps, lr=lr, momentum=momentum,
+                    batch_size=batch_size * central[0].batch_scale, generator=generator,
+                    extras_fn=noise_extras(denoiser.process), vectorised=vectorised, chunk_size=chunk_size)
+    for j, g in enumerate(central):
+        g.params = {n: p[j] for n, p in w.items()}
+
+
+def record_history(history: list, groups: list[Group], round_: int, eval_rounds, evaluate) -> None:
+    """Append one row per group (variant, partition, seed, round, cumulative bytes, metrics) when
+    ``round_`` is evaluated."""
+    if evaluate is None or round_ not in set(eval_rounds):
+        return
+    for g, m in zip(groups, evaluate(groups)):
+        history.append({"variant": g.variant.name, "kind": g.variant.kind, "partition": g.partition,
+                        "seed": g.seed, "round": round_, "bytes_up": g.ledger.total("up"),
+                        "bytes_down": g.ledger.total("down"), **m})
+
+
+def by_mu(groups: list[Group]) -> dict[float, list[Group]]:
+    """The federated groups by proximal weight, in order of first appearance: each trains in one vmap."""
+    out: dict[float, list[Group]] = {}
+    for g in groups:
+        if not g.variant.central:
+            out.setdefault(g.variant.mu, []).append(g)
+    return out
+
+
+def _joined(gs: list[Group], cache: dict | None):
+    key = tuple(id(g) for g in gs)
+    if cache is None:
+        return concat_clients([g.clients for g in gs])
+    if key not in cache:
+        cache[key] = concat_clients([g.clients for g in gs])
+    return cache[key]
+
+
+def feddm_round(denoiser: Denoiser, groups: list[Group], round_: int, *, local_steps: int, batch_size: int,
+                lr: float, momentum: float = 0.9, generator: torch.Generator | None = None,
+                vectorised: bool = True, chunk_size: int | None = None, cache: dict | None = None) -> None:
+    """One in-process round for every group, in place: local training (one vmap per distinct mu, one for
+    central), the clients' uploads, the server's :func:`aggregate`. ``cache`` (a dict kept across
+    rounds) holds the concatenated client data of each vmap, so it is built once, not every round."""
+    net, loss_fn, extras = denoiser.net, diffusion_client_loss(denoiser), noise_extras(denoiser.process)
+    for mu, gs in by_mu(groups).items():
+        k = gs[0].clients.n_clients
+        start = _repeat_each([g.params for g in gs], k)
+        w_k = local_train(net, start, _joined(gs, cache), loss_fn, steps=local_steps, lr=lr, momentum=momentum,
+                          mu=mu, batch_size=batch_size, generator=generator, extras_fn=extras,
+                          vectorised=vectorised, chunk_size=chunk_size)
+        for j, g in enumerate(gs):
+            ups = [upload({n: p[j * k + i] for n, p in w_k.items()}, g.params, g.variant.uplink, generator)
+                   for i in range(k)]
+            aggregate(g, round_, [receive(u, g.params, g.variant.uplink) for u in ups], [u.n_bytes for u in ups],
+                      [True] * k, generator)
+    train_central(denoiser, [g for g in groups if g.variant.central], local_steps=local_steps, batch_size=batch_size,
+                  lr=lr, momentum=momentum, generator=generator, chunk_size=chunk_size, vectorised=vectorised,
+                  cache=cache)
 
 
 def build_groups(denoiser: Denoiser, x: Tensor, y: Tensor, partitions: dict[str, list], variants: list[Variant],
@@ -257,22 +329,37 @@ def build_groups(denoiser: Denoiser, x: Tensor, y: Tensor, partitions: dict[str,
     return groups
 
 
+@dataclass
+class FedDMRun:
+    """What :func:`run_feddm` returns: the history rows and, on Flower, its report (bytes, events)."""
+
+    history: list
+    report: object = None
+
+
 def run_feddm(denoiser: Denoiser, groups: list[Group], rounds: int, *, local_steps: int, batch_size: int, lr: float,
               momentum: float = 0.9, eval_rounds=(), evaluate=None, seed: int = 0, progress: bool = True,
-              chunk_size: int | None = None) -> list[dict]:
+              chunk_size: int | None = None, backend: str = "inprocess", **flower_kw) -> FedDMRun:
     """Train every group for ``rounds`` rounds. At each round in ``eval_rounds``, ``evaluate(groups)``
-    returns one dict of metrics per group; rows with the cumulative bytes are returned."""
+    returns one dict of metrics per group; rows with the cumulative bytes go into the history.
+    ``backend="flower"`` runs the same rounds on Flower (:func:`fedlib.flower.run_feddm`)."""
+    check_choice("backend", backend, ("inprocess", "flower"),
+                 fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
+    kw = dict(local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum, eval_rounds=eval_rounds,
+              evaluate=evaluate, seed=seed, progress=progress, chunk_size=chunk_size)
+    if backend == "flower":
+        from .flower import run_feddm as flower_feddm
+
+        return flower_feddm(denoiser, groups, rounds, **kw, **flower_kw)
+    if flower_kw:
+        raise ValueError(f"{sorted(flower_kw)} only apply to backend='flower'")
     gen = torch.Generator().manual_seed(seed)
     history, cache = [], {}
     for r in tqdm(range(1, rounds + 1), desc="FedDM rounds", disable=not progress):
         feddm_round(denoiser, groups, r, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
                     generator=gen, chunk_size=chunk_size, cache=cache)
-        if evaluate is not None and r in set(eval_rounds):
-            for g, m in zip(groups, evaluate(groups)):
-                history.append({"variant": g.variant.name, "kind": g.variant.kind, "partition": g.partition,
-                                "seed": g.seed, "round": r, "bytes_up": g.ledger.total("up"),
-                                "bytes_down": g.ledger.total("down"), **m})
-    return history
+        record_history(history, groups, r, eval_rounds, evaluate)
+    return FedDMRun(history)
 
 
 def params_of(denoiser: Denoiser) -> Params:
@@ -300,7 +387,7 @@ def fd_evaluator(denoiser: Denoiser, feature_net, reference, n: int, steps: int,
         out = []
         for i in range(0, len(groups), models_per_call):
             chunk = groups[i:i + models_per_call]
-            params = _stack([g.params for g in chunk])
+            params = stack_params([g.params for g in chunk])
             parts = []
             for j, start in enumerate(range(0, n, per_call)):
                 x, nfe = sample_stacked(denoiser, params, min(per_call, n - start), steps, sampler, seed + j, image_shape)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .utils import check_choice
+from .utils import check_choice, positive_counts
 
 Params = dict[str, Tensor]
 CPU_CHUNK = 128  # clients per vmap chunk on CPU (chunk_size="auto")
@@ -340,7 +340,7 @@ def fedavg(stacked: Params, n_k: Tensor, groups: int | None = None) -> Params:
     """FedAvg: sum_k (n_k / n) w_k. With ``groups=G`` the K entries are G blocks of K/G clients (e.g.
     G methods, block-major as in :meth:`ClientData.repeat`) and the result is stacked [G, ...]."""
     K = n_stacked(stacked)
-    n_k = torch.as_tensor(n_k, dtype=torch.float64).reshape(-1)
+    n_k = positive_counts(n_k, fix="Pass each client's number of training samples.")
     if groups is None:
         if len(n_k) != K:
             raise ValueError(f"n_k has {len(n_k)} entries but there are {K} client models; pass one count "

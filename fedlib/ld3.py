@@ -34,7 +34,7 @@ import torch
 
 from .diffusion.samplers import solve
 from .diffusion.schedules import schedule as hand_schedule
-from .utils import cache_dir, check_choice
+from .utils import atomic_write, cache_dir, check_choice, load_cache_entry
 
 LOSSES = ("l2", "features", "lpips")
 LD3_SOLVERS = ("euler", "ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "ipndm", "unipc", "unipc_bh1")
@@ -112,9 +112,7 @@ class LearnedSchedule:
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else schedule_path(self.model, self.solver, self.nfe)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
-        return path
+        return atomic_write(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "LearnedSchedule":
@@ -273,10 +271,11 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
 
 def load_or_learn(denoiser, solver: str, nfe: int, train_pairs, val_pairs, model_name: str,
                   retrain: bool = False, **kw) -> LearnedSchedule:
-    """Reload the saved schedule of (model, solver, NFE) or learn and save it."""
+    """Reload the saved schedule of (model, solver, NFE) or learn and save it (also when the saved
+    file cannot be read: it is reported, removed and learned again)."""
     path = schedule_path(model_name, solver, nfe)
-    if path.exists() and not retrain:
-        s = LearnedSchedule.load(path)
+    s = None if retrain else load_cache_entry(path, LearnedSchedule.load)
+    if s is not None:
         s.history["cached"] = True
         return s
     s = learned_timesteps(denoiser, solver, nfe, train_pairs, val_pairs, model_name=model_name, **kw)

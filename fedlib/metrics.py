@@ -5,7 +5,8 @@
   (tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)), clamped at 0), so it never goes complex.
 - :func:`feature_extractor` - a small CNN classifier fedlib trains once per dataset (any
   :class:`~fedlib.data.ArrayDataset` of images: digits 8x8, Fashion-MNIST 28x28, ...) with a fixed
-  seed and caches under ``cache_dir("metrics")``; ``.features(x)`` gives its penultimate layer,
+  seed and caches under ``cache_dir("metrics")`` (an unreadable cache file is reported and
+  retrained); ``.features(x)`` gives its penultimate layer,
   ``.test_accuracy`` how good it is. Frechet distances in this space are NOT comparable to
   published (Inception) FID; every table must say so.
 - :func:`classifier_fd` - Frechet distance of two image sets in that feature space.
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import cache_dir, resolve_device
+from .utils import atomic_torch_save, cache_dir, load_cache_entry, resolve_device
 
 # ---------------------------------------------------------------------------------------------
 # Frechet distance
@@ -100,13 +101,21 @@ def feature_extractor(train, test=None, steps: int = 600, batch_size: int = 128,
     key = json.dumps(dict(data=_digest(train), test=None if test is None else _digest(test), steps=steps,
                           bs=batch_size, lr=lr, width=width, seed=seed, augment=augment, v=2), sort_keys=True)
     path = cache_dir("metrics") / f"features-{train.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-    torch.manual_seed(seed)  # initial weights too: the feature space is fixed by the seed
-    net = FeatureNet(train.x.shape[1], train.n_classes, width)
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["net"])
-        net.test_accuracy = float(state["test_accuracy"])
-    else:
+
+    def untrained():
+        torch.manual_seed(seed)  # initial weights too: the feature space is fixed by the seed
+        return FeatureNet(train.x.shape[1], train.n_classes, width)
+
+    def load(p):
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        cached = untrained()
+        cached.load_state_dict(state["net"])
+        cached.test_accuracy = float(state["test_accuracy"])
+        return cached
+
+    net = load_cache_entry(path, load)
+    if net is None:
+        net = untrained()  # not load()'s model: a failed load may have filled it half-way
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         x, y = train.x.to(device), train.y.to(device)
@@ -128,8 +137,8 @@ def feature_extractor(train, test=None, steps: int = 600, batch_size: int = 128,
         net.eval()
         if test is not None:
             net.test_accuracy = classifier_accuracy(net, test)
-        torch.save({"net": {k: v.cpu() for k, v in net.state_dict().items()},
-                    "test_accuracy": torch.tensor(net.test_accuracy)}, path)
+        atomic_torch_save({"net": {k: v.cpu() for k, v in net.state_dict().items()},
+                           "test_accuracy": torch.tensor(net.test_accuracy)}, path)
     net = net.to(device).eval()
     for p in net.parameters():
         p.requires_grad_(False)

@@ -103,6 +103,11 @@ def build_plan(names: list[str], scale: str, overrides: list[str], device: str |
     available = available if available is not None else notebooks()
     if not available:
         raise UsageError(f"no notebooks found in {NOTEBOOKS_DIR}")
+    if not names and scale not in SCALES:  # an extra set (long, fashion_mnist): the notebooks that have it
+        names = [n for n in available if scale in parameter_sets(n)]
+        if not names:
+            every = sorted(set(SCALES) | {s for n in available for s in parameter_sets(n)})
+            raise UsageError(f"no notebook has a parameter set {scale!r}; allowed: {', '.join(every)}")
     names = resolve_names(names, available)
     if device is not None and device not in DEVICES:
         raise UsageError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)}")

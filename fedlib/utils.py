@@ -1,11 +1,20 @@
-"""Small shared helpers: seeding, devices, the cache directory, and helpful errors."""
+"""Small shared helpers: seeding, devices, the cache directory, crash-safe cache files, and helpful
+errors.
+
+Cache files (trained teachers, feature classifiers, learned schedules, checkpoints) are written with
+:func:`atomic_write` / :func:`atomic_torch_save`, so a kill or a full disk mid-write leaves the old
+file (or none), never a truncated one; and read with :func:`load_cache_entry`, which turns an entry
+that cannot be loaded into one warning and a rebuild instead of an error on every later run.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+import secrets
+import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -24,6 +33,20 @@ def check_choice(name: str, value, allowed: Iterable, fix: str | None = None):
     if fix:
         msg += f". {fix}"
     raise ValueError(msg)
+
+
+def positive_counts(n_k, name: str = "n_k", fix: str = "Drop empty clients first.") -> torch.Tensor:
+    """``n_k`` (per-client sample counts) as a flat float64 tensor; a ValueError naming the first bad
+    entries unless every entry is finite and > 0 (NaN compares False, so ``(n_k <= 0).any()`` alone
+    lets it through, into NaN weights)."""
+    n = torch.as_tensor(n_k, dtype=torch.float64).reshape(-1)
+    bad = ~torch.isfinite(n) | (n <= 0)
+    if bad.any():
+        idx = torch.nonzero(bad).flatten()
+        shown = ", ".join(f"{name}[{i}]={float(n[i])!r}" for i in idx[:4].tolist())
+        raise ValueError(f"{shown} ({len(idx)} of {len(n)} entries bad); allowed: finite counts, each must be > 0. "
+                         f"{fix}")
+    return n
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
@@ -71,23 +94,67 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``: a
-    kill, a full disk or an unwritable folder never leaves a partial file (the old one stays whole)."""
-    import tempfile
+class CacheWarning(UserWarning):
+    """A cache entry could not be loaded; it was removed and is being rebuilt."""
 
+
+def atomic_write(path: str | Path, data: bytes | str | Callable) -> Path:
+    """Write ``data`` to ``path`` so that readers only ever see the old file or the complete new one.
+
+    ``data``: bytes, str (UTF-8), or a callable ``writer(binary_file)``. It goes to a hidden temporary
+    file in the same folder (``os.replace`` is atomic only within one file system), is flushed and
+    fsynced, then renamed over ``path``. On any failure (an exception in the writer, ENOSPC, Ctrl-C)
+    the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # a unique name opened with "x" (not mkstemp): the file gets the usual umask permissions, not 0600
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with open(tmp, "xb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_torch_save(obj, path: str | Path) -> Path:
+    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_cache_entry(path: str | Path, loader: Callable[[Path], object]):
+    """``loader(path)``, or None when there is nothing usable to load.
+
+    None when ``path`` does not exist. When it exists but ``loader`` raises (a truncated or corrupt
+    file, keys or shapes written by other code), one :class:`CacheWarning` names the path and the
+    reason, the file is removed and None is returned, so the caller rebuilds the entry instead of
+    failing on every run until someone deletes the file by hand. ``loader`` should build what it
+    loads into from scratch: a failed ``load_state_dict`` may have filled a model half-way.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return loader(path)
+    except Exception as err:  # noqa: BLE001 - whatever the reason, the entry is unusable; say which
+        # one line (state-dict errors span several); a truncated file often raises a bare EOFError
+        reason = " ".join(f"{type(err).__name__}: {err}".split()).rstrip(": ")
+        if len(reason) > 300:
+            reason = reason[:297] + "..."
+        try:
+            size = f"{path.stat().st_size} bytes"
+            path.unlink(missing_ok=True)
+            action = "removed it; rebuilding"
+        except OSError as rm_err:
+            size, action = "size unknown", f"could not remove it ({rm_err}); rebuilding, delete it by hand"
+        warnings.warn(f"cache entry {path} ({size}) could not be loaded ({reason}); {action}", CacheWarning,
+                      stacklevel=2)
+        return None

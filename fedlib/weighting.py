@@ -18,19 +18,25 @@ oracle         n_k p_k(x) (known densities only)               log_densities [K,
 
 FedGO is computed as ``softmax_k(l_k + log n_k)`` on the discriminators' pre-sigmoid logits: no
 clamping of D near 0 or 1 is needed, and with exact logits ``l_k = log p_k - log p_G`` it equals the
-oracle exactly (p_G cancels). :func:`compute_weights` dispatches by name and checks the inputs.
+oracle exactly (p_G cancels).
+
+Rules live in one registry, ``RULES`` (:func:`register`): a rule's inputs are its function's
+parameter names, and :mod:`fedlib.distill` derives one distillation method per rule from it (the
+uniform rule's method is called ``feddf``; the oracle has none). :func:`compute_weights` dispatches
+by name and checks the inputs. Adding a rule is one function and one ``@register("name")``.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-WEIGHTINGS = ("uniform", "sample_count", "entropy", "variance", "dafkd", "fedgo", "oracle")
-NEEDS = {  # extra inputs of each rule (besides the client logits)
-    "uniform": (), "sample_count": ("n_k",), "entropy": (), "variance": (),
-    "dafkd": ("disc_logits",), "fedgo": ("disc_logits", "n_k"), "oracle": ("log_densities", "n_k"),
-}
+from .utils import positive_counts
+
 _EPS = 1e-12
 
 
@@ -55,26 +61,76 @@ def _check_kn(name: str, t: Tensor, K: int, N: int, fix: str) -> None:
 
 
 def _log_n(n_k, K: int, like: Tensor) -> Tensor:
-    n_k = torch.as_tensor(n_k, dtype=like.dtype, device=like.device).reshape(-1)
+    n_k = positive_counts(n_k)
     if len(n_k) != K:
         raise ValueError(f"n_k has {len(n_k)} entries but there are K={K} clients; pass one count per client")
-    if (n_k <= 0).any():
-        raise ValueError(f"n_k={n_k.tolist()} must be > 0 for every client; drop empty clients first")
-    return n_k.log()[:, None]
+    return n_k.to(like.device, like.dtype).log()[:, None]
 
 
+# ----------------------------------------------------------------------------------------------
+# the registry: one entry per rule, from which every method list derives
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered weighting rule: its function, the inputs it takes (read from the function's
+    parameter names: ``logits``, ``n_k``, ``disc_logits``, ``log_densities``), the server method that
+    distils with it (``fedlib.distill``; None: analysis only, no method) and a one-line description."""
+
+    name: str
+    fn: Callable
+    inputs: tuple
+    method: str | None
+    doc: str
+
+    @property
+    def needs(self) -> tuple:
+        """The inputs besides the client logits."""
+        return tuple(i for i in self.inputs if i != "logits")
+
+
+RULES: dict[str, Rule] = {}
+INPUTS = ("logits", "n_k", "disc_logits", "log_densities")
+
+
+def register(name: str, method: str | None = "", doc: str = ""):
+    """Decorator: add a weighting rule ``fn(<inputs>) -> a [K, N]`` to ``RULES`` under ``name``. Its
+    inputs are its parameter names (any of ``INPUTS``). ``method``: the name of the distillation method
+    in :mod:`fedlib.distill` that uses it (default: ``name``; None: no method, e.g. the oracle, whose
+    densities no real run has). Registering is all a new rule needs to run in-process and on Flower."""
+
+    def add(fn):
+        inputs = tuple(inspect.signature(fn).parameters)
+        unknown = [i for i in inputs if i not in INPUTS]
+        if unknown:
+            raise ValueError(f"weighting rule {name!r}: parameters {unknown} are not known inputs; allowed: "
+                             f"{', '.join(INPUTS)}")
+        RULES[name] = Rule(name, fn, inputs, name if method == "" else method,
+                           doc or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return add
+
+
+# ----------------------------------------------------------------------------------------------
+# the rules
+
+
+@register("uniform", method="feddf")
 def uniform_weights(logits: Tensor) -> Tensor:
     """FedDF: a_k = 1/K."""
     K, N, _ = logits.shape
     return logits.new_full((K, N), 1.0 / K)
 
 
+@register("sample_count")
 def sample_count_weights(logits: Tensor, n_k) -> Tensor:
     """a_k = n_k / n, the same at every x."""
     K, N, _ = logits.shape
     return torch.softmax(_log_n(n_k, K, logits), dim=0).expand(K, N).contiguous()
 
 
+@register("entropy")
 def entropy_weights(logits: Tensor) -> Tensor:
     """a_k proportional to exp(-H(softmax f_k(x))): confident clients weigh more."""
     logp = torch.log_softmax(logits, -1)
@@ -82,22 +138,26 @@ def entropy_weights(logits: Tensor) -> Tensor:
     return torch.softmax(-H, dim=0)
 
 
+@register("variance")
 def variance_weights(logits: Tensor) -> Tensor:
     """a_k proportional to the variance of softmax f_k(x) over the classes (uniform where all are 0)."""
     v = torch.softmax(logits, -1).var(-1, unbiased=False) + _EPS
     return v / v.sum(0, keepdim=True)
 
 
+@register("dafkd")
 def dafkd_weights(disc_logits: Tensor) -> Tensor:
     """DaFKD: a_k = D_k(x) / sum_j D_j(x) with D_k = sigmoid(l_k)."""
     return torch.softmax(torch.nn.functional.logsigmoid(disc_logits), dim=0)
 
 
+@register("fedgo")
 def fedgo_weights(disc_logits: Tensor, n_k) -> Tensor:
     """FedGO: a_k = n_k D_k/(1-D_k) / sum_j n_j D_j/(1-D_j) = softmax_k(l_k + log n_k)."""
     return torch.softmax(disc_logits + _log_n(n_k, disc_logits.shape[0], disc_logits), dim=0)
 
 
+@register("oracle", method=None)
 def oracle_weights(log_densities: Tensor, n_k) -> Tensor:
     """The optimal ensemble (analysis only): a_k = n_k p_k(x) / sum_j n_j p_j(x)."""
     return torch.softmax(log_densities + _log_n(n_k, log_densities.shape[0], log_densities), dim=0)
@@ -105,35 +165,26 @@ def oracle_weights(log_densities: Tensor, n_k) -> Tensor:
 
 def compute_weights(name: str, logits: Tensor, *, n_k=None, disc_logits: Tensor | None = None,
                     log_densities: Tensor | None = None) -> Tensor:
-    """Weights [K, N] of rule ``name`` (one of ``WEIGHTINGS``), after checking names, shapes and NaNs."""
-    if name not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {name!r}; allowed: {', '.join(map(repr, WEIGHTINGS))}. "
+    """Weights [K, N] of rule ``name`` (one of ``RULES``), after checking names, shapes and NaNs."""
+    if name not in RULES:
+        raise ValueError(f"unknown weighting {name!r}; allowed: {', '.join(map(repr, RULES))}. "
                          "FedAvg/FedProx are aggregations, not weightings; majority vote (FedKA) is "
-                         "fedlib.distill.majority_vote")
+                         "fedlib.distill.majority_vote; add a rule with fedlib.weighting.register")
+    rule = RULES[name]
     _check_logits(logits)
     K, N, _ = logits.shape
-    given = {"n_k": n_k, "disc_logits": disc_logits, "log_densities": log_densities}
-    missing = [k for k in NEEDS[name] if given[k] is None]
+    given = {"logits": logits, "n_k": n_k, "disc_logits": disc_logits, "log_densities": log_densities}
+    missing = [k for k in rule.needs if given[k] is None]
     if missing:
         raise ValueError(f"weighting {name!r} needs {', '.join(missing)}; pass them as keyword arguments")
-    if name in ("dafkd", "fedgo"):
+    if "disc_logits" in rule.inputs:
         _check_kn("disc_logits", disc_logits, K, N,
                   "A discriminator produced NaN: retrain it with a smaller learning rate or check its input.")
-    if name == "oracle":
+    if "log_densities" in rule.inputs:
         _check_kn("log_densities", log_densities, K, N, "Use log-densities (logsumexp), not densities.")
-    if name == "uniform":
-        return uniform_weights(logits)
-    if name == "sample_count":
-        return sample_count_weights(logits, n_k)
-    if name == "entropy":
-        return entropy_weights(logits)
-    if name == "variance":
-        return variance_weights(logits)
-    if name == "dafkd":
-        return dafkd_weights(disc_logits)
-    if name == "fedgo":
-        return fedgo_weights(disc_logits, n_k)
-    return oracle_weights(log_densities, n_k)
+    if "n_k" in rule.inputs:
+        _log_n(n_k, K, logits)  # checks the counts once, here
+    return rule.fn(**{i: given[i] for i in rule.inputs})
 
 
 def weight_distance(a: Tensor, b: Tensor) -> Tensor:

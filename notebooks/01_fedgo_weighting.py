@@ -90,7 +90,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedlib import data as fdata
-from fedlib import distill as D
+from fedlib import distill, fedgo, studies
 from fedlib import federated as fl
 from fedlib import models
 from fedlib.plots import savefig, use_style
@@ -103,16 +103,7 @@ dev = resolve_device(device)
 if cpu_threads:
     torch.set_num_threads(cpu_threads)
 g = seed_everything(seeds[0])
-run = Run("01_fedgo_weighting", seed=seeds, params=dict(
-    dataset=dataset, max_train=max_train, max_test=max_test, classifier=classifier, width=width,
-    n_clients=n_clients, alphas=alphas, seeds=seeds, rounds=rounds, local_epochs=local_epochs, lr=lr,
-    batch_size=batch_size, mu=mu, distill_steps=distill_steps, distill_lr=distill_lr,
-    distill_batch=distill_batch, temperature=temperature, methods=methods, data_free_methods=data_free_methods,
-    scenario=scenario, gan_steps=gan_steps, gan_width=gan_width, disc_epochs=disc_epochs,
-    dense_steps=dense_steps,
-    toy_mixture=toy_mixture, toy_clients=toy_clients, toy_alpha=toy_alpha, toy_epochs=toy_epochs,
-    toy_disc_epochs=toy_disc_epochs, toy_distill_steps=toy_distill_steps, device=device,
-    cpu_threads=cpu_threads, client_chunk=client_chunk))
+run = Run.start("01_fedgo_weighting", globals(), seed=seeds)
 t_start = time.perf_counter()
 
 # %% [markdown]
@@ -125,32 +116,32 @@ t_start = time.perf_counter()
 # server model distilled from each rule's pseudo-labels.
 
 # %%
-toy = D.toy_study(toy_mixture, n_clients=toy_clients, alpha=toy_alpha, local_epochs=toy_epochs,
+toy = studies.toy_study(toy_mixture, n_clients=toy_clients, alpha=toy_alpha, local_epochs=toy_epochs,
                   disc_epochs=toy_disc_epochs, distill_steps=toy_distill_steps, seed=seeds[0])
-rules = toy["rules"]
+rules = toy.rules
 fig, axes = plt.subplots(2, len(rules), figsize=(2.3 * len(rules), 4.8), sharex=True, sharey=True)
-gs, ext = toy["grid_size"], toy["grid_extent"]
-own = toy["x"][torch.as_tensor(toy["parts"][0])]
+gs, ext = toy.grid_size, toy.grid_extent
+own = toy.x[torch.as_tensor(toy.parts[0])]
 for j, rule in enumerate(rules):
-    axes[0, j].imshow(toy["weights_grid"][rule][0].reshape(gs, gs), origin="lower", extent=ext, vmin=0, vmax=1)
+    axes[0, j].imshow(toy.weights_grid[rule][0].reshape(gs, gs), origin="lower", extent=ext, vmin=0, vmax=1)
     axes[0, j].scatter(own[:, 0], own[:, 1], s=1, c="w", alpha=0.3)
-    axes[0, j].set_title(f"{rule}\nTV to oracle {toy['weight_tv_to_oracle'][rule]:.2f}")
-    axes[1, j].imshow(toy["grid_prediction"][rule].reshape(gs, gs), origin="lower", extent=ext, cmap="tab10",
+    axes[0, j].set_title(f"{rule}\nTV to oracle {toy.weight_tv_to_oracle[rule]:.2f}")
+    axes[1, j].imshow(toy.grid_prediction[rule].reshape(gs, gs), origin="lower", extent=ext, cmap="tab10",
                       vmin=0, vmax=9, alpha=0.6)
-    axes[1, j].scatter(toy["server_x"][:, 0], toy["server_x"][:, 1], c=toy["server_y"], cmap="tab10", vmin=0,
+    axes[1, j].scatter(toy.server_x[:, 0], toy.server_x[:, 1], c=toy.server_y, cmap="tab10", vmin=0,
                        vmax=9, s=1)
-    axes[1, j].set_title(f"server acc {toy['server_test_accuracy'][rule]:.3f}")
+    axes[1, j].set_title(f"server acc {toy.server_test_accuracy[rule]:.3f}")
     for ax in axes[:, j]:
         ax.grid(False)
 axes[0, 0].set_ylabel("weight of client 0")
 axes[1, 0].set_ylabel("distilled server model")
 fig.suptitle(f"{toy_mixture} mixture, {toy_clients} clients, Dirichlet({toy_alpha}); FedAvg alone: "
-             f"{toy['fedavg_test_accuracy']:.3f}", y=1.02)
+             f"{toy.fedavg_test_accuracy:.3f}", y=1.02)
 savefig(fig, "01_toy_weights")
-toy_table = pd.DataFrame({"weight TV to oracle": toy["weight_tv_to_oracle"],
-                          "pseudo-label error": toy["pseudo_label_error"],
-                          "disagreement with oracle teacher": toy["disagreement_with_oracle"],
-                          "distilled server acc": toy["server_test_accuracy"]}).round(4)
+toy_table = pd.DataFrame({"weight TV to oracle": toy.weight_tv_to_oracle,
+                          "pseudo-label error": toy.pseudo_label_error,
+                          "disagreement with oracle teacher": toy.disagreement_with_oracle,
+                          "distilled server acc": toy.server_test_accuracy}).round(4)
 run.metrics["toy"] = toy_table.to_dict()
 toy_table
 
@@ -164,20 +155,20 @@ train, test = fdata.load_train_test(dataset, stand_in_n=(max_train or 2000, max_
 train, test = train.stratified(max_train), test.stratified(max_test)
 shape = tuple(train.x.shape[1:])
 clf = models.make_classifier(classifier, shape, train.n_classes, width=width).to(dev)
-setups = D.build_setups(train, test, n_clients=n_clients, alphas=alphas, seeds=seeds, gan_steps=gan_steps,
+setups = studies.fedgo_setups(train, test, n_clients=n_clients, alphas=alphas, seeds=seeds, gan_steps=gan_steps,
                         disc_epochs=disc_epochs, gen_width=gan_width, dense="dense" in data_free_methods,
                         generator=g, device=dev)
-G0 = setups["generators"][seeds[0]]
-a0 = setups["client_indices"][(alphas[0], seeds[0])]
-server0 = setups["server_indices"][(alphas[0], seeds[0])]
+G0 = setups.generators[seeds[0]]
+a0 = setups.client_indices[(alphas[0], seeds[0])]
+server0 = setups.server_indices[(alphas[0], seeds[0])]
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"{dataset}: train {len(train)}, test {len(test)}, sample shape {shape}, classes {train.n_classes}")
 print(f"server (unlabeled) {len(server0)}, on clients {sum(len(i) for i in a0)}")
 print(f"classifier {classifier}: {models.n_params(clf)} parameters; generator {models.n_params(G0)}; "
-      f"discriminator {models.n_params(setups['discriminator'])}")
-print(f"problems (alpha, seed): {len(setups['keys'])}")
+      f"discriminator {models.n_params(setups.discriminator)}")
+print(f"problems (alpha, seed): {len(setups.keys)}")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
@@ -185,10 +176,10 @@ real = train.x[torch.as_tensor(server0[:32])].cpu()
 from fedlib.plots import image_grid  # noqa: E402
 
 image_grid(real, nrow=8, ax=axes[0], title="server data (real, unlabeled)")
-image_grid(D.sample(G0, 32, torch.Generator().manual_seed(0)).cpu(), nrow=8, ax=axes[1],
+image_grid(fedgo.sample(G0, 32, torch.Generator().manual_seed(0)).cpu(), nrow=8, ax=axes[1],
            title=f"G samples ({gan_steps} GAN steps): data-free server data")
 savefig(fig, "01_generator_samples")
-sizes = pd.DataFrame({f"alpha={a}": [len(i) for i in setups["client_indices"][(a, seeds[0])]] for a in alphas},
+sizes = pd.DataFrame({f"alpha={a}": [len(i) for i in setups.client_indices[(a, seeds[0])]] for a in alphas},
                      index=[f"client {k}" for k in range(n_clients)]).T
 sizes
 
@@ -199,27 +190,20 @@ sizes
 # (the union; the same for every α) for `rounds × local_epochs` epochs: an upper reference.
 
 # %%
-# the same rounds, seeds and partitions on either backend; Flower only changes who runs them
-check_choice("backend", backend, ("inprocess", "flower"), fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
-if backend == "flower":
-    from fedlib import flower as FW
-
-    run_rounds = FW.run_rounds
-else:
-    run_rounds = D.run_rounds
 t0 = time.perf_counter()
-common = dict(rounds=rounds, local_epochs=local_epochs, lr=lr, batch_size=batch_size, mu=mu,
+# the same rounds, seeds and partitions on either backend; Flower only changes who runs them
+common = dict(backend=backend, rounds=rounds, local_epochs=local_epochs, lr=lr, batch_size=batch_size, mu=mu,
               distill_steps=distill_steps, distill_lr=distill_lr, distill_batch=distill_batch,
               temperature=temperature, dense_steps=dense_steps, generator=g, init=fl.get_params(clf), progress=tqdm,
               chunk_size=client_chunk or "auto", predict_batch=256 if client_chunk else 1024)
 results = {}
 if scenario in ("pre", "both"):
-    results["pre-existing"] = run_rounds(clf, setups["pre"], methods, **common)
+    results["pre-existing"] = distill.run_rounds(clf, setups.pre, methods, **common)
 if scenario in ("data_free", "both"):
-    results["data-free"] = run_rounds(clf, setups["data_free"], data_free_methods, **common)
+    results["data-free"] = distill.run_rounds(clf, setups.data_free, data_free_methods, **common)
 seconds_rounds = time.perf_counter() - t0
-union = [torch.as_tensor(np.concatenate(setups["client_indices"][(alphas[0], s)])) for s in seeds]
-central = D.central_training(clf, [train.x[i.to(dev)] for i in union], [train.y[i.to(dev)] for i in union],
+union = [torch.as_tensor(np.concatenate(setups.client_indices[(alphas[0], s)])) for s in seeds]
+central = distill.central_training(clf, [train.x[i.to(dev)] for i in union], [train.y[i.to(dev)] for i in union],
                              epochs=rounds * local_epochs, lr=lr, batch_size=batch_size, generator=g,
                              init=fl.get_params(clf), chunk_size=client_chunk or "auto")
 central_acc = fl.accuracy(fl.predict(fl.functional(clf), central, test.x, stacked=True), test.y).cpu()
@@ -247,7 +231,7 @@ run.metrics["central_accuracy"] = central_acc.tolist()
 main_table
 
 # %%
-colour = {m: f"C{i}" for i, m in enumerate(D.METHODS)}
+colour = {m: f"C{i}" for i, m in enumerate(distill.METHODS)}
 fig, axes = plt.subplots(len(results), len(alphas), figsize=(3.4 * len(alphas), 2.9 * len(results)),
                          squeeze=False, sharey=True, constrained_layout=True)
 for r_i, (scen, res) in enumerate(results.items()):
@@ -259,7 +243,7 @@ for r_i, (scen, res) in enumerate(results.items()):
                     lw=2.4 if m == "fedgo" else 1.2)
         if scen == "data-free" and "pre-existing" in results:  # FedAvg/FedProx use no server data
             pre = results["pre-existing"]
-            for m in D.AGGREGATION_ONLY:
+            for m in distill.aggregation_only():
                 if m in pre.methods:
                     ax.plot(range(1, rounds + 1), acc_cube(pre)[i, :, pre.methods.index(m)].mean(0), ls="--",
                             color=colour[m], lw=1, label=f"{m} (no server data)")
@@ -282,7 +266,7 @@ if "pre-existing" in results:
     res = results["pre-existing"]
     tc = res.teacher_accuracy.reshape(len(seeds), len(alphas), len(res.methods), rounds).transpose(0, 1)
     for j, m in enumerate(res.methods):
-        if m in D.AGGREGATION_ONLY:
+        if m in distill.aggregation_only():
             continue
         teacher[m] = {f"alpha={a}": float(tc[i, :, j].mean()) for i, a in enumerate(alphas)}
 teacher_table = pd.DataFrame(teacher).T.round(3)
@@ -291,7 +275,7 @@ fig, axes = plt.subplots(1, 2, figsize=(9, 3))
 teacher_table.plot.bar(ax=axes[0], rot=0)
 axes[0].set_ylabel("teacher accuracy on server data")
 axes[0].set_ylim(0, 1)
-pd.Series(toy["weight_tv_to_oracle"]).plot.bar(ax=axes[1], rot=0, color="C2")
+pd.Series(toy.weight_tv_to_oracle).plot.bar(ax=axes[1], rot=0, color="C2")
 axes[1].set_ylabel("TV distance to oracle weights (toy)")
 savefig(fig, "01_teacher_quality")
 teacher_table
@@ -306,7 +290,7 @@ teacher_table
 
 # %%
 x1 = train.x[:8]
-Dm = setups["discriminator"]
+Dm = setups.discriminator
 with torch.no_grad():
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -318,8 +302,8 @@ over_args = dict(classifier_bytes=fl.state_bytes(clf), generator_bytes=fl.state_
                  discriminator_bytes=fl.state_bytes(Dm), n_clients=n_clients, n_k=n_k, local_epochs=local_epochs,
                  disc_epochs=disc_epochs, clf_flops=fl.train_flops_per_sample(clf, x1),
                  disc_flops=fl.train_flops_per_sample(Dm, x1), gen_forward_flops=gen_fwd)
-overhead = D.fedgo_overhead(rounds=rounds, **over_args)
-overhead_100 = D.fedgo_overhead(rounds=100, **over_args)
+overhead = fedgo.fedgo_overhead(rounds=rounds, **over_args)
+overhead_100 = fedgo.fedgo_overhead(rounds=100, **over_args)
 ledger = fl.CommLedger()
 ledger.log(fl.SETUP, "down", "generator", fl.state_bytes(G0), copies=n_clients)
 ledger.log(fl.SETUP, "up", "discriminator", fl.state_bytes(Dm), copies=n_clients)
@@ -327,7 +311,7 @@ for r in range(rounds):
     ledger.log(r, "down", "model", fl.state_bytes(clf), copies=n_clients)
     ledger.log(r, "up", "model", fl.state_bytes(clf), copies=n_clients)
 run.metrics["overhead"] = {"this_run": overhead, "at_100_rounds": overhead_100,
-                           "seconds": {**setups["seconds"], "rounds_all_methods": seconds_rounds}}
+                           "seconds": {**setups.seconds, "rounds_all_methods": seconds_rounds}}
 overhead_table = pd.DataFrame({f"this run ({rounds} rounds)": overhead, "same models, 100 rounds": overhead_100})
 
 # %%
@@ -399,7 +383,7 @@ for scen, res in results.items():
     mean = {m: acc_cube(res)[:, :, j, -1].mean(1) for j, m in enumerate(res.methods)}  # [alpha]
     if scen == "data-free" and "pre-existing" in results:  # FedAvg/FedProx are baselines here too
         pre = results["pre-existing"]
-        mean.update({m: acc_cube(pre)[:, :, pre.methods.index(m), -1].mean(1) for m in D.AGGREGATION_ONLY
+        mean.update({m: acc_cube(pre)[:, :, pre.methods.index(m), -1].mean(1) for m in distill.aggregation_only()
                      if m in pre.methods})
     if "fedgo" not in mean:
         continue
@@ -421,8 +405,8 @@ if "fedgo" in teacher and "feddf" in teacher:
               f"{fg:.3f} vs {un:.3f} on the server data ({', '.join(hetero)})", fg > un,
               note="mean over rounds and seeds")
 run.claim("FedGO's weights are closer to the oracle's than uniform weights (2-D toy)", "yes (toy figure)",
-          f"TV {toy['weight_tv_to_oracle']['fedgo']:.3f} vs {toy['weight_tv_to_oracle']['uniform']:.3f}",
-          toy["weight_tv_to_oracle"]["fedgo"] < toy["weight_tv_to_oracle"]["uniform"])
+          f"TV {toy.weight_tv_to_oracle['fedgo']:.3f} vs {toy.weight_tv_to_oracle['uniform']:.3f}",
+          toy.weight_tv_to_oracle["fedgo"] < toy.weight_tv_to_oracle["uniform"])
 ok = overhead["bytes_pct"] < 5 and overhead["flops_pct"] < 5
 run.claim("FedGO's extra communication and client compute are negligible (< 5 %)", "negligible",
           f"bytes {overhead['bytes_pct']:.1f} %, client FLOPs {overhead['flops_pct']:.1f} % "

@@ -87,12 +87,7 @@ from fedlib.utils import check_choice, resolve_device, seed_everything
 
 use_style()
 dev = resolve_device(device)
-run = Run("02_feddm", params=dict(
-    dataset=dataset, stand_in_data=stand_in_data, n_train=n_train, n_clients=n_clients, alpha=alpha, rounds=rounds,
-    local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum, mu=mu, bits=bits, down_bits=down_bits,
-    scheme=scheme, rounding=rounding, process=process, prediction=prediction, channels=channels,
-    channel_mults=channel_mults, n_evals=n_evals, n_eval=n_eval, n_reference=n_reference, sampler=sampler,
-    sample_steps=sample_steps, feature_steps=feature_steps, seeds=seeds, vmap_chunk=vmap_chunk, device=device))
+run = Run.start("02_feddm", globals())
 t_start = time.perf_counter()
 
 # %% [markdown]
@@ -159,18 +154,12 @@ evaluate = F.fd_evaluator(denoiser, feature_net, ref_stats, n_eval, sample_steps
                           seed=123, keep=final_samples)
 print(f"{len(groups)} models ({len(variants)} variants x {len(partitions)} partitions x {len(seeds)} seeds, central once "
       f"per seed); evaluated at rounds {eval_rounds}")
-# the same rounds, seeds and payloads on either backend; Flower only changes who runs them
-check_choice("backend", backend, ("inprocess", "flower"), fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
-if backend == "flower":
-    from fedlib import flower as FW
-
-    run_feddm = FW.run_feddm
-else:
-    run_feddm = F.run_feddm
 seed_everything(seeds[0])
 t0 = time.perf_counter()
-history = run_feddm(denoiser, groups, rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                      eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0], chunk_size=vmap_chunk or None)
+# the same rounds, seeds and payloads on either backend; Flower only changes who runs them
+history = F.run_feddm(denoiser, groups, rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
+                      eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0], chunk_size=vmap_chunk or None,
+                      backend=backend).history
 train_time = time.perf_counter() - t0
 hist = pd.DataFrame(history)
 client_steps = sum(rounds * local_steps * g.clients.n_clients for g in groups if not g.variant.central)

@@ -128,3 +128,69 @@ def test_errors_name_the_allowed_values():
         C.quantize_tensor(torch.tensor([float("nan")]))
     with pytest.raises(ValueError, match="'nearest', 'stochastic'"):
         C.Quantizer(8, rounding="floor")
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4, 8, 16]), n=st.integers(1, 100), cut=st.integers(1, 200), seed=st.integers(0, 99))
+def test_unpack_refuses_data_too_short_for_n_codes(bits, n, cut, seed):
+    codes = np.random.default_rng(seed).integers(0, 2**bits, size=n)
+    data = C.pack_bits(codes, bits)
+    short = data[: max(0, len(data) - cut)]
+    with pytest.raises(ValueError) as info:
+        C.unpack_bits(short, bits, n)
+    assert (f"needs {C.packed_size(n, bits)} bytes for n={n} codes of {bits} bits but got {len(short)}"
+            in str(info.value))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("bad", ["negative", "too_wide"])
+def test_pack_refuses_codes_that_would_wrap(bits, bad):
+    code = -1 if bad == "negative" else 2**bits  # 8 bits used to store 256 as 0, -1 as 255
+    with pytest.raises(ValueError) as info:
+        C.pack_bits(np.array([0, code, 1]), bits)
+    assert f"a code {code} does not fit in {bits} bits; allowed: integers 0..{2**bits - 1}" in str(info.value)
+    with pytest.raises(ValueError, match=rf"dtype float64; allowed: integers 0..{2**bits - 1}"):
+        C.pack_bits(np.array([0.0, 1.5]), bits)
+
+
+def _layout(bits):
+    g = torch.Generator().manual_seed(5)
+    params = {"conv.weight": torch.randn(6, 3, 3, 3, generator=g), "conv.bias": torch.randn(6, generator=g),
+              "odd": torch.randn(7, generator=g)}
+    q = C.quantize_params(params, bits, "channel")
+    ends, total = {}, 0
+    for n, t in q.items():
+        total += len(t.to_bytes())
+        ends[n] = total
+    return q, C.encode(q), ends
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([32, 16, 8, 4, 2]), data=st.data())
+def test_decode_of_a_truncated_byte_string_names_the_tensor_where_the_bytes_ran_out(bits, data):
+    q, blob, ends = _layout(bits)
+    keep = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(ValueError) as info:
+        C.decode(blob[:keep], q)
+    where = next(n for n, e in ends.items() if e > keep)
+    msg = str(info.value)
+    assert f"has {keep} bytes but the layout of 3 tensors needs {len(blob)}" in msg
+    assert f"run out in tensor {where!r}" in msg
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_decode_of_a_too_long_byte_string_says_how_much_is_left_over(bits):
+    q, blob, _ = _layout(bits)
+    with pytest.raises(ValueError, match=rf"has {len(blob) + 3} bytes but .* needs {len(blob)}: 3 bytes are left "
+                                         r"over after the last tensor 'odd'"):
+        C.decode(blob + b"abc", q)
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_dequantize_refuses_a_payload_that_does_not_match_its_shape(bits):
+    q = C.quantize_tensor(torch.randn(4, 5), bits, "channel")
+    q.payload = q.payload[:-1]
+    with pytest.raises(ValueError) as info:
+        C.dequantize_tensor(q)
+    assert f"shape (4, 5) at {bits} bits needs a {q.payload_size}-byte payload" in str(info.value)
+    assert f"got {q.payload_size - 1} bytes" in str(info.value)

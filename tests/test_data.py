@@ -200,3 +200,27 @@ def test_stratified_cap_keeps_small_sets_whole():
     tr = D.load_digits("train")
     assert tr.stratified(0) is tr and tr.stratified(5000) is tr
     assert len(tr.stratified(100)) == 100
+
+
+LABEL_TAKERS = {
+    "dirichlet_partition": lambda y: D.dirichlet_partition(y, 3, 0.5),
+    "shard_partition": lambda y: D.shard_partition(y, 3),
+    "partition_iid": lambda y: D.partition("iid", y, 3),
+    "partition_dirichlet": lambda y: D.partition("dirichlet", y, 3, alpha=0.5),
+    "fedgo_split": lambda y: D.fedgo_split(y, 3, 0.5),
+    "stratified_subset": lambda y: D.stratified_subset(y, 10),
+    "label_distribution": lambda y: D.label_distribution(y, [np.arange(5)]),
+    "ArrayDataset": lambda y: D.ArrayDataset(torch.zeros(60, 2), torch.as_tensor(y), 4),
+}
+
+
+@pytest.mark.parametrize("fn", sorted(LABEL_TAKERS))
+@pytest.mark.parametrize("shape", ["one_hot", "column", "scalar"])
+def test_labels_that_are_not_1d_are_refused(fn, shape):
+    y = np.arange(60) % 4
+    bad = {"one_hot": np.eye(4, dtype=np.int64)[y], "column": y[:, None], "scalar": np.array(3)}[shape]
+    with pytest.raises(ValueError) as info:
+        LABEL_TAKERS[fn](bad)
+    msg = str(info.value)
+    assert f"got shape {bad.shape}" in msg and "1-D class indices of shape [N]" in msg and "y.argmax(1)" in msg
+    LABEL_TAKERS[fn](y)  # the same labels as a 1-D array are fine

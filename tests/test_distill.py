@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from fedlib import datafree
 from fedlib import distill as D
+from fedlib import fedgo
 from fedlib import federated as fl
 from fedlib import models
 from fedlib import weighting as W
@@ -41,13 +43,13 @@ def test_kl_distill_matches_targets_and_vectorises():
     call = fl.functional(model)
     w0 = fl.get_params(model)
     before = D.kl_to_targets(call(w0, x), targets).mean()
-    w = D.kl_distill(model, w0, x, targets, steps=200, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    w = D.kl_distill_params(model, w0, x, targets, steps=200, lr=1e-2, generator=torch.Generator().manual_seed(0))
     after = D.kl_to_targets(call(w, x), targets).mean()
     assert after < 0.3 * before
     # two models in one vmap == one at a time (same batch indices)
     t2 = torch.stack([targets, targets.flip(0)])
-    both = D.kl_distill(model, fl.broadcast_params(w0, 2), x, t2, steps=20, generator=torch.Generator().manual_seed(1))
-    alone = D.kl_distill(model, w0, x, t2[1], steps=20, generator=torch.Generator().manual_seed(1))
+    both = D.kl_distill_params(model, fl.broadcast_params(w0, 2), x, t2, steps=20, generator=torch.Generator().manual_seed(1))
+    alone = D.kl_distill_params(model, w0, x, t2[1], steps=20, generator=torch.Generator().manual_seed(1))
     assert max((both[n][1] - alone[n]).abs().max().item() for n in alone) < 1e-5
 
 
@@ -55,7 +57,7 @@ def test_functional_adam_matches_torch():
     torch.manual_seed(0)
     model = models.MLP(2, 3, hidden=8)
     x, targets = torch.randn(32, 2), torch.softmax(torch.randn(32, 3), -1)
-    w = D.kl_distill(model, fl.get_params(model), x, targets, steps=5, lr=1e-2, batch_size=32,
+    w = D.kl_distill_params(model, fl.get_params(model), x, targets, steps=5, lr=1e-2, batch_size=32,
                      generator=torch.Generator().manual_seed(0))
     ref = models.MLP(2, 3, hidden=8)
     ref.load_state_dict(model.state_dict())
@@ -79,9 +81,9 @@ def test_discriminators_recover_density_ratio_direction():
     y = torch.cat([torch.zeros(150), torch.ones(60)]).long()
     clients = fl.pack_clients(x, y, [torch.arange(150), torch.arange(150, 210)])
     Dm = models.MLPDiscriminator(2, hidden=32)
-    dp = D.train_discriminators(Dm, D.GaussianSource(2, 3.0), clients, epochs=40, lr=0.05, generator=g)
+    dp = fedgo.train_discriminators(Dm, fedgo.GaussianSource(2, 3.0), clients, epochs=40, lr=0.05, generator=g)
     probe = centres
-    logits = D.discriminator_logits(Dm, dp, probe)  # [K=2, 2 points]
+    logits = fedgo.discriminator_logits(Dm, dp, probe)  # [K=2, 2 points]
     assert logits[0, 0] > logits[1, 0] and logits[1, 1] > logits[0, 1]
     a = W.fedgo_weights(logits, clients.n_k)
     assert a[0, 0] > 0.9 and a[1, 1] > 0.9
@@ -92,26 +94,26 @@ def test_discriminator_nan_is_a_clear_error():
     p = fl.broadcast_params(fl.get_params(Dm), 2)
     p["net.net.0.weight"][1] = float("nan")
     with pytest.raises(ValueError, match="discriminator produced NaN"):
-        D.discriminator_logits(Dm, p, torch.randn(3, 2))
+        fedgo.discriminator_logits(Dm, p, torch.randn(3, 2))
 
 
 def test_gan_and_dense_run_and_shapes():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 1, 8, 8) * 2 - 1
     G = models.make_generator((1, 8, 8), z_dim=8)
-    D.train_gan(x, G, models.make_discriminator((1, 8, 8)), steps=3, batch_size=16, generator=g)
-    assert D.sample(G, 10, g).shape == (10, 1, 8, 8)
+    fedgo.train_gan(x, G, models.make_discriminator((1, 8, 8)), steps=3, batch_size=16, generator=g)
+    assert fedgo.sample(G, 10, g).shape == (10, 1, 8, 8)
     clf = models.SmallCNN(1, 10, width=4)
     clients = fl.broadcast_params(fl.get_params(clf), 3)
     Gd = models.make_generator((1, 8, 8), z_dim=8 + 10)
-    w = D.dense_distill(clf, fl.get_params(clf), clients, Gd, 10, steps=2, batch_size=8, generator=g)
+    w = datafree.dense_distill(clf, fl.get_params(clf), clients, Gd, 10, steps=2, batch_size=8, generator=g)
     assert set(w) == set(fl.get_params(clf))
 
 
 def test_fedgo_overhead_shrinks_with_rounds():
     kw = dict(classifier_bytes=1000, generator_bytes=3000, discriminator_bytes=500, n_clients=10, n_k=[50] * 10,
               local_epochs=1, disc_epochs=2, clf_flops=100.0, disc_flops=40.0, gen_forward_flops=10.0)
-    few, many = D.fedgo_overhead(rounds=5, **kw), D.fedgo_overhead(rounds=500, **kw)
+    few, many = fedgo.fedgo_overhead(rounds=5, **kw), fedgo.fedgo_overhead(rounds=500, **kw)
     assert few["extra_bytes"] == 10 * 3500 and few["training_bytes"] == 2 * 1000 * 10 * 5
     assert many["bytes_pct"] < few["bytes_pct"] and many["flops_pct"] < few["flops_pct"]
     assert few["extra_client_flops"] == 500 * 2 * (80 + 10)

@@ -179,6 +179,19 @@ def test_backward_simulation_matches_inference_chain():
     assert not sim.requires_grad
 
 
+@pytest.mark.parametrize("bad,match", [(math.nan, r"times\[1\]=nan"), (-0.25, r"times\[1\]=-0\.25"),
+                                       (1.5, "strictly decreasing")])
+def test_sample_student_refuses_times_it_cannot_use(bad, match):
+    process = VP("linear")
+    gen = _den(Affine(0.7, 0.3))
+    times = dmd2.student_times(process, 3)
+    times[1] = bad
+    with pytest.raises(ValueError, match=match) as info:
+        dmd2.sample_student(gen, torch.randn(4, 2), times)
+    if bad != 1.5:
+        assert "allowed: finite times >= 0" in str(info.value)
+
+
 def test_fake_score_loss_does_not_reach_the_generator():
     gen, fake = _den(Affine(0.5, 0.1)), _den(Affine(1.0))
     x = gen(torch.randn(4, 2), torch.full((4,), 1.0))

@@ -8,6 +8,7 @@ import torch
 from fedlib import compression as C
 from fedlib import data as D
 from fedlib import feddm as F
+from fedlib.compression import Quantizer
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def _round(setup, variants, vectorised=True, r=1, groups=None):
 
 
 def test_vectorised_round_equals_sequential_reference(setup):
-    variants = [F.Variant("vanilla"), F.Variant("prox", mu=0.1), F.Variant("q8", bits=8), F.Variant("central", central=True)]
+    variants = [F.Variant("vanilla"), F.Variant("prox", mu=0.1), F.Variant("q8", uplink=Quantizer(8)), F.Variant("central", central=True)]
     sizes = [len(p) for p in setup[3]["dirichlet"][0]]
     assert len(set(sizes)) > 1
     vec, seq = _round(setup, variants, True), _round(setup, variants, False)
@@ -57,8 +58,8 @@ def test_prox_with_mu_zero_is_fedavg_and_mu_pulls_towards_global(setup):
 
 def test_quantised_uplink_counts_its_payload_and_stays_close_to_vanilla(setup):
     # one run per variant so that all draw the same noise and the differences are the quantisation's
-    groups = [_round(setup, [v])[0] for v in (F.Variant("vanilla"), F.Variant("q16", bits=16),
-                                               F.Variant("q8", bits=8), F.Variant("q4", bits=4, scheme="channel"))]
+    groups = [_round(setup, [v])[0] for v in (F.Variant("vanilla"), F.Variant("q16", uplink=Quantizer(16)),
+                                               F.Variant("q8", uplink=Quantizer(8)), F.Variant("q4", uplink=Quantizer(4, "channel")))]
     w0 = setup[2][0]
     n_params = sum(p.numel() for p in w0.values())
     n_tensors = len(w0)
@@ -77,7 +78,7 @@ def test_quantised_uplink_counts_its_payload_and_stays_close_to_vanilla(setup):
 
 
 def test_quantised_downlink_server_equals_client_reconstruction(setup):
-    v = F.Variant("q8 down8", bits=8, down_bits=8)
+    v = F.Variant("q8 down8", uplink=Quantizer(8), downlink=Quantizer(8))
     groups = _groups(setup, [v])
     g = groups[0]
     start = {n: p.clone() for n, p in g.params.items()}
@@ -107,3 +108,35 @@ def test_make_variants_names_and_kinds():
     vs = F.make_variants(mu=(0.0, 0.01, 0.1), bits=(32, 8, 4), down_bits=8)
     assert [v.kind for v in vs] == ["vanilla", "prox", "prox", "quant", "quant", "central"]
     assert vs[3].name == "quant 8-bit (down 8)"
+    assert vs[3].uplink == Quantizer(8) and vs[3].downlink == Quantizer(8) and vs[0].uplink is None
+
+
+def test_upload_and_receive_are_the_wire_format(setup):
+    """The payload a client sends decodes, from its bytes alone, to what the server aggregates."""
+    w0 = setup[2][0]
+    w_k = {n: p + 0.01 * torch.randn_like(p) for n, p in w0.items()}
+    plain = F.upload(w_k, w0, None)
+    assert plain.n_bytes == C.float32_bytes(w0) and F.receive(plain, w0, None) is w_k
+    up = F.upload(w_k, w0, Quantizer(8))
+    assert up.n_bytes == len(up.blob) < plain.n_bytes / 3.5
+    update = F.receive(up, w0, Quantizer(8))
+    for n in w0:
+        torch.testing.assert_close(update[n], w_k[n] - w0[n], rtol=0, atol=0.02 * float((w_k[n] - w0[n]).abs().max()) + 1e-8)
+    with pytest.raises(ValueError, match="expected"):
+        F.receive(F.Upload(up.n_bytes - 1, blob=up.blob[:-1]), w0, Quantizer(8))
+
+
+def test_aggregate_leaves_out_clients_not_accepted_and_keeps_a_group_with_none(setup):
+    g = _groups(setup, [F.Variant("vanilla")])[0]
+    w0 = {n: p.clone() for n, p in g.params.items()}
+    received = [{n: p + k for n, p in w0.items()} for k in range(3)]
+    n_k = g.clients.n_k.double()
+    events = []
+    F.aggregate(g, 1, received, [4] * 3, [True, False, True], on_event=lambda *a: events.append(a))
+    w = (n_k[0] * 0 + n_k[2] * 2) / (n_k[0] + n_k[2])
+    for n in w0:
+        torch.testing.assert_close(g.params[n], w0[n] + float(w))
+    assert g.ledger.total("up", round=1) == 8 and not events
+    before = {n: p.clone() for n, p in g.params.items()}
+    F.aggregate(g, 2, [None] * 3, [0] * 3, [False] * 3, on_event=lambda *a: events.append(a))
+    assert all(torch.equal(before[n], g.params[n]) for n in before) and events[0][1] == "group-kept"

@@ -138,6 +138,10 @@ def test_fedavg_weights_by_sample_count():
     assert torch.allclose(grouped["a"][0], avg["a"]) and torch.allclose(grouped["a"][1], avg["a"])
     with pytest.raises(ValueError, match="n_k has 2 entries"):
         fl.fedavg(stacked, torch.tensor([1, 2]))
+    for bad in (float("nan"), float("inf"), -1.0, 0.0):  # each would give NaN or negative weights
+        for groups in (None, 1):
+            with pytest.raises(ValueError, match=rf"n_k\[2\]={bad!r} .*allowed: finite counts, each must be > 0"):
+                fl.fedavg(stacked, torch.tensor([1.0, 1.0, bad]), groups=groups)
 
 
 def test_pack_clients_errors():

@@ -20,7 +20,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from fedlib import data as D  # noqa: E402
 from fedlib import distill as DS  # noqa: E402
 from fedlib import federated as fl  # noqa: E402
+from fedlib import fedgo  # noqa: E402
 from fedlib import models as Mo  # noqa: E402
+from fedlib import weighting as W  # noqa: E402
+from fedlib.flower import records as R  # noqa: E402
+
+
+@W.register("tempered_fedgo", method="tempered_fedgo")
+def tempered_fedgo(disc_logits, n_k):
+    """A rule registered by a user: FedGO's odds with their logits halved (a tempered posterior)."""
+    return W.fedgo_weights(0.5 * disc_logits, n_k)
 
 ATOL = 1e-5
 K = 4
@@ -37,7 +46,8 @@ def problem():
 
 
 ROUNDS = dict(local_epochs=1, distill_steps=5, batch_size=32, lr=0.05, momentum=0.9)
-METHODS = ("fedavg", "fedprox", "fedgo")
+# the last one is the rule registered above: one function + one registry entry runs on both drivers
+METHODS = ("fedavg", "fedprox", "fedgo", "tempered_fedgo")
 FAULTS = {(3, 1): "raise", (3, 2): "nan", (3, 3): "shape"}  # round 3 only: rounds 1-2 are the equivalence
 
 
@@ -48,17 +58,17 @@ def both(problem):
     third round in which client 1 raises, client 2 sends a NaN and client 3 a wrongly shaped tensor."""
     p = problem
     init = fl.get_params(p["model"])
-    d_k = DS.train_discriminators(p["D"], p["G"], p["clients"], epochs=1, generator=torch.Generator().manual_seed(1))
+    d_k = fedgo.train_discriminators(p["D"], p["G"], p["clients"], epochs=1, generator=torch.Generator().manual_seed(1))
     setup = DS.Setup(p["clients"], p["server_x"], p["test"].x[:200], p["test"].y[:200],
-                     disc_logits=DS.discriminator_logits(p["D"], d_k, p["server_x"]))
+                     disc_logits=fedgo.discriminator_logits(p["D"], d_k, p["server_x"]))
     g = torch.Generator().manual_seed(2)
     ref = DS.run_rounds(p["model"], [setup], METHODS, rounds=2, init=init, generator=g, **ROUNDS)
     start = {n: q.repeat_interleave(K, dim=0) for n, q in ref.params.items()}  # round 3, every method
     mu_k = torch.tensor([0.01 if m == "fedprox" else 0.0 for m in METHODS for _ in range(K)])
-    local3 = fl.local_train(p["model"], start, p["clients"].repeat(3), epochs=1, lr=0.05, momentum=0.9, mu=mu_k,
-                            batch_size=32, generator=g)
+    local3 = fl.local_train(p["model"], start, p["clients"].repeat(len(METHODS)), epochs=1, lr=0.05, momentum=0.9,
+                            mu=mu_k, batch_size=32, generator=g)
     setup_f = DS.Setup(p["clients"], p["server_x"], p["test"].x[:200], p["test"].y[:200])
-    res = FW.run_rounds(p["model"], [setup_f], METHODS, rounds=3, init=init,
+    res = DS.run_rounds(p["model"], [setup_f], METHODS, rounds=3, init=init, backend="flower",
                         generator=torch.Generator().manual_seed(2),
                         exchange=FW.FedGOExchange(p["D"], p["G"], epochs=1, generator=torch.Generator().manual_seed(1)),
                         options=FW.FlowerOptions(ray_num_cpus=2, object_store_mb=256, faults=FAULTS, keep_params=True),
@@ -66,38 +76,40 @@ def both(problem):
     return ref, res, setup, setup_f, local3
 
 
-def test_flower_equals_inprocess_fedavg_fedprox_fedgo(both):
+def test_flower_equals_inprocess_fedavg_fedprox_fedgo_and_a_registered_rule(both):
     ref, res, setup, setup_f, _ = both
-    assert [e for e in res.flower.events if e["round"] != 3] == []
+    assert [e for e in res.report.events if e["round"] != 3] == []
     assert torch.allclose(setup_f.disc_logits, setup.disc_logits, atol=1e-4)  # D_k uploaded == trained in-process
-    after2 = res.flower.params[1]
-    for n in ref.params:  # [methods, ...]: FedAvg, FedProx and FedGO global models after round 2
+    after2 = res.report.params[1]
+    for n in ref.params:  # [methods, ...]: FedAvg, FedProx, FedGO and the registered rule after round 2
         assert torch.allclose(after2[n], ref.params[n], atol=ATOL, rtol=0), n
     assert torch.equal(res.accuracy[..., :2], ref.accuracy)
+    fg, tf = METHODS.index("fedgo"), METHODS.index("tempered_fedgo")
+    assert not torch.equal(ref.params["head.weight"][fg], ref.params["head.weight"][tf]), "the new rule did something"
 
 
 def test_flower_byte_counts(both, problem):
     _, res, _, _, _ = both
-    led = res.flower.ledger
+    led = res.report.ledger
     model_bytes = fl.state_bytes(problem["model"])
-    # rounds 1-2, three methods: the model down and up for every client and round
-    assert led.total(item="model", round=1) + led.total(item="model", round=2) == 3 * fl.rounds_bytes(model_bytes, K, 2)
-    extra = DS.fedgo_overhead(classifier_bytes=model_bytes, generator_bytes=fl.state_bytes(problem["G"]),
+    M = len(METHODS)  # rounds 1-2, every method: the model down and up for every client and round
+    assert led.total(item="model", round=1) + led.total(item="model", round=2) == M * fl.rounds_bytes(model_bytes, K, 2)
+    extra = fedgo.fedgo_overhead(classifier_bytes=model_bytes, generator_bytes=fl.state_bytes(problem["G"]),
                               discriminator_bytes=fl.state_bytes(problem["D"]), n_clients=K, rounds=2,
                               n_k=problem["clients"].n_k, local_epochs=1, disc_epochs=1, clf_flops=1.0,
                               disc_flops=1.0, gen_forward_flops=1.0)["extra_bytes"]
     assert led.total(round=fl.SETUP) == extra
     # round 3: everything went down; only what was accepted or parsed came up (client 0 per method, plus
     # the NaN reply, which parses and is then rejected; the failed client sent nothing)
-    assert led.total(round=3, direction="down") == 3 * K * model_bytes
-    assert led.total(round=3, direction="up") == 3 * 2 * model_bytes + 3 * (model_bytes - 4)
+    assert led.total(round=3, direction="down") == M * K * model_bytes
+    assert led.total(round=3, direction="up") == M * 2 * model_bytes + M * (model_bytes - 4)
     # Flower's serialised records are a little larger (a numpy header per array), never smaller
-    assert res.flower.wire.total() > led.total()
+    assert res.report.wire.total() > led.total()
 
 
 def test_failing_and_bad_clients_are_left_out_and_weights_renormalise(both, problem, caplog):
     _, res, _, _, local3 = both
-    ev = [e for e in res.flower.events if e["round"] == 3]
+    ev = [e for e in res.report.events if e["round"] == 3]
     kinds = {(e["kind"], e["partition"]) for e in ev}
     assert kinds == {("failed", 1), ("rejected", 2), ("rejected", 3)}, ev
     assert all("injected failure" in e["reason"] for e in ev if e["kind"] == "failed")
@@ -105,7 +117,7 @@ def test_failing_and_bad_clients_are_left_out_and_weights_renormalise(both, prob
     assert "non-finite" in reasons[2] and "shape" in reasons[3]
     # the round completed with client 0 alone: its FedAvg (and FedProx) weight renormalises to 1
     n_k = problem["clients"].n_k
-    for e in (0, 1):
+    for e in (0, 1):  # FedAvg, FedProx
         expect = fl.fedavg(fl.index_params(local3, slice(e * K, e * K + 1)), n_k[:1])
         for n in expect:
             assert torch.allclose(res.params[n][e], expect[n], atol=ATOL, rtol=0), (METHODS[e], n)
@@ -120,32 +132,50 @@ def test_faults_are_logged(problem, caplog):
 
 
 # ------------------------------------------------------------------------------------------------
-# the strategy alone (no Ray): timeouts, renormalised weights, malformed replies
-def _strategy(template, n_k, captured):
-    rows = [FW.Row(k, k, k, template) for k in range(len(n_k))]
+# the strategy and the FedGO exchange alone (no Ray): timeouts, renormalised weights, malformed replies
+@pytest.fixture
+def run_id(monkeypatch):
+    """Messages need a run id; the ServerApp sets it inside a simulation, a unit test sets it here (so
+    every test in this file passes alone)."""
+    from flwr.supercore.task_identity import TaskIdentity
 
-    def update(r, rows_, local, accepted):
-        captured["accepted"] = accepted
-        captured["global"] = fl.fedavg(fl.index_params(local, torch.nonzero(accepted).squeeze(1)),
-                                       torch.tensor(n_k)[accepted])
-
-    return FW.RowStrategy(lambda r: (rows, {}), update, template, {k: 100 + k for k in range(len(n_k))},
-                          FW.FlowerReport(), torch.Generator().manual_seed(0))
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-def _reply(to, params, row, n):
+class _Strategy(FW.RoundStrategy):
+    def __init__(self, template, n_k, captured):
+        super().__init__(template, {k: 100 + k for k in range(len(n_k))}, FW.FlowerReport(),
+                         torch.Generator().manual_seed(0))
+        self.n_k, self.captured = n_k, captured
+
+    def tasks(self, server_round):
+        return [FW.Task(k, k, k, self.template) for k in range(len(self.n_k))], {}
+
+    def server_step(self, server_round, tasks, local, accepted):
+        self.captured["accepted"] = accepted
+        self.captured["global"] = fl.fedavg(fl.index_params(local, torch.nonzero(accepted).squeeze(1)),
+                                            torch.tensor(self.n_k)[accepted])
+
+
+def _sent(messages):
+    for k, m in enumerate(messages):  # what the grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = f"m{k}"
+    return messages
+
+
+def _reply(to, params, row, n=1):
     metrics = MetricRecord({"row": row, "num-examples": n})
     return Message(RecordDict({"arrays": FW.to_record(params), "metrics": metrics}), reply_to=to)
 
 
-def test_strategy_timeout_error_and_malformed_replies():
+def test_strategy_timeout_error_and_malformed_replies(run_id):
     template = {"w": torch.zeros(3), "b": torch.zeros(1)}
     n_k = [10, 30, 20, 40, 5]
     captured = {}
-    st = _strategy(template, n_k, captured)
-    sent = list(st.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None))
-    for k, m in enumerate(sent):  # what the grid does when it pushes them
-        m.metadata.__dict__["_message_id"] = f"m{k}"
+    st = _Strategy(template, n_k, captured)
+    sent = _sent(list(st.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)))
     assert [int(m.content["config"]["skip"]) for m in sent] == list(range(5))
     ok = {"w": torch.ones(3), "b": torch.ones(1)}
     replies = [
@@ -168,13 +198,80 @@ def test_strategy_timeout_error_and_malformed_replies():
     assert FW.check_update(ok, template) is None
 
 
+def test_replies_are_matched_to_the_message_not_to_what_the_client_claims(run_id):
+    template = {"w": torch.zeros(2)}
+    n_k = [10, 1000, 20]
+    captured = {}
+    st = _Strategy(template, n_k, captured)
+    sent = _sent(list(st.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)))
+    st.aggregate_train(1, [
+        _reply(sent[0], {"w": torch.ones(2)}, 0, 10),
+        _reply(sent[2], {"w": torch.full((2,), 9.0)}, 1, 1000),   # answers client 2's message, claims client 1
+        _reply(sent[0], {"w": torch.full((2,), 5.0)}, 0, 10),     # a second reply to client 0's message
+        Message(RecordDict({"metrics": MetricRecord({"row": 1})}), reply_to=sent[1]),  # no arrays
+    ])
+    assert captured["accepted"].tolist() == [True, False, False]
+    assert torch.equal(captured["global"]["w"], torch.ones(2)), "the first reply of client 0 only, its own n_k"
+    reasons = {e["row"]: e["reason"] for e in st.report.events if e["kind"] == "rejected"}
+    assert "claims row 1 but answers the message sent for row 2" in reasons[2]
+    assert "second reply" in reasons[0] and "lacks arrays" in reasons[1]
+    # a reply to a message this round never sent is refused, not attributed to anybody
+    stray = Message(RecordDict({"arrays": FW.to_record(template), "metrics": MetricRecord({"row": 0})}),
+                    reply_to=sent[0])
+    stray.metadata.__dict__["_reply_to_message_id"] = "m99"
+    st2 = _Strategy(template, n_k, {})
+    sent2 = _sent(list(st2.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)))
+    got = FW.collect_replies(sent2, st2._tasks, [stray], st2.decode, template, st2.report, 1)
+    assert got == {} and "did not send" in st2.report.events[0]["reason"]
+
+
+class _FakeGrid:
+    """Gives every message an id and answers with what the test says each client sends."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def send_and_receive(self, messages, timeout=None):
+        _sent(messages)
+        return [r for k, m in enumerate(messages) for r in self.answer(k, m)]
+
+
+def test_the_fedgo_exchange_validates_replies_like_training_replies(run_id, problem):
+    p = problem
+    setup = DS.Setup(p["clients"], p["server_x"][:32], p["test"].x[:8], p["test"].y[:8])
+    d0 = fl.get_params(p["D"])
+    good = {n: t + 0.01 for n, t in d0.items()}
+
+    def answer(k, m):
+        if k == 0:
+            return [_reply(m, good, 0)]
+        if k == 1:  # metrics missing
+            return [Message(RecordDict({"arrays": FW.to_record(good)}), reply_to=m)]
+        if k == 2:  # claims to be client 0
+            return [_reply(m, good, 0)]
+        return [_reply(m, good, 3), _reply(m, {n: t * 0 for n, t in d0.items()}, 3)]  # twice
+
+    rep = FW.FlowerReport()
+    ex = FW.FedGOExchange(p["D"], p["G"], epochs=1)
+    from fedlib.flower.simulation import _fedgo_exchange
+
+    arrived = _fedgo_exchange(_FakeGrid(answer), {k: k for k in range(K)}, ex, [setup], K, rep,
+                              FW.FlowerOptions())
+    assert arrived[0].tolist() == [True, False, False, True]
+    kinds = {(e["kind"], e["row"]) for e in rep.events}
+    assert kinds == {("rejected", 1), ("rejected", 2), ("rejected", 3)}
+    assert setup.disc_logits.shape == (K, 32) and torch.isfinite(setup.disc_logits).all()
+    expect = fedgo.discriminator_logits(p["D"], fl.stack_params([good] * K), setup.server_x)
+    assert torch.allclose(setup.disc_logits[3], expect[3]), "the first of the duplicate replies counts"
+
+
 def test_seed_skipping_reproduces_local_train_per_client():
     """Client k alone with the round generator skipped k seeds == row k of local_train over K clients."""
     g = torch.Generator().manual_seed(5)
-    state = FW._state(g)
+    state = R.rng_state(g)
     seeds = [c.initial_seed() for c in fl.client_generators(g, 6)]
     for k in range(6):
-        assert fl.client_generators(FW._skip_seeds(state, k), 1)[0].initial_seed() == seeds[k]
+        assert fl.client_generators(R.skip_seeds(state, k), 1)[0].initial_seed() == seeds[k]
 
 
 @pytest.mark.slow
@@ -186,13 +283,14 @@ def test_feddm_on_flower_equals_inprocess(request):
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("slow: run with -m slow")
     from fedlib import feddm as F
+    from fedlib.compression import Quantizer
 
     ds = D.load_digits("train")
     parts = D.iid_partition(300, 3, seed=0)
 
     def build():
         den = F.make_denoiser(channels=8, channel_mults=(1,), seed=0)
-        variants = [F.Variant("vanilla"), F.Variant("prox", mu=0.01), F.Variant("quant 8-bit", bits=8),
+        variants = [F.Variant("vanilla"), F.Variant("prox", mu=0.01), F.Variant("quant 8-bit", uplink=Quantizer(8)),
                     F.Variant("central", central=True)]
         return den, F.build_groups(den, ds.x[:300], ds.y[:300], {"iid": [parts]}, variants, [0],
                                    {0: F.params_of(den)})
@@ -201,12 +299,12 @@ def test_feddm_on_flower_equals_inprocess(request):
     den, ref = build()
     F.run_feddm(den, ref, 2, **kw)
     den2, got = build()
-    FW.run_feddm(den2, got, 2, options=FW.FlowerOptions(ray_num_cpus=2), **kw)
-    assert FW.run_feddm.last_report.events == []
+    res = F.run_feddm(den2, got, 2, backend="flower", options=FW.FlowerOptions(ray_num_cpus=2), **kw)
+    assert res.report.events == []
     for a, b in zip(ref, got):
-        tol = 1e-5 if a.variant.bits < 32 else ATOL
+        tol = 1e-5 if a.variant.uplink else ATOL
         for n in a.params:
             assert torch.allclose(a.params[n], b.params[n], atol=tol, rtol=0), (a.label, n)
         assert a.ledger.per_round() == b.ledger.per_round(), a.label
-    quant = next(g for g in got if g.variant.bits == 8)
+    quant = next(g for g in got if g.variant.uplink)
     assert quant.ledger.total("up") < 0.3 * next(g for g in got if g.variant.name == "vanilla").ledger.total("up")

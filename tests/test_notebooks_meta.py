@@ -35,5 +35,7 @@ def test_paired_source_is_in_sync(name):
     assert source.exists(), f"{source.name}: the jupytext source must be committed beside the notebook"
     from_py = jupytext.read(source)
     from_nb = nbformat.read(NOTEBOOKS[name], as_version=4)
-    strip = lambda cells: [(c.cell_type, c.source.strip()) for c in cells]  # noqa: E731
-    assert strip(from_py.cells) == strip(from_nb.cells), "run `make notebook NB=...` to re-sync the pair"
+    strip = lambda cells: [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", [])))  # noqa: E731
+                           for c in cells]
+    assert strip(from_py.cells) == strip(from_nb.cells), \
+        "the .ipynb is not the .py's inputs and tags: run `make notebook NB=...` (it converts the .py afresh)"

@@ -76,6 +76,13 @@ def test_bad_input_is_refused_before_anything_runs(args, message, tmp_path, caps
     assert not any(tmp_path.iterdir()), "nothing may run when the input is refused"
 
 
+def test_an_extra_set_without_names_selects_the_notebooks_that_have_it():
+    plan = runner.build_plan([], "fashion_mnist", [], None)
+    assert [n for n, _ in plan] == [n for n in runner.notebooks() if "fashion_mnist" in runner.parameter_sets(n)]
+    with pytest.raises(runner.UsageError, match="no notebook has a parameter set 'nosuch'"):
+        runner.build_plan([], "nosuch", [], None)
+
+
 def test_all_problems_are_reported_at_once(capsys):
     assert runner.main(["reproduce", "01", "-p", "alphas=[]", "-p", "seeds=[]", "-p", "rounds=0"]) == 2
     err = capsys.readouterr().err

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedlib.diffusion import EDM, VP, get_sampler, nfe_for_steps, schedule
+from fedlib.diffusion import EDM, SAMPLERS, VP, get_sampler, nfe_for_steps, schedule
 
 MU = torch.tensor([0.5, -0.3, 0.1, 0.2], dtype=torch.float64)
 S = torch.tensor([0.5, 0.2, 1.0, 0.5], dtype=torch.float64)
@@ -112,6 +112,31 @@ def test_network_times_shape_is_checked():
                              torch.tensor([80.0, 0.01]))
 
 
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("which", ["times", "network_times"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, -0.5])
+@pytest.mark.parametrize("pos", [0, 2, 4])
+def test_non_finite_or_negative_times_are_refused_before_any_evaluation(name, which, value, pos):
+    p = EDM()
+    times = schedule("edm", p, 4)
+    tn = times.clone()
+    (times if which == "times" else tn)[pos] = value
+    den = GaussianDenoiser(p)
+    with pytest.raises(ValueError) as info:
+        get_sampler(name)(den, torch.randn(2, 4, dtype=torch.float64), times, tn)
+    msg = str(info.value)
+    assert f"{which}[{pos}]={value!r}" in msg and "allowed: finite times >= 0" in msg
+    assert den.calls == 0
+
+
+def test_a_final_time_of_zero_is_still_allowed_and_detected():
+    from fedlib.diffusion.samplers import check_grid
+
+    t = torch.tensor([80.0, 1.0, 0.0])
+    assert check_grid(t)[2] is True and check_grid(t[:2])[2] is False
+    assert check_grid(t[2:], min_points=1)[2] is True
+
+
 @pytest.mark.parametrize("name", ["euler", "heun", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "ipndm", "unipc"])
 def test_differentiable_with_respect_to_times(name):
     p = EDM()
@@ -172,3 +197,11 @@ def test_karras_sigmas_is_the_edm_grid_everywhere():
     assert s[0] == pytest.approx(p.t_max) and s[-1] == pytest.approx(p.t_min) and (s[1:] < s[:-1]).all()
     assert torch.allclose(schedule("edm", p, 8), s)
     assert torch.allclose(dmd2.t_from_noise_fraction(p, 1 - u), s)
+
+
+@pytest.mark.parametrize("t_max,t_min", [(math.nan, 0.002), (80.0, math.nan), (math.inf, 0.002), (80.0, -0.1),
+                                         (1.0, 2.0)])
+def test_schedule_refuses_a_range_it_cannot_span(t_max, t_min):
+    with pytest.raises(ValueError) as info:
+        schedule("edm", EDM(), 5, t_max=t_max, t_min=t_min)
+    assert f"t_max={t_max!r}, t_min={t_min!r}" in str(info.value) and "0 <= t_min < t_max" in str(info.value)

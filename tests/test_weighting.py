@@ -19,7 +19,7 @@ def _inputs(K, N, C, seed):
 
 @settings(max_examples=25, deadline=None)
 @given(K=st.integers(1, 6), N=st.integers(1, 20), C=st.integers(2, 5), seed=st.integers(0, 10_000),
-       name=st.sampled_from(W.WEIGHTINGS))
+       name=st.sampled_from(list(W.RULES)))
 def test_every_rule_is_a_distribution_over_clients(K, N, C, seed, name):
     inp = _inputs(K, N, C, seed)
     a = W.compute_weights(name, inp.pop("logits"), **inp)
@@ -99,3 +99,15 @@ def test_bad_input_errors():
         W.compute_weights("uniform", torch.zeros(3, 4))
     with pytest.raises(ValueError, match="must be > 0"):
         W.compute_weights("fedgo", inp["logits"], disc_logits=inp["disc_logits"], n_k=torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("name", ["sample_count", "fedgo", "oracle"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), -3.0, 0.0])
+def test_counts_that_are_not_finite_and_positive_are_refused(name, value):
+    inp = _inputs(3, 4, 5, 0)
+    n_k = torch.tensor([5.0, value, 2.0])
+    with pytest.raises(ValueError) as info:
+        W.compute_weights(name, inp["logits"], n_k=n_k, disc_logits=inp["disc_logits"],
+                          log_densities=inp["log_densities"])
+    assert f"n_k[1]={value!r} (1 of 3 entries bad)" in str(info.value)
+    assert "allowed: finite counts, each must be > 0" in str(info.value)

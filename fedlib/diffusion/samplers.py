@@ -43,26 +43,45 @@ import torch
 from ..utils import check_choice
 
 
+def check_grid(times, network_times=None, device=None, min_points: int = 2):
+    """``times`` (and ``network_times``) as tensors on ``device``, refused unless 1-D with at least
+    ``min_points`` points, every value finite and >= 0, ``times`` strictly decreasing and
+    ``network_times`` of the same shape. Returns ``(times, network_times, t_N == 0)``.
+
+    All value checks read one combined mask back to the host: the one host synchronisation of a
+    solve (NaN compares False, so without the finiteness check a NaN grid passes the order check
+    and every sample comes out NaN)."""
+    times = torch.as_tensor(times, device=device)
+    if times.ndim != 1 or len(times) < min_points:
+        raise ValueError(f"times must be a 1-D tensor of at least {min_points} time points, got shape "
+                         f"{tuple(times.shape)}")
+    tn = times if network_times is None else torch.as_tensor(network_times, device=times.device)
+    if tn.shape != times.shape:
+        raise ValueError(f"network_times has shape {tuple(tn.shape)} but times has {tuple(times.shape)}; "
+                         "pass one network time per time point (or None)")
+    n = len(times)
+    flags = torch.cat([~torch.isfinite(times) | (times < 0), ~torch.isfinite(tn) | (tn < 0),
+                       times[1:] >= times[:-1], times[-1:] == 0]).cpu()  # the one host sync of a solve
+    for name, t, bad in (("times", times, flags[:n]), ("network_times", tn, flags[n:2 * n])):
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{name}[{i}]={float(t[i])!r} ({int(bad.sum())} of {n} points bad); allowed: finite "
+                             "times >= 0 (t_N = 0 is fine). Build grids with fedlib.diffusion.schedules, or look "
+                             "for the NaN or negative step in what computed these times.")
+    order = flags[2 * n:3 * n - 1]
+    if order.any():
+        i = int(order.nonzero()[0])
+        raise ValueError(f"times must be strictly decreasing (noisy -> clean), but times[{i}]={float(times[i]):.6g} "
+                         f"<= times[{i + 1}]={float(times[i + 1]):.6g}. Build grids with fedlib.diffusion.schedules "
+                         "or flip an increasing grid with times.flip(0).")
+    return times, tn, bool(flags[-1])
+
+
 class _Grid:
     """Per-step quantities of a time grid, float64, differentiable."""
 
     def __init__(self, denoiser, x: torch.Tensor, times, network_times):
-        times = torch.as_tensor(times, device=x.device)
-        if times.ndim != 1 or len(times) < 2:
-            raise ValueError(f"times must be a 1-D tensor of at least 2 time points, got shape {tuple(times.shape)}")
-        tn = times if network_times is None else torch.as_tensor(network_times, device=x.device)
-        if tn.shape != times.shape:
-            raise ValueError(f"network_times has shape {tuple(tn.shape)} but times has {tuple(times.shape)}; "
-                             "pass one network time per time point (or None)")
-        diffs = times[1:] - times[:-1]
-        ok_zero = (times[-1] == 0)
-        bad = torch.nonzero(diffs >= 0)  # the one host sync of a solve
-        if len(bad):
-            i = int(bad[0])
-            raise ValueError(f"times must be strictly decreasing (noisy -> clean), but times[{i}]={float(times[i]):.6g} "
-                             f"<= times[{i + 1}]={float(times[i + 1]):.6g}. Build grids with fedlib.diffusion.schedules "
-                             "or flip an increasing grid with times.flip(0).")
-        self.final_zero = bool(ok_zero)
+        times, tn, self.final_zero = check_grid(times, network_times, x.device)
         p = denoiser.process
         t64 = times.double()
         self.times, self.network_times = times, tn

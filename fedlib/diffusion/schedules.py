@@ -14,6 +14,8 @@ All are float64 tensors with exactly t_max first and t_min last.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..utils import check_choice
@@ -37,8 +39,9 @@ def schedule(name: str, process, n_steps: int, t_max: float | None = None, t_min
         raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
     t_max = process.t_max if t_max is None else float(t_max)
     t_min = process.t_min if t_min is None else float(t_min)
-    if not t_max > t_min:
-        raise ValueError(f"need t_max > t_min, got t_max={t_max}, t_min={t_min}")
+    if not 0 <= t_min < t_max < math.inf:  # also False for NaN, which would give an all-NaN grid
+        raise ValueError(f"t_max={t_max!r}, t_min={t_min!r}; allowed: finite times with 0 <= t_min < t_max. "
+                         "Leave them None for the process's own range (process.t_max, process.t_min).")
     u = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
     if name == "uniform_t":
         t = t_max + u * (t_min - t_max)

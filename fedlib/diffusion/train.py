@@ -2,12 +2,14 @@
 
 ``train_diffusion(denoiser, data, steps, ...)`` trains ``denoiser.net`` on :func:`diffusion_loss`
 with Adam, keeps an EMA copy, shows a tqdm bar, and (optionally) writes a checkpoint with
-``torch.save`` of plain state dicts, read back with ``torch.load(weights_only=True)``.
+``torch.save`` of plain state dicts (atomically: a kill mid-write never leaves a truncated file), read
+back with ``torch.load(weights_only=True)``.
 
 ``pretrained_teacher(dataset, steps, seed, device)`` builds fedlib's standard teacher for
 ``"digits"`` (EDM-preconditioned small U-Net on 8x8 digits), ``"fashion_mnist"`` (28x28) or a 2-D
 mixture (``"grid"``, ``"ring"``: MLP, EDM), trains it once and caches the EMA weights under
-``fedlib.utils.cache_dir("teachers")``; later calls (LD3 notebook 03, DMD2 notebook 04) load it.
+``fedlib.utils.cache_dir("teachers")``; later calls (LD3 notebook 03, DMD2 notebook 04) load it. A
+cache file that cannot be loaded is reported once, removed and retrained.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..utils import cache_dir, check_choice, resolve_device, seed_everything
+from ..utils import atomic_torch_save, cache_dir, check_choice, load_cache_entry, resolve_device, seed_everything
 from .denoiser import Denoiser, diffusion_loss, draw_noise_and_time, frozen
 from .networks import MLPDenoiser, UNet
 from .process import EDM
@@ -81,12 +83,9 @@ def train_diffusion(denoiser: Denoiser, data, steps: int = 1000, batch_size: int
 
 
 def save_checkpoint(path: str | Path, denoiser: Denoiser, ema: Denoiser | None = None, history=None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"net": denoiser.net.state_dict(),
-                "ema": None if ema is None else ema.net.state_dict(),
-                "history": json.dumps(history or {})}, path)
-    return path
+    return atomic_torch_save({"net": denoiser.net.state_dict(),
+                              "ema": None if ema is None else ema.net.state_dict(),
+                              "history": json.dumps(history or {})}, path)
 
 
 def load_checkpoint(path: str | Path, denoiser: Denoiser, use_ema: bool = True, map_location="cpu"):
@@ -156,12 +155,21 @@ def pretrained_teacher(dataset: str = "digits", steps: int = 2000, seed: int = 0
     key = json.dumps({"dataset": dataset, "steps": steps, "seed": seed, "cfg": cfg, "data": digest,
                       "version": 2}, sort_keys=True)
     path = cache_dir("teachers") / f"{dataset}-{steps}-{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-    seed_everything(seed)  # the initial weights are part of what the seed (and the cache key) fixes
-    denoiser = make_teacher(dataset, in_channels=x.shape[1] if x.ndim == 4 else None, **overrides)
-    if path.exists():
-        history = load_checkpoint(path, denoiser)
+
+    def untrained():
+        seed_everything(seed)  # the initial weights are part of what the seed (and the cache key) fixes
+        return make_teacher(dataset, in_channels=x.shape[1] if x.ndim == 4 else None, **overrides)
+
+    def load(p):
+        den = untrained()
+        return den, load_checkpoint(p, den)
+
+    cached = load_cache_entry(path, load)
+    if cached is not None:
+        denoiser, history = cached
         history["cached"] = True
     else:
+        denoiser = untrained()  # not load()'s model: a failed load may have filled it half-way
         ema, history = train_diffusion(denoiser, x, steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
                                        ema_decay=cfg["ema_decay"], seed=seed, device=device, progress=progress)
         denoiser.net.load_state_dict(ema.net.state_dict())

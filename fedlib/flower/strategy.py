@@ -1,0 +1,232 @@
+"""Strategies: one message per client task, replies validated against the messages sent, and the
+library's own server step. As Flower's ``FedProx`` overrides only ``configure_train``, the two
+strategies here override only what differs: their tasks and their server step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from .. import distill
+from .. import federated as fl
+from .. import feddm
+from ..compression import Quantizer
+from .records import FlowerReport, Params, check_update, from_record, log, quantizer_record, reason, rng_state, \
+    tensor_bytes, to_record
+
+
+@dataclass
+class Task:
+    """One client task of a round: its row (also its seed index), the data row of the client, the
+    partition (node) that holds that data, the model it starts from, FedProx's mu, and the uplink
+    quantiser (None: the float32 model comes back)."""
+
+    row: int
+    data_row: int
+    partition: int
+    start: Params
+    mu: float = 0.0
+    quantizer: Quantizer | None = None
+
+
+def collect_replies(sent: list[Message], tasks: list, replies, decode, template: Params, report: FlowerReport,
+                    round_: int) -> dict[int, Params]:
+    """The accepted replies of one exchange, by task row. A reply is matched to the message it answers
+    (its ``reply_to`` id), never to what the client says about itself; an error, a reply to no message
+    sent here, a second reply to one message, a row claim that contradicts the message, missing or
+    malformed content, and parameters that fail :func:`check_update` are rejected and logged. Tasks
+    without an accepted reply are logged as absent."""
+    task_of = {m.metadata.message_id: t for m, t in zip(sent, tasks) if m.metadata.message_id}
+    got: dict[int, Params] = {}
+    answered: set[int] = set()
+    for msg in replies:
+        task = task_of.get(msg.metadata.reply_to_message_id)
+        if task is None:
+            report.event(round_, "rejected", f"a reply to message {msg.metadata.reply_to_message_id!r}, which this "
+                         "exchange did not send")
+            continue
+        if msg.has_error():
+            answered.add(task.row)
+            report.event(round_, "failed", reason(msg.error.reason), row=task.row, partition=task.partition)
+            continue
+        if task.row in answered:
+            report.event(round_, "rejected", "a second reply to the same message; the first one counts",
+                         row=task.row, partition=task.partition)
+            continue
+        answered.add(task.row)
+        try:
+            if "arrays" not in msg.content or "metrics" not in msg.content:
+                raise ValueError(f"the reply lacks {'arrays' if 'arrays' not in msg.content else 'metrics'}")
+            claimed = msg.content["metrics"].get("row")
+            if claimed is not None and int(claimed) != task.row:
+                raise ValueError(f"the reply claims row {int(claimed)} but answers the message sent for row {task.row}")
+            params = decode(msg, task)
+            bad = check_update(params, template)
+            if bad is not None:
+                raise ValueError(bad)
+        except Exception as ex:  # noqa: BLE001 - a malformed reply must never stop the round
+            report.event(round_, "rejected", str(ex), row=task.row, partition=task.partition)
+            continue
+        got[task.row] = params
+    for t in tasks:
+        if t.row not in answered:
+            report.event(round_, "absent", "no reply (error or timeout); left out of the aggregation", row=t.row,
+                         partition=t.partition)
+    return got
+
+
+class RoundStrategy(Strategy):
+    """A round = one ``train`` message per client :class:`Task`; the replies are validated
+    (:func:`collect_replies`) and the accepted client models, stacked in task order (zeros where not
+    accepted) with a bool mask, go to :meth:`server_step`. Subclasses define :meth:`tasks` and
+    :meth:`server_step` (and :meth:`decode` where the reply is not a float32 model)."""
+
+    ledger_item = "model"
+
+    def __init__(self, template: Params, nodes: dict[int, int], report: FlowerReport,
+                 generator: torch.Generator | None):
+        self.template, self.nodes, self.report, self.generator = template, nodes, report, generator
+        self._tasks: list[Task] = []
+        self._sent: list[Message] = []
+        self._t0 = 0.0
+
+    # -- what differs -----------------------------------------------------------------------------
+    def tasks(self, server_round: int) -> tuple[list[Task], dict]:
+        raise NotImplementedError
+
+    def server_step(self, server_round: int, tasks: list[Task], local: Params, accepted: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def decode(self, msg: Message, task: Task) -> Params:
+        rec = msg.content["arrays"]
+        params = from_record(rec)
+        self.report.ledger.log(self._round, "up", self.ledger_item, tensor_bytes(params))
+        self.report.wire.log(self._round, "up", self.ledger_item, rec.count_bytes())
+        return params
+
+    # -- Flower's Strategy ------------------------------------------------------------------------
+    def summary(self) -> None:
+        log.info("%s over %d nodes", type(self).__name__, len(self.nodes))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self._t0, self._round = time.perf_counter(), server_round
+        tasks, cfg = self.tasks(server_round)
+        self._tasks = tasks
+        gen = self.generator if self.generator is not None else torch.Generator().manual_seed(server_round)
+        rng = rng_state(gen)
+        fl.client_generators(gen, len(tasks))  # advance g exactly as local_train(generator=g) over all tasks
+        messages = []
+        for t in tasks:
+            c = ConfigRecord({**cfg, "rng": rng, "skip": t.row, "row": t.row, "data-row": t.data_row,
+                              "mu": float(t.mu), "server-round": server_round})
+            rec = to_record(t.start)
+            content = {"arrays": rec, "config": c}
+            if t.quantizer is not None:
+                content["quantizer"] = quantizer_record(t.quantizer)
+            messages.append(Message(RecordDict(content), message_type=MessageType.TRAIN,
+                                    dst_node_id=self.nodes[t.partition]))
+            self.report.ledger.log(server_round, "down", self.ledger_item, tensor_bytes(t.start))
+            self.report.wire.log(server_round, "down", self.ledger_item, rec.count_bytes())
+        self._sent = messages
+        return messages
+
+    def aggregate_train(self, server_round: int, replies):
+        got = collect_replies(self._sent, self._tasks, replies, self.decode, self.template, self.report, server_round)
+        accepted = torch.tensor([t.row in got for t in self._tasks])
+        device = next(iter(self.template.values())).device
+        local = fl.stack_params([{n: p.to(device) for n, p in got[t.row].items()} if t.row in got else
+                                 {n: torch.zeros_like(p) for n, p in self.template.items()} for t in self._tasks])
+        self.server_step(server_round, self._tasks, local, accepted)
+        self.report.round_seconds.append(time.perf_counter() - self._t0)
+        return None, MetricRecord({"accepted": int(accepted.sum()), "rows": len(self._tasks)})
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):
+        return None
+
+
+class DistillStrategy(RoundStrategy):
+    """Notebook 01's methods: a task per (setup, method, client), node k = client k of every setup;
+    the server step is :func:`fedlib.distill.server_step`."""
+
+    def __init__(self, model, st: distill.RoundsState, setups: list, server: distill.ServerConfig, client: dict,
+                 nodes, report, with_disc: dict, keep_params: bool = False):
+        super().__init__(st.init, nodes, report, server.generator)
+        self.model, self.st, self.setups, self.server, self.client = model, st, setups, server, client
+        self.with_disc, self.keep_params = with_disc, keep_params
+        self.mu = distill.client_mu(st, client["mu"])
+
+    def tasks(self, server_round):
+        st = self.st
+        tasks = [Task(e * st.K + k, (e // st.M) * st.K + k, k, fl.index_params(st.glob, e), float(self.mu[e * st.K + k]))
+                 for e in range(st.S * st.M) for k in range(st.K)]
+        c = self.client
+        return tasks, {"lr": c["lr"], "momentum": c["momentum"], "batch-size": c["batch_size"],
+                       "epochs": c["local_epochs"], "steps": 0}
+
+    def server_step(self, server_round, tasks, local, accepted):
+        distill.server_step(self.model, self.st, self.setups, server_round - 1, local, accepted, self.server,
+                            self.with_disc, self.report.event)
+        if self.keep_params:
+            self.report.params.append({n: p.clone() for n, p in self.st.glob.items()})
+
+
+class FedDMStrategy(RoundStrategy):
+    """FedDM: a task per (federated group, client) in the order in which the in-process round trains
+    them (by mu, then group, then client); quantised groups send their packed update, which
+    :meth:`decode` turns back into the update with :func:`fedlib.feddm.receive`; the server step is
+    :func:`fedlib.feddm.aggregate` per group, :func:`~fedlib.feddm.train_central`,
+    :func:`~fedlib.feddm.record_history`."""
+
+    def __init__(self, denoiser, groups: list, order: list, config: dict, nodes, report, generator, history: list,
+                 eval_rounds, evaluate, chunk_size=None):
+        super().__init__(order[0].params, nodes, report, generator)
+        self.denoiser, self.groups, self.order, self.config = denoiser, groups, order, config
+        self.history, self.eval_rounds, self.evaluate, self.chunk_size = history, eval_rounds, evaluate, chunk_size
+        self.sizes: dict[int, int] = {}
+        self.K = order[0].clients.n_clients
+
+    def tasks(self, server_round):
+        self.sizes = {}
+        tasks = [Task(i * self.K + k, i * self.K + k, k, g.params, float(g.variant.mu), g.variant.uplink)
+                 for i, g in enumerate(self.order) for k in range(self.K)]
+        c = self.config
+        return tasks, {"lr": c["lr"], "momentum": c["momentum"], "batch-size": c["batch_size"], "epochs": 0,
+                       "steps": c["local_steps"]}
+
+    def decode(self, msg, task):
+        if task.quantizer is None:
+            params = super().decode(msg, task)
+            self.sizes[task.row] = tensor_bytes(params)
+            return params
+        rec = msg.content["arrays"]
+        payload = rec["payload"].numpy()
+        if payload.dtype != np.uint8:
+            raise ValueError(f"quantised payload has dtype {payload.dtype}, expected uint8")
+        self.report.wire.log(self._round, "up", f"update {task.quantizer.bits}-bit", rec.count_bytes())
+        up = feddm.Upload(len(payload), blob=payload.tobytes())
+        update = feddm.receive(up, task.start, task.quantizer)
+        self.report.ledger.log(self._round, "up", f"update {task.quantizer.bits}-bit", up.n_bytes)
+        self.sizes[task.row] = up.n_bytes
+        return {n: v.cpu() for n, v in update.items()}
+
+    def server_step(self, server_round, tasks, local, accepted):
+        K = self.K
+        for i, g in enumerate(self.order):
+            rows = range(i * K, (i + 1) * K)
+            received = [fl.index_params(local, r) if accepted[r] else None for r in rows]
+            feddm.aggregate(g, server_round, received, [self.sizes.get(r, 0) for r in rows],
+                            accepted[i * K:(i + 1) * K].tolist(), on_event=self.report.event)
+        c = self.config
+        feddm.train_central(self.denoiser, [g for g in self.groups if g.variant.central], local_steps=c["local_steps"],
+                            batch_size=c["batch_size"], lr=c["lr"], momentum=c["momentum"], generator=self.generator,
+                            chunk_size=self.chunk_size)
+        feddm.record_history(self.history, self.groups, server_round, self.eval_rounds, self.evaluate)

@@ -1,0 +1,40 @@
+"""`make gpu` (scripts/gpu_suite.py): the one command a lent GPU runs. Here it runs with tiny sizes on
+the CPU, which checks that every benchmark and the notebooks' parameter sets still go through it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import gpu_suite  # noqa: E402
+
+
+def test_every_benchmark_is_in_the_suite():
+    scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
+    assert scripts == {gpu_suite.script_of(name).stem for name in gpu_suite.BENCHMARKS}
+
+
+def test_the_suite_runs_every_step_with_tiny_sizes(tmp_path):
+    done = subprocess.run([sys.executable, "scripts/gpu_suite.py", "--device", "cpu", "--tiny", "--out", str(tmp_path),
+                           "--notebooks", "00_data_and_partitions"], cwd=REPO, capture_output=True, text=True,
+                          timeout=1200)
+    summary = json.loads((tmp_path / "gpu_suite-cpu.json").read_text())
+    assert done.returncode == 0, done.stdout + "".join(
+        (tmp_path / "logs" / f"{k.split()[-1]}.log").read_text()[-2000:] for k, v in summary["steps"].items()
+        if v["status"] != "ok")
+    assert set(summary["steps"]) == {f"benchmark {b}" for b in gpu_suite.BENCHMARKS} | {"notebooks"}
+    for name in gpu_suite.BENCHMARKS:  # tiny numbers go to --out, never over the committed results
+        assert (tmp_path / f"{name}-tiny.json").exists(), name
+    assert (tmp_path / "smoke" / "00_data_and_partitions" / "metrics.json").exists()
+
+
+def test_the_suite_refuses_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    done = subprocess.run([sys.executable, "scripts/gpu_suite.py", "--device", "cuda", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr
