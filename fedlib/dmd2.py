@@ -848,12 +848,25 @@ def off_mode_fraction(mixture, x: torch.Tensor, n_std: float = 3.0) -> float:
     return float((d > n_std * mixture.std).float().mean())
 
 
+def mode_weight_tv(mixture, x: torch.Tensor, n_std: float = 3.0) -> float:
+    """Total variation between the shares of the on-mode points per mode (nearest mode, within ``n_std``
+    standard deviations) and the mixture's weights: how unevenly the generator splits its mass."""
+    d = torch.cdist(x.detach().float().cpu(), mixture.means)
+    near, idx = d.min(1)
+    on = near <= n_std * mixture.std
+    if not bool(on.any()):
+        return 1.0
+    share = torch.bincount(idx[on], minlength=mixture.n_components).float()
+    return float(0.5 * (share / share.sum() - mixture.weights).abs().sum())
+
+
 class ToyEvaluator:
     """``eval_fn`` of :func:`train_dmd2` on a 2-D mixture: sliced W2 of ``n`` generator samples to a
     *validation* reference (generator noise seed ``noise_seed``) and, from fresh generator noise, to a
     held-out *test* reference; the two references are independent stratified samples. The
     hyper-parameter search reads ``sw_val`` only, the claims ``sw_test`` (and ``off_mode_test``, the
-    share of test samples off every mode: :func:`off_mode_fraction`). ``keep`` > 0 also returns
+    share of test samples off every mode, :func:`off_mode_fraction`, and ``mode_tv_test``, how unevenly
+    the on-mode ones split over the modes, :func:`mode_weight_tv`). ``keep`` > 0 also returns
     that many test samples (float16) under ``"samples"`` for the explorer."""
 
     def __init__(self, mixture, n: int = 2000, seed: int = 0, noise_seed: int = 7, keep: int = 0,
@@ -881,7 +894,8 @@ class ToyEvaluator:
         x_val = generate(generator, times, self.n, shape=(2,), seed=self.noise_seed)
         x_test = generate(generator, times, self.n, shape=(2,), seed=self.noise_seed + 1)
         out = {"sw_val": self.sw(x_val, self.val), "sw_test": self.sw(x_test, self.test),
-               "off_mode_test": off_mode_fraction(self.mixture, x_test)}
+               "off_mode_test": off_mode_fraction(self.mixture, x_test),
+               "mode_tv_test": mode_weight_tv(self.mixture, x_test)}
         if self.keep:
             out["samples"] = x_test[: self.keep].half().cpu()
         return out

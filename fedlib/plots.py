@@ -159,12 +159,13 @@ def seed_band_plot(ax, frame, x: str, y: str, hue: str | None = None, logx: bool
     return ax
 
 
-def budget_gap_figure(frame, paper_ratio: float, title: str, second: tuple | None = None):
+def budget_gap_figure(frame, paper_ratio: float, title: str, panels: list | None = None):
     """Student/teacher distance ratio against the generator-update budget: seeds as a band, the
     paper's ratio and 'as good as the teacher' (1) drawn in. ``frame``: columns budget, ratio, seed.
-    ``second`` = (column, teacher level, label): a second panel of another column of ``frame``
-    against the budget, with the teacher's level drawn in."""
-    fig, axes = plt.subplots(1, 2 if second else 1, figsize=(10.4 if second else 5.2, 3.4), squeeze=False)
+    ``panels``: more panels, each (column, teacher level, label): that column of ``frame`` against the
+    budget, with the teacher's level drawn in."""
+    panels = panels or []
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5.2 * (1 + len(panels)), 3.4), squeeze=False)
     ax = axes[0, 0]
     seed_band_plot(ax, frame, "budget", "ratio", logx=True)
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="as good as the teacher")
@@ -172,12 +173,11 @@ def budget_gap_figure(frame, paper_ratio: float, title: str, second: tuple | Non
     ax.set(xlabel="generator updates (log scale)", ylabel="student / teacher distance (log scale)", title=title,
            yscale="log")
     ax.legend(fontsize=7)
-    if second:
-        column, level, label = second
-        seed_band_plot(axes[0, 1], frame, "budget", column, logx=True)
-        axes[0, 1].axhline(level, color="k", lw=0.8, ls="--", label="teacher")
-        axes[0, 1].set(xlabel="generator updates (log scale)", ylabel=label, title=label)
-        axes[0, 1].legend(fontsize=7)
+    for ax, (column, level, label) in zip(axes[0, 1:], panels):
+        seed_band_plot(ax, frame, "budget", column, logx=True)
+        ax.axhline(level, color="k", lw=0.8, ls="--", label="teacher")
+        ax.set(xlabel="generator updates (log scale)", ylabel=label, title=label)
+        ax.legend(fontsize=7)
     return fig
 
 

@@ -563,3 +563,6 @@ def test_toy_evaluator_matches_the_library_metric_and_keeps_val_and_test_apart()
     counts = torch.cdist(ref, ring.means).argmin(1).bincount(minlength=8)
     assert int(counts.max() - counts.min()) <= 1 and len(ref) == 403  # the exact share per mode
     assert dmd2.off_mode_fraction(ring, ring.means) == 0.0 and dmd2.off_mode_fraction(ring, torch.zeros(5, 2)) == 1.0
+    assert dmd2.mode_weight_tv(ring, ring.means.repeat(3, 1)) == pytest.approx(0.0)
+    assert dmd2.mode_weight_tv(ring, ring.means[:1].repeat(8, 1)) == pytest.approx(7 / 8)  # all mass on one mode
+    assert set(ev(dmd2.exact_denoiser(ring), torch.tensor([1.0]))) >= {"sw_val", "sw_test", "off_mode_test", "mode_tv_test"}
