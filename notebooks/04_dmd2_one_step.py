@@ -452,11 +452,13 @@ run.claims_table()
 # from a 2-D Gaussian onto eight separated modes and must leave mass on the seams between them (the
 # bridges in the samples figure). Its share falls steadily with updates — quick: 0.79 → 0.42 from 50 to
 # 200 updates; long: 0.56, 0.43, 0.35, 0.28, 0.23, 0.19 from 100 to 3200 — against the teacher's 0.06
-# and true samples' 0.01. (2) An uneven split over the modes: the mode-weight error falls more slowly
-# (quick: TV 0.25 → 0.14, teacher 0.04), and it is what the sliced distance sees once the seams thin
-# out: in the long set the test SW stays near 0.20 from 100 to 1600 updates (0.18 at 3200) while the
-# seams halve twice. Rebalancing mass between separated modes means moving the generator's partition of
-# the noise space across low-density regions, where the score difference is weakest. What is missing
+# and true samples' 0.01. (2) An uneven split over the modes: the mode-weight error (total variation of
+# the mode shares) falls over the quick budget (0.25 → 0.14) but then stalls — long: 0.10, 0.13, 0.14,
+# 0.14, 0.12 from 100 to 1600 updates, 0.085 at 3200, against the teacher's 0.04 — and it is what the
+# sliced distance sees once the seams thin out: the long set's test SW stays near 0.20 from 100 to 1600
+# updates and falls to 0.18 at 3200 together with it, while the seams halve twice. Rebalancing mass
+# between separated modes means moving the generator's partition of the noise space across
+# low-density regions, where the score difference is weakest. What is missing
 # is **budget** (the trend has not flattened at 16×), and a generator that can make sharp transitions
 # (**model size**); the paper's images have no eight isolated modes in two dimensions. On 2-D the
 # student can at best *match* the teacher: the teacher sits near the metric's floor (teacher NFE 50:
