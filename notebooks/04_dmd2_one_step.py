@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 04 · DMD2: a one-step generator distilled from a diffusion teacher
 #
-# **The paper's claim** (Yin et al., NeurIPS 2024; papers.md §5). A generator initialised from the
+# **The paper's claim** (Yin et al., NeurIPS 2024; docs/methods.md §5). A generator initialised from the
 # teacher and trained by *distribution matching* — its gradient is the difference between a "fake"
 # score (a denoiser that keeps learning the generator's own samples) and the teacher's "real" score,
 # normalised per sample — reaches ImageNet-64 FID **1.28 in one step**, better than its teacher (about
@@ -26,50 +26,59 @@
 # and surpass the teacher), and, for few-step generators, **backward simulation** (train on the
 # inputs the generator will see at inference).
 #
-# **How this notebook tests it.** First on a 2-D ring mixture whose density is known exactly (sliced
-# Wasserstein distance to the true mixture, mode coverage, log-likelihood under the true density),
-# where every ablation is cheap: TTUR ratio 1 vs 5, with and without the GAN term, the 4-step
-# student with and without backward simulation, and DMD1's regression loss instead of TTUR. Then on
-# 8×8 digits: the teacher at NFE 1, 2, 4, 10, 50 with its
-# best sampler against the 1-step and 4-step students, with sampling time per 1000 samples.
+# **How this notebook tests it.** On a 2-D ring mixture whose density is known, with every run on
+# three or more seeds (`fedlib.results.compare`: a claim holds when the paired mean difference exceeds
+# 2 standard errors) and every verdict on a *late-training average* (the mean over the second half of
+# training), never the last iterate. Hyper-parameters the paper sets for ImageNet (the GAN weights,
+# and in the `long` set the learning rate and the fake-score lag) are **searched on a validation
+# distance** (sliced W2 to a validation sample of the true mixture); the claims are measured on a
+# separate held-out test sample. Then a **budget sweep** (the student/teacher gap against generator
+# updates), the ablations (TTUR 1 vs 5, GAN term, backward simulation, DMD1's regression loss) and
+# 8×8 digits: the teacher at NFE 1…50 with its best sampler against the 1- and 4-step students.
 #
-# **Our scale and metric.** Everything is implemented from papers.md §5 (`fedlib.dmd2`) on fedlib's
-# diffusion core. Image quality is a Fréchet distance in the feature space of a classifier fedlib trains
-# on digits (`fedlib.metrics`): **not comparable to published FID**. The `quick` defaults train for a
-# few hundred generator updates on 2-D and a few dozen on digits, with small teachers (minutes on a CPU, where the paper
-# uses hundreds of thousands of GPU iterations): read verdicts as directions at this scale.
+# **Our scale and metric.** Implemented from docs/methods.md §5 (`fedlib.dmd2`) on fedlib's diffusion
+# core. Image quality is a Fréchet distance in the feature space of a classifier fedlib trains on
+# digits: **not comparable to published FID**. The `quick` set trains a few hundred generator updates
+# on 2-D and a few dozen on digits (minutes on a CPU; the paper runs hundreds of thousands of GPU
+# iterations); the `long` set stretches the 2-D budget 16-fold and widens the search (≤ 25 minutes).
 
 # %% tags=["parameters"]
-toy = "ring"  # 2-D mixture with an exact density: "ring" | "grid" [one of ring, grid]
-toy_teacher_steps = 500  # training steps of the 2-D teacher (cached; notebook 03 uses 1500) [min 1]
-toy_steps = 250  # DMD2 generator updates on 2-D [min 1]
-toy_batch = 128  # batch size on 2-D [min 1]
-toy_lr = 2e-3  # AdamW learning rate on 2-D (equal for generator and fake score) [> 0]
-toy_eval = 2000  # samples per 2-D table entry [min 2]
-dataset = "digits"  # image dataset: "digits" | "fashion_mnist" | "cifar10" (stand-in when absent) [one of digits, fashion_mnist, cifar10]
-use_stand_in = False  # use fedlib's seeded stand-in data of the dataset's shape (smoke runs of `paper`)
-teacher_steps = 500  # training steps of the image teacher (cached; notebook 03 uses 1500) [min 1]
-teacher_seed = 0  # seed of the teachers (and of their cache keys) [min 0]
-steps = 40  # DMD2 generator updates on images [min 1]
-batch_size = 64  # batch size on images [min 1]
-lr = 5e-4  # AdamW learning rate on images [> 0]
-ttur_ratio = 5  # fake-score updates per generator update (paper: 5) [min 1]
-gan_critic_weight = 1e-2  # weight of the GAN classifier loss in the fake-score update (paper: ~1e-2) [min 0]
-gan_generator_weight = 3e-3  # weight of the GAN loss in the generator update (paper: 3e-3) [min 0]
-n_student_steps = 4  # steps of the few-step student (paper: 4) [min 1]
-backward_simulation = True  # train the few-step student on its own simulated inputs
+toy = "ring"  # 2-D mixture with an exact density [one of ring, grid]
+toy_teacher_steps = 1500  # training steps of the 2-D teacher (cached; the same teacher as notebook 03) [min 1]
+toy_steps = 200  # generator updates of a 2-D run at budget 1 (the quick budget) [min 4]
+toy_batch = 64  # batch size on 2-D [min 1]
+toy_lr = 1e-3  # AdamW learning rate on 2-D, equal for generator and fake score, before the search [> 0]
+toy_eval = 2000  # generator samples per 2-D evaluation, and size of the validation and test references [min 100]
+toy_eval_every = 20  # generator updates between 2-D evaluations [min 1; max toy_steps]
+seeds = [0, 1, 2]  # seeds of every run; 2-D seeds train together, vectorised [non-empty; distinct; each min 0]
+budget_multipliers = [0.25, 0.5, 1]  # budgets of the 1-step gap sweep, in units of toy_steps [non-empty; distinct; each > 0]
+gan_ratios = [0.0, 0.01]  # GAN weights searched, as fractions of the paper's GAN-to-DM ratio (1 - the paper's; the long set searches 1e-4 to 1) [non-empty; distinct; each min 0]
+search_lrs = [1e-3]  # 2-D learning rates searched after the GAN weights (the long set searches 5e-4 to 4e-3) [non-empty; distinct; each > 0]
+search_ttur_ratios = [5]  # fake-score updates per generator update searched after the lr (the long set - 2, 5, 10) [non-empty; distinct; each min 1]
+gan_critic_weight = 1e-2  # the paper's GAN critic weight (at ImageNet-64's sample size; fedlib rescales it) [min 0]
+gan_generator_weight = 3e-3  # the paper's GAN generator weight (likewise) [min 0]
+ttur_ratio = 5  # fake-score updates per generator update before the search (paper - 5) [min 1]
+n_student_steps = 4  # steps of the few-step student (paper - 4) [min 2]
 regression_weight = 0.25  # weight of DMD1's regression loss in the DMD1 ablation [min 0]
-teacher_nfes = [1, 2, 4, 10, 50]  # NFEs of the teacher rows of the table [non-empty; distinct; each min 1]
-samplers = ["euler", "dpm_solver_pp_2m", "ipndm"]  # teacher samplers; the best per NFE is reported [non-empty; distinct; each in step_sampler_names()]
+teacher_nfes = [1, 2, 4, 10, 50]  # NFEs of the teacher rows of the tables [non-empty; distinct; each min 1]
+samplers = ["dpm_solver_pp_2m", "ipndm"]  # teacher samplers; the best per NFE is reported [non-empty; distinct; each in step_sampler_names()]
+run_ablations = True  # run the 2-D ablations
+run_images = True  # also run the image part (digits)
+image_multistep = False  # also train the few-step student on images (the GPU sets)
+dataset = "digits"  # image dataset (seeded stand-in when absent) [one of digits, fashion_mnist, cifar10]
+use_stand_in = False  # use fedlib's seeded stand-in data of the dataset's shape (smoke runs of `paper`)
+teacher_steps = 500  # training steps of the image teacher (cached) [min 1]
+teacher_seed = 0  # seed of the teachers (and of their cache keys) [min 0]
+steps = 40  # DMD2 generator updates on images [min 2]
+batch_size = 32  # batch size on images [min 1]
+lr = 5e-4  # AdamW learning rate on images [> 0]
 n_eval = 500  # image samples per table entry [min 2]
 feature_steps = 600  # training steps of the classifier that defines the feature space (shared with 03) [min 1]
-run_images = True  # also run the image part (digits)
-run_ablations = True  # run the 2-D ablations
-seeds = [0]  # seeds of the 2-D runs (ablations are averaged over them) [non-empty; distinct; each min 0]
 cpu_threads = 1  # torch CPU threads (1 is fastest for these small networks on a shared CPU) [min 0]
-device = "auto"  # "auto" | "cpu" | "cuda" [one of auto, cpu, cuda]
+device = "auto"  # where to run [one of auto, cpu, cuda]
 
 # %%
+import math
 import time
 
 import matplotlib.pyplot as plt
@@ -78,280 +87,403 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from fedlib import data as D
-from fedlib import dmd2, metrics
-from fedlib.diffusion import pretrained_teacher
+from fedlib import data as fdata
+from fedlib import dmd2, plots
+from fedlib.diffusion import pretrained_teacher, schedule, solve
 from fedlib.plots import image_grid, savefig, use_style
-from fedlib.results import Run
+from fedlib.results import Run, compare, compare_to, save_explorer
+from fedlib.studies import teacher_study
 from fedlib.utils import resolve_device, seed_everything
 
+run = Run.start("04_dmd2_one_step", globals())
 use_style()
 dev = resolve_device(device)
-if dev.type == "cpu":
+if dev.type == "cpu" and cpu_threads:
     torch.set_num_threads(cpu_threads)
-params = dict(toy=toy, toy_teacher_steps=toy_teacher_steps, toy_steps=toy_steps, toy_batch=toy_batch, toy_lr=toy_lr,
-              toy_eval=toy_eval, dataset=dataset, use_stand_in=use_stand_in, teacher_steps=teacher_steps,
-              teacher_seed=teacher_seed, steps=steps, batch_size=batch_size, lr=lr, ttur_ratio=ttur_ratio,
-              gan_critic_weight=gan_critic_weight, gan_generator_weight=gan_generator_weight,
-              n_student_steps=n_student_steps, backward_simulation=backward_simulation,
-              regression_weight=regression_weight, teacher_nfes=teacher_nfes, samplers=samplers, n_eval=n_eval,
-              feature_steps=feature_steps, run_images=run_images, run_ablations=run_ablations, seeds=seeds,
-              cpu_threads=cpu_threads, device=device)
-run = Run("04_dmd2_one_step", params=params)
 t_start = time.perf_counter()
 
 # %% [markdown]
-# ## 1. The 2-D mixture: teacher, students and exact metrics
+# ## 0. The rule on a handful of points
+# DMD moves each generator sample x along g = (x_fake − x_real)/w, the fake score's denoised estimate
+# minus the teacher's, divided by w = mean|x − x_real|. For a denoiser D(x_t) = x_t + σ² ∇log p_σ(x_t),
+# that is σ²(s_fake − s_real)/w: the difference of the two *scores*. Below, both denoisers are exact:
+# the true mixture (real) and the same mixture turned by 22.5° (standing for the generator's current
+# distribution, fake). `dmd2.distribution_matching_loss`'s autograd gradient equals the score
+# difference, and −g points from the generator's modes (blue) towards the true ones.
+
+# %%
+true_mix = fdata.mixture(toy)
+c, s = math.cos(math.pi / 8), math.sin(math.pi / 8)
+gen_mix = fdata.GaussianMixture2D(true_mix.means @ torch.tensor([[c, s], [-s, c]]), true_mix.std)
+g0 = torch.Generator().manual_seed(0)
+x_demo = gen_mix.sample(6, g0)[0].requires_grad_(True)
+sigma, eps = torch.full((6,), 0.5), torch.randn(6, 2, generator=g0)
+loss, g_demo, w_demo = dmd2.distribution_matching_loss(x_demo, dmd2.exact_denoiser(true_mix), dmd2.exact_denoiser(gen_mix),
+                                                       sigma, eps, reduction="sum", return_direction=True)
+(grad_demo,) = torch.autograd.grad(loss, x_demo)
+x_t = x_demo.detach() + 0.5 * eps
+score_diff = 0.25 * (gen_mix.score(x_t, 0.5) - true_mix.score(x_t, 0.5)) / w_demo[:, None]
+display(pd.DataFrame({"x": x_demo.detach().tolist(), "autograd gradient g": grad_demo.tolist(),
+                      "sigma^2 (s_fake - s_real) / w": score_diff.tolist(), "w": w_demo.tolist()}).map(
+    lambda v: np.round(v, 3)))
+fig, ax = plt.subplots(figsize=(3.8, 3.8))
+plots.dm_gradient_quiver(ax, true_mix, gen_mix, x_demo.detach(), -0.25 * grad_demo)
+ax.set_title("one DMD step −g at sigma 0.5 (arrows)", fontsize=8)
+_ = savefig(fig, "04_dm_gradient_teaching")
+
+# %% [markdown]
+# ## 1. The 2-D mixture: teacher, references, what is trained
 # The teacher is fedlib's standard 2-D one (`pretrained_teacher`: an EDM-preconditioned MLP, EMA
-# weights, cached). Lower sliced Wasserstein (SW) is better; *covered* is the fraction of modes
-# holding at least 20% of their share of samples; *on-mode* the fraction of samples within 3 std of
-# a mode; log-likelihood is under the true density.
+# weights, cached; the same as notebook 03's). Two independent **stratified** samples of the true
+# mixture (the exact share of points per mode) serve as references: *validation* for the search,
+# *test* for the claims. The fake score is trained at times uniform in noise fraction over the whole
+# range and the GAN weights are rescaled to the paper's GAN-to-DM ratio (`fedlib.dmd2` docstring; issue 18).
 
 # %%
 seed_everything(teacher_seed)
-gm = D.mixture(toy)
-toy_data = D.toy_2d(toy, n=4000, seed=teacher_seed).x
+gm = fdata.mixture(toy)
+toy_data = fdata.toy_2d(toy, n=4000, seed=teacher_seed).x
 toy_teacher = pretrained_teacher(toy, steps=toy_teacher_steps, seed=teacher_seed, device=dev)
-toy_ref = gm.sample(toy_eval, torch.Generator().manual_seed(12345))[0]
+evaluator = dmd2.ToyEvaluator(gm, toy_eval, seed=1000, keep=400)
+gan_scale = dmd2.gan_weight_scale(2)
 
 
-def toy_scores(x):
-    cov = metrics.mode_coverage(gm, x)
-    return {"sliced_w2": metrics.sliced_wasserstein(x, toy_ref), "covered": cov["covered"],
-            "on_mode": cov["high_quality"], "log_lik": metrics.mixture_log_likelihood(gm, x)}
+def toy_config(steps=toy_steps, gan_ratio=0.0, lr=toy_lr, ttur_ratio=ttur_ratio, **kw):
+    return dmd2.DMD2Config(steps=steps, batch_size=toy_batch, lr=lr, ttur_ratio=ttur_ratio,
+                           gan_critic_weight=gan_critic_weight * gan_ratio, gan_generator_weight=gan_generator_weight * gan_ratio,
+                           eval_every=toy_eval_every, checkpoint_every=toy_eval_every, **kw)
 
 
-def toy_config(seed, **kw):
-    base = dict(steps=toy_steps, batch_size=toy_batch, lr=toy_lr, ttur_ratio=ttur_ratio,
-                gan_critic_weight=gan_critic_weight, gan_generator_weight=gan_generator_weight,
-                eval_every=max(1, toy_steps // 10), seed=seed)
-    return dmd2.DMD2Config(**{**base, **kw})
-
-
-def toy_eval_fn(generator, times):
-    return {"sliced_w2": metrics.sliced_wasserstein(dmd2.generate(generator, times, 1000, shape=(2,), seed=7), toy_ref)}
-
-
-def train_toy(name, seed, **kw):
-    return dmd2.train_dmd2(toy_teacher, toy_data, toy_config(seed, **kw), eval_fn=toy_eval_fn,
-                           desc=f"{name} seed {seed}", device=dev)
+def train_toy(name, pairs=None, **kw):
+    return dmd2.train_dmd2_seeds(toy_teacher, toy_data, toy_config(**kw), seeds, eval_fn=evaluator,
+                                 regression_pairs=pairs, desc=name, device=dev)
 
 
 # %%
-# NBVAL_CHECK_OUTPUT
-# what is trained: generator and fake score are copies of the teacher; the GAN head reads the fake score's bottleneck
 print(f"{toy} teacher: {sum(p.numel() for p in toy_teacher.parameters()):,} parameters, process {toy_teacher.process}")
-print(f"GAN head: {sum(p.numel() for p in dmd2.GANHead(toy_teacher.net.feature_channels).parameters()):,} parameters")
 print("1-step student input time (sigma):", dmd2.student_times(toy_teacher.process, 1).tolist())
 print(f"{n_student_steps}-step student input times (sigma):",
       [round(t, 3) for t in dmd2.student_times(toy_teacher.process, n_student_steps).tolist()])
 print("DM-loss sigma range (2%-98% of the noise range):",
       [round(t, 4) for t in dmd2.t_from_noise_fraction(toy_teacher.process, torch.tensor(dmd2.DM_RANGE)).tolist()])
-
-# %%
-toy_runs = {("1-step DMD2", s): train_toy("1-step", s) for s in seeds}
-toy_runs.update({(f"{n_student_steps}-step DMD2", s): train_toy(f"{n_student_steps}-step", s,
-                                                                 n_student_steps=n_student_steps,
-                                                                 backward_simulation=backward_simulation)
-                 for s in seeds})
-print({k: f"{r.seconds:.1f} s, diverged: {r.diverged}" for k, r in toy_runs.items()})
-
-# %%
-x_T_toy = toy_teacher.process.prior((toy_eval, 2), generator=torch.Generator().manual_seed(1), device=dev)
-toy_teacher_rows = dmd2.teacher_baselines(toy_teacher, x_T_toy, teacher_nfes, samplers,
-                                          lambda x: metrics.sliced_wasserstein(x, toy_ref))
-toy_table = []
-for r in toy_teacher_rows:
-    if r["best"]:
-        toy_table.append({"model": f"teacher ({r['sampler']})", "NFE": r["nfe"], **toy_scores(r["samples"]),
-                          "s / 1000 samples": r["s_per_1000"]})
-for (name, s), res in toy_runs.items():
-    if s == seeds[0]:
-        x, sec = dmd2.timed_sample(res, toy_eval, seed=1, device=dev)
-        toy_table.append({"model": name, "NFE": len(res.times), **toy_scores(x), "s / 1000 samples": sec})
-toy_table = pd.DataFrame(toy_table)
-run.metrics["toy_table"] = toy_table.to_dict("records")
-display(toy_table.round(4))
-
-# %%
-fig, axes = plt.subplots(1, 4, figsize=(13, 3.3), sharex=True, sharey=True)
-lim = 3.2 if toy == "ring" else 3.0
-xs = np.linspace(-lim, lim, 200)
-grid = torch.tensor(np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2), dtype=torch.float32)
-dens = gm.log_prob(grid).exp().reshape(200, 200).numpy()
-best = {r["nfe"]: r for r in toy_teacher_rows if r["best"]}
-panels = [(f"teacher, NFE 1 ({best[1]['sampler']})", best[1]["samples"]),
-          (f"teacher, NFE {max(teacher_nfes)}", best[max(teacher_nfes)]["samples"]),
-          ("1-step DMD2 student", toy_runs[("1-step DMD2", seeds[0])].sample(toy_eval, seed=1)),
-          (f"{n_student_steps}-step DMD2 student", toy_runs[(f"{n_student_steps}-step DMD2", seeds[0])].sample(toy_eval, seed=1))]
-for ax, (title, x) in zip(axes, panels):
-    ax.contourf(xs, xs, dens, levels=12, cmap="Greys")
-    x = x.cpu()
-    ax.scatter(x[:, 0], x[:, 1], s=1.5, alpha=0.5, color="C3")
-    ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
-fig.suptitle("generator samples (red) over the true density (grey)")
-fig_path = savefig(fig, "04_toy_samples_over_density")
+print(f"GAN weights x {gan_scale:g} on 2-D (12288 / 2 elements per sample): the paper's ratio to the DM loss")
 
 # %% [markdown]
-# ## 2. Ablations on 2-D
-# Same teacher, same number of generator updates, same seeds; only one ingredient changes.
-# Stability is read from the training curve (sliced Wasserstein of 1000 samples every
-# `toy_steps / 10` generator updates): its mean over the second half of training and its spread.
+# ## 2. Hyper-parameters searched on the validation distance
+# One at a time, each over its grid with the others at their best so far (`dmd2.coordinate_search`):
+# the GAN weights as a fraction of the paper's GAN-to-DM ratio (0: no GAN term; 1: the paper's ratio;
+# 1/6144 would be the paper's raw weights unscaled), then the learning rate, then the fake-score lag
+# (TTUR ratio). The score is the late-training average (second half) of the sliced W2 to the
+# **validation** sample, mean over seeds; the test sample is never looked at here.
 
 # %%
-ablations = {}
+search_runs = {}
+
+
+def search_score(hp):
+    search_runs[tuple(sorted(hp.items()))] = res = train_toy(f"search {hp}", **hp)
+    return [dmd2.late_average(r.history, "sw_val") for r in res]
+
+
+best_hp, search_records = dmd2.coordinate_search(
+    search_score, {"gan_ratio": gan_ratios, "lr": search_lrs, "ttur_ratio": search_ttur_ratios},
+    {"gan_ratio": gan_ratios[0], "lr": toy_lr, "ttur_ratio": ttur_ratio})
+run.metrics["search"] = {"best": best_hp, "records": search_records}
+print("chosen on validation:", best_hp)
+display(pd.DataFrame(search_records).groupby(["param", "value"], sort=False)["score"].agg(["mean", "std"]).round(4))
+_ = savefig(plots.search_figure(search_records, title="2-D search: late sliced W2 to the validation sample"), "04_search")
+
+# %% [markdown]
+# ## 3. The 1-step student against the teacher, and the gap against the budget
+# The chosen configuration trained to the largest budget; a run of N updates is the first N updates
+# of a longer one (constant learning rate), so each budget reads the late-training average (updates
+# N/2…N) of the test distance. The teacher samples the same number of points per seed (its noise
+# seeded by the seed) with its best sampler at each NFE.
+
+# %%
+max_steps = int(round(max(budget_multipliers) * toy_steps))
+best_key = tuple(sorted(best_hp.items()))
+main = search_runs[best_key] if max_steps == toy_steps else train_toy("1-step DMD2", steps=max_steps, **best_hp)
+x_T_toy = {s: toy_teacher.process.prior((toy_eval, 2), generator=torch.Generator().manual_seed(10 + s), device=dev) for s in seeds}
+teacher_rows = {s: dmd2.teacher_baselines(toy_teacher, x_T_toy[s], teacher_nfes, samplers,
+                                          lambda x: evaluator.sw(x, evaluator.test)) for s in seeds}
+teacher_sw = {nfe: [min(r["score"] for r in teacher_rows[s] if r["nfe"] == nfe) for s in seeds] for nfe in teacher_nfes}
+nfe_hi = max(teacher_nfes)
+teacher_x = {s: min((r for r in teacher_rows[s] if r["nfe"] == nfe_hi), key=lambda r: r["score"])["samples"] for s in seeds}
+teacher_off = [dmd2.off_mode_fraction(gm, teacher_x[s]) for s in seeds]
+teacher_tv = [dmd2.mode_weight_tv(gm, teacher_x[s]) for s in seeds]
+budget = pd.DataFrame([{"budget": b, "seed": s, "sw": dmd2.late_average(r.history, "sw_test", upto=b),
+                        "ratio": dmd2.late_average(r.history, "sw_test", upto=b) / teacher_sw[nfe_hi][i],
+                        "off-mode share": dmd2.late_average(r.history, "off_mode_test", upto=b),
+                        "mode-weight TV": dmd2.late_average(r.history, "mode_tv_test", upto=b)}
+                       for b in [int(round(m * toy_steps)) for m in budget_multipliers]
+                       for i, (s, r) in enumerate(zip(seeds, main))])
+run.metrics.update(budget_sweep=budget.to_dict("records"), teacher_sw_test=teacher_sw, teacher_off_mode=teacher_off,
+                   teacher_mode_tv=teacher_tv)
+display(budget.groupby("budget")[["sw", "ratio", "off-mode share", "mode-weight TV"]].agg(["mean", "std"]).round(3))
+print(f"teacher NFE {nfe_hi}: test SW {np.mean(teacher_sw[nfe_hi]):.3f}, off-mode share {np.mean(teacher_off):.3f}, "
+      f"mode-weight TV {np.mean(teacher_tv):.3f}")
+fig = plots.budget_gap_figure(budget, 1.28 / 2.3, f"1-step student / teacher NFE {nfe_hi} (2-D, test SW)",
+                              [("off-mode share", float(np.mean(teacher_off)), "share of samples off every mode (> 3 sd)"),
+                               ("mode-weight TV", float(np.mean(teacher_tv)), "mode-weight error (TV of the mode shares)")])
+_ = savefig(fig, "04_budget_gap")
+
+# %% [markdown]
+# ## 4. Ablations on 2-D
+# Same teacher, budget, seeds and chosen hyper-parameters; one ingredient changes. Each row is the
+# late-training average of the test distance (mean ± sd over seeds). "fake score at EDM's log-normal
+# times" is the implementation before issue 18's fix (the fake score rarely saw σ > 2, where 53% of
+# the generator's DM-loss times lie).
+
+# %%
+runs = {"1-step DMD2": search_runs[best_key]}
 if run_ablations:
-    for s in seeds:
-        ablations[("TTUR ratio 1", s)] = train_toy("ttur 1", s, ttur_ratio=1)
-        ablations[("no GAN term", s)] = train_toy("no GAN", s, gan_critic_weight=0.0, gan_generator_weight=0.0)
-        ablations[(f"{n_student_steps}-step, backward simulation {'off' if backward_simulation else 'on'}", s)] = train_toy(
-            "no backsim", s, n_student_steps=n_student_steps, backward_simulation=not backward_simulation)
-        z_ref = toy_teacher.process.prior((2000, 2), generator=torch.Generator().manual_seed(100 + s), device=dev)
-        x_ref = dmd2.teacher_baselines(toy_teacher, z_ref, [max(teacher_nfes)], samplers[-1:], lambda x: 0.0)[0]["samples"]
-        ablations[("DMD1 regression, ratio 1", s)] = dmd2.train_dmd2(
-            toy_teacher, toy_data, toy_config(s, ttur_ratio=1, regression_weight=regression_weight, gan_critic_weight=0.0,
-                                              gan_generator_weight=0.0),
-            regression_pairs=(z_ref, x_ref), eval_fn=toy_eval_fn, desc=f"DMD1 seed {s}", device=dev)
-all_runs = {**toy_runs, **ablations}
-
-
-def curve_summary(res):
-    sw = [e["sliced_w2"] for e in res.history["eval"]]
-    half = sw[len(sw) // 2:]
-    return {"final SW": sw[-1] if sw else np.nan, "SW 2nd half mean": float(np.mean(half)) if half else np.nan,
-            "SW 2nd half std": float(np.std(half)) if half else np.nan, "diverged": res.diverged is not None,
-            "seconds": res.seconds}
-
-
-rows = [{"run": name, "seed": s, **curve_summary(res)} for (name, s), res in all_runs.items()]
-ablation_table = pd.DataFrame(rows).groupby("run", sort=False).mean(numeric_only=True).drop(columns="seed")
-run.metrics["toy_ablations"] = ablation_table.reset_index().to_dict("records")
+    no_gan = {**best_hp, "gan_ratio": 0.0}
+    runs["no GAN term"] = search_runs.get(tuple(sorted(no_gan.items()))) or train_toy("no GAN", **no_gan)
+    runs["TTUR ratio 1"] = train_toy("TTUR 1", **{**best_hp, "ttur_ratio": 1})
+    runs[f"{n_student_steps}-step DMD2"] = train_toy(f"{n_student_steps}-step", n_student_steps=n_student_steps, **best_hp)
+    runs[f"{n_student_steps}-step, no backward simulation"] = train_toy(
+        "no backsim", n_student_steps=n_student_steps, backward_simulation=False, **best_hp)
+    runs["fake score at EDM's log-normal times"] = train_toy("old fake times", fake_times="process", **best_hp)
+    z_ref = toy_teacher.process.prior((4000, 2), generator=torch.Generator().manual_seed(100), device=dev)
+    x_ref, _ = solve(toy_teacher, z_ref, schedule("edm", toy_teacher.process, nfe_hi), samplers[-1])
+    runs["DMD1 regression, ratio 1"] = train_toy("DMD1", pairs=(z_ref, x_ref.detach()), **{
+        **best_hp, "gan_ratio": 0.0, "ttur_ratio": 1}, regression_weight=regression_weight)
+late = {name: [dmd2.late_average(r.history, "sw_test") for r in res] for name, res in runs.items()}
+ablation_table = pd.DataFrame({n: {"late test SW, mean": np.mean(v), "sd over seeds": np.std(v, ddof=1),
+                                   "diverged": any(r.diverged for r in runs[n]), "seconds (all seeds)": runs[n][0].seconds}
+                               for n, v in late.items()}).T
+run.metrics["toy_ablations"] = {n: {"late_sw_test": v, **ablation_table.loc[n].to_dict()} for n, v in late.items()}
 display(ablation_table.round(4))
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-for (name, s), res in all_runs.items():
-    ev = res.history["eval"]
-    if not ev:
-        continue
-    ls = "--" if n_student_steps > 1 and name.startswith(f"{n_student_steps}-step") else "-"
-    axes[0].plot([e["step"] for e in ev], [e["sliced_w2"] for e in ev], ls, label=f"{name} (seed {s})" if len(seeds) > 1 else name)
-    axes[1].plot(res.history["step"], res.history["loss_fake"], ls, alpha=0.7, label=name if s == seeds[0] else None)
-axes[0].axhline(best[max(teacher_nfes)]["score"], color="k", lw=0.8, ls=":", label=f"teacher, NFE {max(teacher_nfes)}")
-axes[0].set(xlabel="generator update", ylabel="sliced W2 to the true mixture", yscale="log", title="training curves (2-D)")
-axes[1].set(xlabel="generator update", ylabel="fake-score loss", yscale="log", title="fake-score denoising loss")
-axes[0].legend(fontsize=7)
-fig_path = savefig(fig, "04_toy_training_curves")
-
-# %% [markdown]
-# ## 3. Digits: the teacher at NFE 1…50 against the 1-step and 4-step students
-# The image teacher is fedlib's standard digits U-Net (`pretrained_teacher`, cached). Fréchet distance (FD) in fedlib's digits
-# classifier's feature space, to the held-out test images — **not comparable to published FID**.
+curves = pd.DataFrame([{"run": name, "seed": r.seed, "step": e["step"], "test sliced W2": e["sw_test"]}
+                       for name, res in runs.items() for r in res for e in r.history["eval"]])
+fig = plots.curves_figure(curves, "test sliced W2", float(np.mean(teacher_sw[nfe_hi])),
+                          f"2-D training curves ({len(seeds)} seeds, ±1 sd)")
+_ = savefig(fig, "04_toy_training_curves")
 
 # %%
-img_table = pd.DataFrame()
+fig, axes = plt.subplots(1, 4, figsize=(13, 3.3))
+best_rows = {nfe: min((r for r in teacher_rows[seeds[0]] if r["nfe"] == nfe), key=lambda r: r["score"]) for nfe in teacher_nfes}
+student_x = {name: res[0].history["eval"][-1]["samples"].float() for name, res in runs.items()}
+nfe_lo = min(teacher_nfes)
+panels = [(f"teacher, NFE {nfe_lo} ({best_rows[nfe_lo]['sampler']})", best_rows[nfe_lo]["samples"][:400]),
+          (f"teacher, NFE {nfe_hi}", best_rows[nfe_hi]["samples"][:400]), ("1-step DMD2 student", student_x["1-step DMD2"]),
+          (f"{n_student_steps}-step DMD2 student", student_x.get(f"{n_student_steps}-step DMD2"))]
+plots.samples_over_density(axes, gm, [(t, None if x is None else x.cpu()) for t, x in panels])
+fig.suptitle(f"generator samples (red) over the true density (grey), seed {seeds[0]}")
+_ = savefig(fig, "04_toy_samples_over_density")
+
+# %% [markdown]
+# ## 5. Digits: the teacher at NFE 1…50 against the 1-step and 4-step students
+# The image teacher and the feature classifier come from `fedlib.studies.teacher_study` (cached,
+# shared with notebooks 03 and 05). Fréchet distance (FD) in fedlib's digits classifier's feature
+# space, to the held-out test images — **not comparable to published FID**. The GAN weights are the
+# ratio chosen on 2-D (a search on images needs the GPU `paper` set).
+
+# %%
 if run_images:
-    train, test = D.load_train_test(dataset, use_stand_in)
-    teacher = pretrained_teacher(dataset, steps=teacher_steps, seed=teacher_seed, device=dev,
-                                 data=train if train.name.startswith("stand_in") else None)
-    features = metrics.feature_extractor(train, test, steps=feature_steps, seed=0, device=dev)
-    ref_stats = metrics.gaussian_stats(metrics.extract_features(features, test.x))
-    fd = lambda x: metrics.classifier_fd(features, x, ref_stats)  # noqa: E731
-    img_cfg = dict(steps=steps, batch_size=batch_size, lr=lr, ttur_ratio=ttur_ratio, gan_critic_weight=gan_critic_weight,
-                   gan_generator_weight=gan_generator_weight, seed=seeds[0], checkpoint_every=max(1, steps // 3))
-    img_runs = {"1-step DMD2": dmd2.train_dmd2(teacher, train.x, dmd2.DMD2Config(**img_cfg), desc=f"{dataset} 1-step", device=dev)}
-    img_runs[f"{n_student_steps}-step DMD2"] = dmd2.train_dmd2(
-        teacher, train.x, dmd2.DMD2Config(**img_cfg, n_student_steps=n_student_steps, backward_simulation=backward_simulation),
-        desc=f"{dataset} {n_student_steps}-step", device=dev)
-    shape = tuple(train.x.shape[1:])
-    x_T = teacher.process.prior((n_eval, *shape), generator=torch.Generator().manual_seed(1), device=dev)
-    img_teacher_rows = dmd2.teacher_baselines(teacher, x_T, teacher_nfes, samplers, fd)
-    rows = [{"model": f"teacher ({r['sampler']})", "NFE": r["nfe"], "FD (fedlib classifier; not FID)": r["score"],
+    study = teacher_study(dataset, use_stand_in=use_stand_in, teacher_steps=teacher_steps, teacher_seed=teacher_seed,
+                          feature_steps=feature_steps, device=dev)
+    img_eval = lambda gen, times: {"fd": study.fd(dmd2.generate(gen, times, n_eval, shape=study.shape, seed=1))}  # noqa: E731
+    img_cfg = dict(steps=steps, batch_size=batch_size, lr=lr, ttur_ratio=best_hp["ttur_ratio"],
+                   gan_critic_weight=gan_critic_weight * best_hp["gan_ratio"], eval_every=max(1, steps // 6),
+                   gan_generator_weight=gan_generator_weight * best_hp["gan_ratio"], checkpoint_every=max(1, steps // 3))
+    img_runs = {f"{k}-step DMD2": dmd2.train_dmd2_seeds(
+        study.teacher, study.train.x, dmd2.DMD2Config(**img_cfg, n_student_steps=k), seeds, eval_fn=img_eval,
+        desc=f"{dataset} {k}-step", device=dev) for k in ((1, n_student_steps) if image_multistep else (1,))}
+    x_T = study.teacher.process.prior((n_eval, *study.shape), generator=torch.Generator().manual_seed(1), device=dev)
+    img_teacher_rows = dmd2.teacher_baselines(study.teacher, x_T, teacher_nfes, samplers, study.fd)
+
+# %%
+img_table, fd_student = pd.DataFrame(), {}
+if run_images:
+    rows = [{"model": f"teacher ({r['sampler']})", "NFE": r["nfe"], "FD": r["score"], "sd over seeds": np.nan,
              "s / 1000 samples": r["s_per_1000"]} for r in img_teacher_rows if r["best"]]
     img_samples = {}
     for name, res in img_runs.items():
-        x, sec = dmd2.timed_sample(res, n_eval, seed=1, device=dev)
+        fd_student[name] = [dmd2.late_average(r.history, "fd") for r in res]
+        x, sec = dmd2.timed_sample(res[0], n_eval, seed=1, device=dev)
         img_samples[name] = x
-        rows.append({"model": name, "NFE": len(res.times), "FD (fedlib classifier; not FID)": fd(x), "s / 1000 samples": sec})
-    rows.append({"model": "real test images", "NFE": 0, "FD (fedlib classifier; not FID)": fd(train.x[:n_eval]),
+        rows.append({"model": f"{name} (late average)", "NFE": len(res[0].times), "FD": np.mean(fd_student[name]),
+                     "sd over seeds": np.std(fd_student[name], ddof=1), "s / 1000 samples": sec})
+    rows.append({"model": "real test images", "NFE": 0, "FD": study.fd(study.train.x[:n_eval]), "sd over seeds": np.nan,
                  "s / 1000 samples": 0.0})
     img_table = pd.DataFrame(rows)
-    run.metrics["image_table"] = img_table.to_dict("records")
-    run.metrics["feature_classifier_test_accuracy"] = features.test_accuracy
-    run.metrics["image_teacher"] = {"cached": teacher.history.get("cached"), "train_wall_time_s": teacher.history["wall_time_s"]}
-    print(f"feature classifier test accuracy {features.test_accuracy:.3f}; teacher cached: {teacher.history.get('cached')}")
+    fd_t = {r["nfe"]: r["score"] for r in img_teacher_rows if r["best"]}
+    img_budget = pd.DataFrame([{"budget": e["step"], "seed": r.seed, "ratio": e["fd"] / fd_t[nfe_hi]}
+                               for r in img_runs["1-step DMD2"] for e in r.history["eval"]])
+    run.metrics.update(image_table=img_table.to_dict("records"), image_fd_per_seed=fd_student,
+                       image_budget=img_budget.to_dict("records"), feature_classifier_test_accuracy=study.features.test_accuracy)
     display(img_table.round(4))
+    _ = savefig(plots.budget_gap_figure(img_budget, 1.28 / 2.3, f"1-step student / teacher NFE {nfe_hi} ({dataset}, FD)"),
+                "04_digits_budget_gap")
 
 # %%
 if run_images:
     best_img = {r["nfe"]: r for r in img_teacher_rows if r["best"]}
-    grids = [(f"teacher NFE 1", best_img[1]["samples"]), (f"teacher NFE {max(teacher_nfes)}", best_img[max(teacher_nfes)]["samples"]),
+    grids = [(f"teacher NFE {nfe_lo}", best_img[nfe_lo]["samples"]), (f"teacher NFE {nfe_hi}", best_img[nfe_hi]["samples"]),
              *img_samples.items()]
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.4))
     for ax, (title, x) in zip(axes, grids):
         image_grid(x[:64].cpu(), nrow=8, ax=ax, title=title)
-    fig_path = savefig(fig, "04_digits_samples")
+    _ = savefig(fig, "04_digits_samples")
 
 # %% [markdown]
-# ## 4. Claims
-# Each verdict is computed above, in this run. "Close to the teacher" is stated as a ratio of the
-# student's distance to the many-step teacher's (1.0 = as good); at CPU scale (hundreds of generator
-# updates instead of hundreds of thousands) we expect the direction, not the paper's magnitude.
+# ## 6. Explorer
+# Pick a model (the teacher at an NFE, a student, an ablation) and a training step: the left panel
+# shows that model's 2-D samples over the true density, the middle one the 1-step student's samples
+# at that generator update, the right one its digits where it was run on images. It reads only the
+# data this run stored (`fedlib.results.save_explorer`), so after opening the committed notebook,
+# run the next two cells alone.
 
 # %%
-tt = toy_table.set_index("model")
-t_row = toy_table[toy_table.model.str.startswith("teacher")].set_index("NFE")
-sw_student = float(tt.loc["1-step DMD2", "sliced_w2"])
-sw_teacher_many, sw_teacher_one = float(t_row.loc[max(teacher_nfes), "sliced_w2"]), float(t_row.loc[1, "sliced_w2"])
-ratio_toy = sw_student / sw_teacher_many
-run.metrics["toy_sw_ratio_student_over_teacher"] = ratio_toy
-main_ok = all(r.diverged is None for r in toy_runs.values()) and all(
-    np.isfinite(r.history["loss_dm"]).all() for r in toy_runs.values())
-run.claim("DMD2 training runs: finite losses, no divergence (2-D main runs)", "sanity",
-          f"{len(toy_runs)} runs, {sum(len(r.history['step']) for r in toy_runs.values())} generator updates", main_ok,
-          required=True)
-run.claim("1-step student is close to the many-step teacher (2-D)", "ImageNet-64: 1.28 vs teacher ~2.3 FID (ratio 0.56)",
-          f"SW {sw_student:.3f} vs teacher NFE {max(teacher_nfes)} {sw_teacher_many:.3f} (ratio {ratio_toy:.2f})",
-          ratio_toy <= 2.0, note="holds if within 2x of the teacher at this scale; the paper's student is better (<1)")
-run.claim("1-step student far better than the teacher at NFE 1 (2-D)", "1 step vs 1 step: student wins by far",
-          f"SW {sw_student:.3f} vs {sw_teacher_one:.3f}", sw_student < 0.5 * sw_teacher_one,
-          note="'far' = less than half the teacher's distance")
-if run_images:
-    it = img_table.set_index("model")
-    fdcol = "FD (fedlib classifier; not FID)"
-    ti = img_table[img_table.model.str.startswith("teacher")].set_index("NFE")
-    fd_s, fd_many, fd_one = float(it.loc["1-step DMD2", fdcol]), float(ti.loc[max(teacher_nfes), fdcol]), float(ti.loc[1, fdcol])
-    run.claim("1-step student close to the many-step teacher (digits)", "FID 1.28 vs ~2.3",
-              f"FD {fd_s:.2f} vs teacher NFE {max(teacher_nfes)} {fd_many:.2f} (ratio {fd_s / fd_many:.2f})",
-              fd_s <= 2.0 * fd_many, note=f"{steps} generator updates; FD in fedlib's classifier space, not FID")
-    run.claim("1-step student far better than the teacher at NFE 1 (digits)", "student wins by far",
-              f"FD {fd_s:.2f} vs {fd_one:.2f}", fd_s < 0.5 * fd_one, note="'far' = less than half")
-    speed = float(ti.loc[max(teacher_nfes), "s / 1000 samples"]) / float(it.loc["1-step DMD2", "s / 1000 samples"])
-    run.metrics["digits_sampling_speedup"] = speed
+to_uint8 = lambda x: ((x[:32].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # noqa: E731
+trace = main[0].history["eval"]
+_ = save_explorer("04_dmd2_one_step", {
+    "mixture_means": gm.means, "mixture_std": gm.std,
+    "toy_samples": {**{f"teacher NFE {n}": best_rows[n]["samples"][:400].cpu() for n in teacher_nfes},
+                    **{k: v.cpu() for k, v in student_x.items() if v is not None}},
+    "toy_scores": {**{f"teacher NFE {n}": teacher_sw[n][0] for n in teacher_nfes}, **{k: v[0] for k, v in late.items()}},
+    "training_steps": [e["step"] for e in trace], "training_samples": torch.stack([e["samples"].float() for e in trace]),
+    "image_samples": {**({f"teacher NFE {r['nfe']}": to_uint8(r["samples"]) for r in img_teacher_rows if r["best"]}
+                         if run_images else {}), **{k: to_uint8(v) for k, v in (img_samples if run_images else {}).items()}}})
+
+# %%
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+
+from fedlib.plots import dmd2_explorer_figure
+from fedlib.results import load_explorer
+
+# %% tags=["explorer"]
+explorer_data = load_explorer("04_dmd2_one_step")
+
+
+def explore(model="1-step DMD2", step=explorer_data["training_steps"][-1]):
+    dmd2_explorer_figure(explorer_data, model, step)
+    plt.show()
+
+
+steps_seen = explorer_data["training_steps"]
+widgets.interactive(explore, model=list(explorer_data["toy_samples"]),
+                    step=widgets.SelectionSlider(options=steps_seen, value=steps_seen[-1], description="update"))
+
+# %%
+fig = plots.dmd2_explorer_figure(explorer_data, "1-step DMD2", steps_seen[len(steps_seen) // 2])
+_ = savefig(fig, "04_explorer_default")
+
+# %% [markdown]
+# ## 7. Claims
+# Each verdict is computed above, in this run, on ≥ 3 seeds by the noise rule (paired over seeds;
+# holds when the mean difference exceeds 2 SE), on late-training averages of the **test** distance.
+
+# %%
+sw1 = [dmd2.late_average(r.history, "sw_test", upto=toy_steps) for r in main]
+diverged = [n for n, res in runs.items() if any(r.diverged for r in res)]
+run.claim("DMD2 training runs: finite losses, no divergence (2-D)", "sanity",
+          f"{len(runs)} configurations x {len(seeds)} seeds; diverged: {diverged or 'none'}", not diverged, required=True)
+trend = budget.groupby("budget")[["ratio", "off-mode share", "mode-weight TV"]].mean().round(2)
+run.claim("1-step student matches or beats the many-step teacher (2-D)", "ImageNet-64: FID 1.28 vs teacher ~2.3 (ratio 0.56)",
+          None, compare(sw1, teacher_sw[nfe_hi], a_name="student SW", b_name=f"teacher NFE {nfe_hi}", higher_is_better=False),
+          note=f"at budget {toy_steps}. Against updates {list(trend.index)}: SW ratio {trend['ratio'].tolist()}, share off "
+               f"every mode {trend['off-mode share'].tolist()} (teacher {np.mean(teacher_off):.2f}), mode-weight TV "
+               f"{trend['mode-weight TV'].tolist()} (teacher {np.mean(teacher_tv):.2f}). The mass between modes shrinks "
+               "with budget; what is left is the uneven split over the modes (section 3 figure, section 8)")
+if 1 in teacher_nfes:
+    run.claim("1-step student far better than the teacher at NFE 1 (2-D)", "one step vs one step: the student wins by far",
+              None, compare_to(np.divide(sw1, teacher_sw[1]), 0.5, name="student / teacher-NFE-1 SW"), note="'far': below half")
+
+# %%
 if run_ablations:
-    ab = ablation_table
-    m5, m1 = ab.loc["1-step DMD2", "SW 2nd half mean"], ab.loc["TTUR ratio 1", "SW 2nd half mean"]
-    s5, s1 = ab.loc["1-step DMD2", "SW 2nd half std"], ab.loc["TTUR ratio 1", "SW 2nd half std"]
-    run.claim("TTUR (ratio 5) stabilises training vs ratio 1", "without TTUR training is unstable",
-              f"2nd-half SW mean {m5:.3f} (std {s5:.3f}) vs {m1:.3f} (std {s1:.3f}) at ratio 1",
-              bool(m5 < m1 and s5 <= s1 * 1.1), note="holds if lower and no noisier over the second half of training")
-    g_on, g_off = ab.loc["1-step DMD2", "SW 2nd half mean"], ab.loc["no GAN term", "SW 2nd half mean"]
-    run.claim("the GAN term improves quality", "GAN term lowers FID", f"SW {g_on:.3f} with vs {g_off:.3f} without",
-              bool(g_on < g_off), note="2-D, 2nd-half mean of the training curve")
-    name_bs = f"{n_student_steps}-step DMD2"
-    name_nobs = f"{n_student_steps}-step, backward simulation {'off' if backward_simulation else 'on'}"
-    b_on, b_off = (ab.loc[name_bs, "SW 2nd half mean"], ab.loc[name_nobs, "SW 2nd half mean"]) if backward_simulation else (
-        ab.loc[name_nobs, "SW 2nd half mean"], ab.loc[name_bs, "SW 2nd half mean"])
-    run.claim("backward simulation improves the multi-step student", "fixes the train/inference mismatch",
-              f"{n_student_steps}-step SW {b_on:.3f} with vs {b_off:.3f} without", bool(b_on < b_off), note="2-D, 2nd-half mean of the training curve")
-    d1 = ab.loc["DMD1 regression, ratio 1", "SW 2nd half mean"]
-    run.metrics["dmd1_vs_dmd2_sw"] = {"dmd1": d1, "dmd2": m5}
+    better = lambda a, b, an, bn: compare(late[a], late[b], a_name=an, b_name=bn, higher_is_better=False)  # noqa: E731
+    run.claim("TTUR (ratio 5) beats ratio 1", "without TTUR training is unstable", None,
+              better("1-step DMD2", "TTUR ratio 1", f"ratio {best_hp['ttur_ratio']}", "ratio 1"))
+    stage1 = lambda r: search_runs[tuple(sorted({"gan_ratio": r, "lr": toy_lr, "ttur_ratio": ttur_ratio}.items()))]  # noqa: E731
+    nonzero = [r for r in gan_ratios if r > 0]
+    if nonzero and 0.0 in gan_ratios:  # both sides from the GAN stage of the search (same lr and lag)
+        val = {r: np.mean([dmd2.late_average(x.history, "sw_val") for x in stage1(r)]) for r in gan_ratios}
+        gan_best = min(nonzero, key=val.get)
+        late["GAN (stage 1)"], late["no GAN (stage 1)"] = ([dmd2.late_average(x.history, "sw_test") for x in stage1(r)]
+                                                           for r in (gan_best, 0.0))
+        run.claim("the GAN term improves quality (2-D)", "GAN term lowers FID", None,
+                  better("GAN (stage 1)", "no GAN (stage 1)", f"GAN ratio {gan_best:g}", "no GAN"),
+                  note=f"best non-zero ratio on validation; validation SW by ratio {({k: round(v, 3) for k, v in val.items()})}")
+    run.claim("backward simulation improves the multi-step student", "fixes the train/inference mismatch", None,
+              better(f"{n_student_steps}-step DMD2", f"{n_student_steps}-step, no backward simulation", "with", "without"))
     run.claim("DMD2 (TTUR, no regression) at least as good as DMD1's regression loss", "DMD2 drops the regression loss",
-              f"SW {m5:.3f} (DMD2) vs {d1:.3f} (DMD1 regression, ratio 1)", bool(m5 <= d1))
-run.metrics["wall_time_s"] = time.perf_counter() - t_start
-pd.set_option("display.max_colwidth", 90)
-run.claims_frame()
+              None, better("1-step DMD2", "DMD1 regression, ratio 1", "DMD2", "DMD1"), note="'does not hold' only if worse")
+    run.claim("fake score over the whole noise range beats EDM's log-normal times (issue 18)", "the paper's setting",
+              None, better("1-step DMD2", "fake score at EDM's log-normal times", "uniform", "log-normal"))
 
 # %%
-print(f"notebook wall time: {run.metrics['wall_time_s']:.0f} s")
-run.finish()
+if run_images:
+    first, last = (img_budget.groupby("budget")["ratio"].mean().iloc[i] for i in (0, -1))
+    run.claim("1-step student matches or beats the many-step teacher (digits)", "FID 1.28 vs ~2.3", None,
+              compare_to(fd_student["1-step DMD2"], fd_t[nfe_hi], name="student FD"),
+              note=f"late average of {steps} updates (FD in fedlib's classifier space, not FID) against the teacher at NFE "
+                   f"{nfe_hi}; the student/teacher FD ratio falls from {first:.1f} to {last:.1f} over training and is still "
+                   "falling (the FD-vs-updates figure): budget is what is missing")
+    if 1 in teacher_nfes:
+        run.claim("1-step student far better than the teacher at NFE 1 (digits)", "student wins by far", None,
+                  compare_to(np.divide(fd_student["1-step DMD2"], fd_t[1]), 0.5, name="student / teacher-NFE-1 FD"))
+run.metrics.update(wall_time_s=time.perf_counter() - t_start, cpu_time_s=time.process_time())
+run.claims_table()
+
+# %% [markdown]
+# ## 8. Why the failing claims fail
+# Numbers below are from the quick run above and from the `long` set (`python -m fedlib reproduce 04
+# --scale long`, results/long/04_dmd2_one_step: the same notebook, the 1-step budget stretched to 16×
+# and the search widened; about 17 CPU-minutes).
+#
+# **The one-step student does not match the many-step teacher on 2-D.** Not for want of searching:
+# the GAN weights, the learning rate and the fake-score lag were searched on the validation distance
+# (section 2; the long set's search picks lr 5e-4 and lag 10 — both at the edge of their grids, by
+# margins inside the seed spread — and a GAN ratio of 0.01, within noise of none). Nor, as far as we
+# can find, a defect: the implementation was checked against docs/methods.md §5 point by point, each
+# with a test in `tests/test_dmd2.py` — the DM gradient's normaliser and sign (with exact denoisers,
+# g = σ²(s_fake − s_real)/w, and a step along −g raises the true density), which network each loss
+# trains (the fake-score update never reaches the generator; the generator update, DM and GAN, never
+# reaches the fake score or the head), what the generator sees under backward simulation (the
+# inference chain's state, per sample), the time ranges (fake score and GAN over the whole noise
+# range: two deviations fixed, issue 18) and the GAN weights' normalisation. The budget figure shows
+# instead *where* the error sits. (1) Mass between the modes: a one-step generator is a continuous map
+# from a 2-D Gaussian onto eight separated modes and must leave mass on the seams between them (the
+# bridges in the samples figure). Its share falls steadily with updates — quick: 0.79 → 0.42 from 50 to
+# 200 updates; long: 0.56, 0.43, 0.35, 0.28, 0.23, 0.19 from 100 to 3200 — against the teacher's 0.06
+# and true samples' 0.01. (2) An uneven split over the modes: the mode-weight error (total variation of
+# the mode shares) falls over the quick budget (0.25 → 0.14) but then stalls — long: 0.10, 0.13, 0.14,
+# 0.14, 0.12 from 100 to 1600 updates, 0.085 at 3200, against the teacher's 0.04 — and it is what the
+# sliced distance sees once the seams thin out: the long set's test SW stays near 0.20 from 100 to 1600
+# updates and falls to 0.18 at 3200 together with it, while the seams halve twice. Rebalancing mass
+# between separated modes means moving the generator's partition of the noise space across
+# low-density regions, where the score difference is weakest. What is missing
+# is **budget** (the trend has not flattened at 16×), and a generator that can make sharp transitions
+# (**model size**); the paper's images have no eight isolated modes in two dimensions. On 2-D the
+# student can at best *match* the teacher: the teacher sits near the metric's floor (teacher NFE 50:
+# test SW 0.12 ± 0.04 over seeds; fresh samples of the true mixture: 0.076 ± 0.013).
+#
+# **The GAN term does not help on 2-D.** At the paper's GAN-to-DM ratio it makes the student much
+# worse (validation SW 0.36 at ratio 1 and 0.41 at 0.1 against 0.22 without, long-set search); at
+# ratios up to 0.01 its effect is within noise. Its gradient flows into the fake score's shared trunk
+# (for a 3-layer MLP, the whole network) and degrades the denoiser the DM gradient reads; and its
+# benefit in the paper comes from real data correcting a teacher visibly worse than the data (ImageNet
+# teacher FID ≈ 2.3), while our 2-D teacher is already near the metric's floor. What is missing: a
+# teacher measurably worse than its data (a GPU-scale image set).
+#
+# **Backward simulation** helps at the quick scale (see the claims) but is within noise in the long
+# set's configuration (lr 5e-4, lag 10: SW 0.242 ± 0.058 with, 0.258 ± 0.047 without), where the
+# 4-step student is also worse than the 1-step one: at 200 updates the multi-step student has four
+# input levels to learn and is further from converged.
+#
+# **The digits student does not match the teacher.** Its FD ratio to the teacher at NFE 50 falls
+# steeply over the quick budget (about 50 → 2 in 40 updates, the digits figure); in the long set
+# (160 updates) it falls to about 1.8 by 52 updates and then flattens near 1.4–1.7 (late average FD 1.03
+# against the teacher's 0.69; real test images 0.49). What is missing: **budget** (the paper trains
+# hundreds of thousands of iterations) and a learning rate searched for images (ours is not), and the
+# GAN term with real data, the paper's route past the teacher, which needs the GPU scale above.
+
+# %%
+print(f"notebook wall time: {run.metrics['wall_time_s']:.0f} s (CPU time of the kernel: {run.metrics['cpu_time_s']:.0f} s)")
+_ = run.finish()

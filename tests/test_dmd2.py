@@ -202,7 +202,7 @@ def test_fake_score_loss_does_not_reach_the_generator():
 
 def test_gan_losses_are_non_saturating_and_train_the_right_nets():
     fake = _den(Affine(1.0))
-    head = dmd2.GANHead(2, hidden=8)
+    head = dmd2.GANHead(2, hidden=8, kind="mlp")
     x_real, x_fake = torch.randn(16, 2), torch.randn(16, 2, requires_grad=True)
     t, e = torch.full((16,), 0.3), torch.randn(16, 2)
     lc = dmd2.gan_critic_loss(head, fake, x_real, x_fake, t, t, e, e)
@@ -248,11 +248,11 @@ def test_training_logs_every_loss_and_matches_a_shifted_gaussian():
     data = 2.0 + 0.5 * torch.randn(256, 2)
     start = _den(GaussianDenoiser(2.0, 0.5))
     start.net.bias.data.fill_(-1.5)  # the generator starts 1.5 below the data mean
-    cfg = dmd2.DMD2Config(steps=40, ttur_ratio=2, batch_size=64, lr=0.1, gan_critic_weight=0.0,
+    cfg = dmd2.DMD2Config(steps=80, ttur_ratio=2, batch_size=64, lr=0.1, gan_critic_weight=0.0,
                           gan_generator_weight=0.0, checkpoint_every=10)
     assert float(dmd2.generate(start, dmd2.student_times(VP(), 1), 500, shape=(2,)).mean()) < 0.7
     res = dmd2.train_dmd2(teacher, data, cfg, progress=False, init_generator=start)
-    assert res.diverged is None and len(res.history["loss_dm"]) == 40
+    assert res.diverged is None and len(res.history["loss_dm"]) == 80
     for key in ("loss_dm", "loss_fake", "grad_norm_generator", "grad_norm_fake"):
         assert all(math.isfinite(v) for v in res.history[key])
     x = res.sample(2000)
@@ -309,3 +309,260 @@ def test_multistep_gan_training_runs_on_a_unet():
     assert res.diverged is None
     assert all(math.isfinite(v) for v in res.history["loss_gan_critic"] + res.history["loss_gan_generator"])
     assert res.sample(5).shape == (5, 1, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 18: deviations from the paper, one test per point checked against docs/methods.md section 5
+
+
+class _TimeSpy(nn.Module):
+    """Affine x0-net that records every network time it is called with."""
+
+    def __init__(self, dim=2):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.5))
+        self.b = nn.Parameter(torch.zeros(dim))
+        self.feature_channels = dim
+        self.seen = []
+
+    def forward(self, x, t_net, return_features=False):
+        self.seen.append(t_net.detach().clone())
+        out = self.a * x + self.b
+        return (out, x) if return_features else out
+
+
+def _nets(cfg, spy_fake=None, dim=2, n=64):
+    process = EDM()
+    teacher = Denoiser(Affine(0.3, 0.0, dim), process, "x0")
+    gen = Denoiser(Affine(0.5, 0.1, dim), process, "x0")
+    fake = Denoiser(spy_fake or Affine(0.4, 0.0, dim), process, "x0")
+    head = dmd2.GANHead(dim, hidden=8, kind="mlp") if cfg.use_gan else None
+    times = dmd2.student_times(process, cfg.n_student_steps)
+    return dmd2.DMD2Nets(teacher, gen, fake, head, times, torch.randn(n, dim))
+
+
+def _share_above(t, sigma=2.0):
+    return float((t > sigma).float().mean())
+
+
+def test_fake_score_times_cover_the_whole_noise_range_like_the_dm_loss():
+    """Issue 18.1: the fake score is trained where the generator loss asks it (uniform noise
+    fraction over [0, 1]); EDM's log-normal training law gives sigma > 2 only ~6% of the time."""
+    cfg = dmd2.DMD2Config(batch_size=4000, gan_critic_weight=0.0, gan_generator_weight=0.0)
+    spy = _TimeSpy()
+    nets = _nets(cfg, spy)
+    dmd2.fake_score_losses(nets, cfg, dmd2._Draws([0], "cpu"))
+    t_fake = spy.seen[-1]
+    t_dm = dmd2.sample_dm_times(EDM(), 20_000, generator=torch.Generator().manual_seed(1))
+    assert _share_above(t_dm) == pytest.approx(0.527, abs=0.02)
+    assert _share_above(t_fake) == pytest.approx(0.526, abs=0.03)
+    assert float(t_fake.min()) < 0.01 and float(t_fake.max()) > 60  # both ends of [0.002, 80]
+    old = dmd2.DMD2Config(batch_size=4000, gan_critic_weight=0.0, gan_generator_weight=0.0, fake_times="process")
+    dmd2.fake_score_losses(nets, old, dmd2._Draws([0], "cpu"))
+    assert _share_above(spy.seen[-1]) == pytest.approx(0.057, abs=0.02)
+
+
+def test_gan_terms_see_the_whole_noise_range():
+    """Issue 18.2: the critic (and the generator's GAN loss) draw times over the full range."""
+    cfg = dmd2.DMD2Config(batch_size=3000, gan_critic_weight=1e-2, gan_generator_weight=3e-3)
+    spy = _TimeSpy()
+    nets = _nets(cfg, spy)
+    dmd2.fake_score_losses(nets, cfg, dmd2._Draws([0], "cpu"))
+    t = spy.seen[-1]  # one fused call: [denoising | real | fake] per member
+    t_real, t_gen = t[3000:6000], t[6000:]
+    for tt in (t_real, t_gen):
+        assert float(tt.min()) < 0.01 and float(tt.max()) > 60
+    spy.seen.clear()
+    dmd2.generator_losses(nets, cfg, dmd2._Draws([0], "cpu"))
+    t_gan = spy.seen[-1]  # the generator's GAN call comes after the DM call
+    assert float(t_gan.min()) < 0.01 and float(t_gan.max()) > 60
+    lo, hi = dmd2.t_from_noise_fraction(EDM(), torch.tensor(dmd2.DM_RANGE))
+    t_dm = spy.seen[-2]
+    assert float(t_dm.min()) >= float(lo) - 1e-4 and float(t_dm.max()) <= float(hi) + 1e-3
+
+
+@pytest.mark.parametrize("dim", [2, 64])
+def test_gan_weights_keep_the_papers_ratio_to_the_dm_loss(dim):
+    """Issue 18.3: the DM loss is averaged over B*d elements and the GAN loss over B, so the paper's
+    weights (set at d = 3*64*64) are multiplied by 12288 / d; the total is exactly that sum."""
+    assert dmd2.gan_weight_scale(dim) == pytest.approx(12288 / dim)
+    assert dmd2.gan_weight_scale(dim, reference_dim=0) == 1.0
+    cfg = dmd2.DMD2Config(batch_size=16, gan_critic_weight=1e-2, gan_generator_weight=3e-3)
+    nets = _nets(cfg, dim=dim)
+    scale = dmd2.gan_weight_scale(dim)
+    total, losses = dmd2.generator_losses(nets, cfg, dmd2._Draws([0], "cpu"), scale)
+    expected = losses["loss_dm"] + 3e-3 * scale * losses["loss_gan_generator"]
+    torch.testing.assert_close(total, expected.sum())
+    total_f, lf = dmd2.fake_score_losses(nets, cfg, dmd2._Draws([0], "cpu"), scale)
+    torch.testing.assert_close(total_f, (lf["loss_fake"] + 1e-2 * scale * lf["loss_gan_critic"]).sum())
+    # the DM gradient per element is g / (B d): the GAN-to-DM ratio per element grows like d, which the scale undoes
+    x = torch.randn(16, dim, requires_grad=True)
+    g = torch.ones(16, dim)
+    (grad,) = torch.autograd.grad(dmd2._per_sample_dm(x, g).mean(), x)
+    torch.testing.assert_close(grad, g / (16 * dim))
+
+
+def test_regression_loss_is_averaged_over_elements_and_one_step_only():
+    """Issue 18.4: same normalisation as the DM loss (a weight means the same at any d), and only
+    for the one-step generator (a multi-step chain has no deterministic x_T -> x_0 map)."""
+    x, ref = torch.randn(8, 2), torch.randn(8, 2)
+    wide = dmd2.regression_loss(x.repeat(1, 32), ref.repeat(1, 32))  # the same error in 64 dimensions
+    torch.testing.assert_close(wide, dmd2.regression_loss(x, ref))
+    torch.testing.assert_close(dmd2.regression_loss(x, ref), ((x - ref) ** 2).mean())
+    with pytest.raises(ValueError, match="one-step"):
+        dmd2.DMD2Config(regression_weight=0.25, n_student_steps=4)
+
+
+def test_dm_gradient_is_the_normalised_score_difference_and_moves_towards_the_data():
+    """Sign and normaliser (issue 14): with exact denoisers, g = sigma^2 (s_fake - s_real) / w, and a
+    small step x - lr * g raises the true density of the generator's samples."""
+    from fedlib.data import mixture
+
+    ring = mixture("ring")
+    from fedlib.data import GaussianMixture2D
+
+    angle = math.pi / 8  # the generator's modes sit between the true ones
+    rot = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    fake_mix = GaussianMixture2D(ring.means @ rot.T, ring.std)
+    real, fake = dmd2.exact_denoiser(ring), dmd2.exact_denoiser(fake_mix)
+    g0 = torch.Generator().manual_seed(0)
+    x, _ = fake_mix.sample(512, g0)
+    sigma = torch.full((512,), 0.5)
+    eps = torch.randn(512, 2, generator=g0)
+    x_g = x.clone().requires_grad_(True)
+    loss, g, w = dmd2.distribution_matching_loss(x_g, real, fake, sigma, eps, reduction="sum", return_direction=True)
+    (grad,) = torch.autograd.grad(loss, x_g)
+    x_t = x + 0.5 * eps
+    s_real, s_fake = ring.score(x_t, 0.5), fake_mix.score(x_t, 0.5)
+    torch.testing.assert_close(g, 0.25 * (s_fake - s_real) / w[:, None], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, g)
+    w_exact = (x - real(x_t, sigma)).abs().mean(1)
+    torch.testing.assert_close(w, w_exact)
+    assert float(ring.log_prob(x - 0.05 * g).mean()) > float(ring.log_prob(x).mean()) + 0.1
+
+
+def test_each_update_trains_only_its_own_networks():
+    """Which network each loss trains (issue 14): the fake-score update (denoising + critic) reaches
+    the fake score and the head, never the generator; the generator update (DM + GAN) reaches the
+    generator only, even though its GAN loss runs through the fake score and the head."""
+    cfg = dmd2.DMD2Config(batch_size=8, gan_critic_weight=1e-2, gan_generator_weight=3e-3)
+    nets = _nets(cfg)
+    for p in nets.generator.parameters():
+        p.requires_grad_(True)
+    total, _ = dmd2.fake_score_losses(nets, cfg, dmd2._Draws([0], "cpu"))
+    total.backward()
+    assert all(p.grad is None for p in nets.generator.parameters())
+    assert all(p.grad is not None for p in nets.fake_score.parameters())
+    assert all(p.grad is not None for p in nets.head.parameters())
+    for m in (nets.fake_score, nets.head):
+        m.zero_grad(set_to_none=True)
+    total, losses = dmd2.generator_losses(nets, cfg, dmd2._Draws([0], "cpu"))
+    assert set(losses) == {"loss_dm", "loss_gan_generator"}
+    total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.generator.parameters())
+    assert all(p.grad is None for p in nets.fake_score.parameters())
+    assert all(p.grad is None for p in nets.head.parameters())
+    assert all(p.requires_grad for p in nets.fake_score.parameters())  # switched back on afterwards
+
+
+def test_backward_simulation_with_one_step_per_sample_matches_the_inference_chain():
+    """What the generator sees under backward simulation: sample i's input at step k_i is the
+    inference chain's state at k_i (same noise), also when every sample has its own k."""
+    process = EDM()
+    torch.manual_seed(0)
+    gen = Denoiser(Affine(0.7, 0.3), process, "x0")
+    times = dmd2.student_times(process, 4)
+    x_T = process.prior((8, 2), generator=torch.Generator().manual_seed(1))
+    k = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    sim = dmd2.backward_simulation(gen, times, k, x_T, noise_generator=torch.Generator().manual_seed(2))
+    for kk in range(4):
+        ref = dmd2.backward_simulation(gen, times, kk, x_T, noise_generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(sim[k == kk], ref[k == kk])
+
+
+def test_training_iterates_the_ttur_schedule(monkeypatch):
+    """The loop runs exactly the documented update list (Issue 12): ratio fake-score updates before
+    every generator update."""
+    calls = []
+    real_f, real_g = dmd2.fake_score_losses, dmd2.generator_losses
+    monkeypatch.setattr(dmd2, "fake_score_losses", lambda *a, **k: (calls.append("fake"), real_f(*a, **k))[1])
+    monkeypatch.setattr(dmd2, "generator_losses", lambda *a, **k: (calls.append("generator"), real_g(*a, **k))[1])
+    cfg = dmd2.DMD2Config(steps=3, ttur_ratio=4, batch_size=8, gan_critic_weight=0.0, gan_generator_weight=0.0)
+    dmd2.train_dmd2(_toy_teacher(), torch.randn(32, 2), cfg, progress=False)
+    assert calls == dmd2.ttur_schedule(3, 4)
+
+
+def test_vectorised_seeds_follow_their_single_runs():
+    """train_dmd2_seeds stacks 2-D networks over seeds: member s draws the random numbers of the
+    single run with seed s, clips its own gradient, and so follows it up to rounding."""
+    teacher = _toy_teacher()
+    data = torch.randn(64, 2)
+    cfg = dmd2.DMD2Config(steps=4, ttur_ratio=2, batch_size=16, lr=1e-2, grad_clip=0.05, checkpoint_every=2,
+                          gan_critic_weight=1e-2, gan_generator_weight=3e-3, n_student_steps=2)
+    stacked = dmd2.train_dmd2_seeds(teacher, data, cfg, [3, 5], progress=False)
+    single = dmd2.train_dmd2(teacher, data, dmd2.DMD2Config(**{**dmd2.config_dict(cfg), "seed": 5}), progress=False)
+    assert [r.seed for r in stacked] == [3, 5]
+    for key in ("loss_dm", "loss_fake", "loss_gan_critic", "loss_gan_generator", "grad_norm_generator"):
+        assert stacked[1].history[key] == pytest.approx(single.history[key], rel=1e-3, abs=1e-5), key
+    assert stacked[0].history["loss_dm"] != pytest.approx(single.history["loss_dm"], rel=1e-3)
+    x_s, x_1 = stacked[1].sample(100, seed=1), single.sample(100, seed=1)
+    torch.testing.assert_close(x_s, x_1, rtol=1e-3, atol=1e-4)
+    assert dmd2.can_stack(teacher.net) and not dmd2.can_stack(dmd2.GANHead(4, kind="conv"))
+
+
+def test_stack_and_unstack_round_trip():
+    from fedlib.diffusion.networks import MLPDenoiser
+
+    nets = [MLPDenoiser(hidden=16, depth=2, emb_dim=8) for _ in range(3)]
+    stacked = dmd2.stack_members(nets)
+    x, t = torch.randn(3 * 5, 2), torch.rand(3 * 5)
+    out = stacked(x, t)
+    for i, net in enumerate(nets):
+        torch.testing.assert_close(out[5 * i:5 * (i + 1)], net(x[5 * i:5 * (i + 1)], t[5 * i:5 * (i + 1)]))
+        torch.testing.assert_close(dmd2.unstack_member(stacked, i)(x[:5], t[:5]), net(x[:5], t[:5]))
+    with pytest.raises(ValueError, match="nn.Linear"):
+        dmd2.stack_members([dmd2.GANHead(4, kind="conv")] * 2)
+
+
+def test_late_average_and_checkpointer(tmp_path):
+    h = {"eval": [{"step": s, "sw": float(s)} for s in (10, 20, 30, 40)]}
+    assert dmd2.late_average(h, "sw") == pytest.approx(35.0)  # steps 30 and 40 (> 20)
+    assert dmd2.late_average(h, "sw", upto=20) == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="no evaluation"):
+        dmd2.late_average(h, "sw", upto=5)
+    net = nn.Linear(2, 2)
+    ck = dmd2.Checkpointer(tmp_path / "c.pt", net=net)
+    ck.save(7)
+    before = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.fill_(float("nan"))
+    assert ck.restore() == 7
+    torch.testing.assert_close(net.weight, before)
+
+
+def test_exact_denoiser_matches_the_mixture_score():
+    from fedlib.data import mixture
+
+    ring = mixture("ring")
+    den = dmd2.exact_denoiser(ring)
+    x = torch.randn(20, 2) * 2
+    for s in (0.05, 1.0, 10.0):
+        torch.testing.assert_close(den(x, torch.full((20,), s)), x + s**2 * ring.score(x, s), rtol=1e-4, atol=1e-5)
+
+
+def test_toy_evaluator_matches_the_library_metric_and_keeps_val_and_test_apart():
+    from fedlib import metrics
+    from fedlib.data import mixture
+
+    ring = mixture("ring")
+    ev = dmd2.ToyEvaluator(ring, n=400, seed=3)
+    x = torch.randn(400, 2)
+    assert ev.sw(x, ev.test) == pytest.approx(metrics.sliced_wasserstein(x, ev.test), rel=1e-9)
+    assert not torch.equal(ev.val, ev.test)
+    ref = dmd2.stratified_sample(ring, 403, 0)
+    counts = torch.cdist(ref, ring.means).argmin(1).bincount(minlength=8)
+    assert int(counts.max() - counts.min()) <= 1 and len(ref) == 403  # the exact share per mode
+    assert dmd2.off_mode_fraction(ring, ring.means) == 0.0 and dmd2.off_mode_fraction(ring, torch.zeros(5, 2)) == 1.0
+    assert dmd2.mode_weight_tv(ring, ring.means.repeat(3, 1)) == pytest.approx(0.0)
+    assert dmd2.mode_weight_tv(ring, ring.means[:1].repeat(8, 1)) == pytest.approx(7 / 8)  # all mass on one mode
+    assert set(ev(dmd2.exact_denoiser(ring), torch.tensor([1.0]))) >= {"sw_val", "sw_test", "off_mode_test", "mode_tv_test"}
