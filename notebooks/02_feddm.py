@@ -108,7 +108,7 @@ assert not set(seeds) & set(search_seeds), "the mu search must not run on the cl
 
 # %% tags=["nbval-check-output"]
 delta = torch.tensor([-0.031, -0.012, 0.0, 0.004, 0.018, 0.027])
-print(f"update {delta.tolist()}: float32 {4 * delta.numel()} bytes")
+print(f"update {[round(v, 4) for v in delta.tolist()]}: float32 {4 * delta.numel()} bytes")
 for b in (8, 4):
     q = C.quantize_tensor(delta, b)
     back = C.dequantize_tensor(q)
