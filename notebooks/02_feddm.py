@@ -360,6 +360,8 @@ if mu:
               note=f"classifier FD on {noniid}; mu*={mu_star:g} chosen before the claim from {list(mu)} on validation "
               f"FD with seeds {list(search_seeds)} (section 4), so the sweep is not a multiple comparison; "
               "the budget sweep is in section 7")
+
+# %%
 central_vs = {p: compare(fd("central", "union"), fd("vanilla", p), a_name="central", b_name=f"vanilla {p}",
                          higher_is_better=False) for p in ["iid", noniid]}
 run.claim("central training on the union beats FedDM-vanilla on non-IID clients", "(reference, not a paper claim)",
