@@ -45,8 +45,8 @@ from .compression import (Quantizer, decode, dequantize_params, encode, float32_
 from .diffusion.denoiser import Denoiser, diffusion_loss, draw_noise_and_time
 from .diffusion.networks import UNet
 from .diffusion.process import make_process
-from .federated import (CommLedger, ClientData, concat_clients, fedavg, get_params, local_train, masked_mean,
-                        pack_clients, stack_params)
+from .federated import (CPU_CHUNK, CommLedger, ClientData, concat_clients, fedavg, get_params, local_train,
+                        masked_mean, pack_clients, stack_params)
 from .utils import check_choice
 
 Params = dict[str, Tensor]
@@ -249,21 +249,23 @@ def train_central(denoiser: Denoiser, central: list[Group], *, local_steps: int,
     union, batch K * B (all central groups in one vmap)."""
     if not central:
         return
-    w = local_train(denoiser.net, stack_params([g.params for g in central]), _joined(central, cache),
+    data, batch = _joined(central, cache, central), batch_size * central[0].batch_scale
+    w = local_train(denoiser.net, stack_params([g.params for g in central]), data,
                     diffusion_client_loss(denoiser), steps=local_steps, lr=lr, momentum=momentum,
-                    batch_size=batch_size * central[0].batch_scale, generator=generator,
-                    extras_fn=noise_extras(denoiser.process), vectorised=vectorised, chunk_size=chunk_size)
+                    batch_size=batch, generator=generator, extras_fn=noise_extras(denoiser.process),
+                    vectorised=vectorised, chunk_size=chunk_size or auto_chunk(data, batch))
     for j, g in enumerate(central):
         g.params = {n: p[j] for n, p in w.items()}
 
 
 def record_history(history: list, groups: list[Group], round_: int, eval_rounds, evaluate) -> None:
-    """Append one row per group (variant, partition, seed, round, cumulative bytes, metrics) when
-    ``round_`` is evaluated."""
+    """Append one row per group (variant, kind, mu, uplink bits, partition, seed, round, cumulative
+    bytes, metrics) when ``round_`` is evaluated."""
     if evaluate is None or round_ not in set(eval_rounds):
         return
     for g, m in zip(groups, evaluate(groups)):
-        history.append({"variant": g.variant.name, "kind": g.variant.kind, "partition": g.partition,
+        history.append({"variant": g.variant.name, "kind": g.variant.kind, "mu": g.variant.mu,
+                        "bits": g.variant.uplink.bits if g.variant.uplink else 32, "partition": g.partition,
                         "seed": g.seed, "round": round_, "bytes_up": g.ledger.total("up"),
                         "bytes_down": g.ledger.total("down"), **m})
 
@@ -277,13 +279,88 @@ def by_mu(groups: list[Group]) -> dict[float, list[Group]]:
     return out
 
 
-def _joined(gs: list[Group], cache: dict | None):
-    key = tuple(id(g) for g in gs)
+class RowView:
+    """Rows of a padded client tensor ``base`` [U, N, ...] seen as [len(rows), N, ...] without copying:
+    ``view[a, b] == base[rows[a], b]``. Groups on the same (partition, seed) share one ClientData, so
+    the clients of all models trained in one vmap read one copy of each partition's data instead of one
+    copy per model (Fashion-MNIST at quick, 33 models on 6 (partition, seed) pairs: about 0.5 GB less;
+    the rest of the old 7 GB were activations, bounded by :func:`auto_chunk`)."""
+
+    def __init__(self, base: Tensor, rows: Tensor):
+        self.base, self.rows = base, rows.to(base.device)
+        self.shape = (len(rows), *base.shape[1:])
+        self.device, self.dtype = base.device, base.dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        return self.base[(self.rows[key[0]], *key[1:])]
+
+    def materialize(self) -> Tensor:
+        return self.base[self.rows]
+
+
+@dataclass
+class ClientStore:
+    """Each distinct ClientData (by identity) padded and stored once: ``data`` [U, N, ...] and the first
+    row of each part (``offset[id(part)]``)."""
+
+    data: ClientData
+    offset: dict
+
+    @classmethod
+    def of(cls, parts: list[ClientData]) -> "ClientStore":
+        unique = list({id(p): p for p in parts}.values())
+        starts = np.concatenate([[0], np.cumsum([p.n_clients for p in unique])[:-1]]).astype(int).tolist()
+        return cls(concat_clients(unique), {id(p): o for p, o in zip(unique, starts)})
+
+    def holds(self, parts: list[ClientData]) -> bool:
+        return all(id(p) in self.offset for p in parts)
+
+    def view(self, parts: list[ClientData]) -> ClientData:
+        """``concat_clients(parts)`` as :class:`RowView` s over the store: nothing is copied."""
+        rows = torch.cat([torch.arange(p.n_clients) + self.offset[id(p)] for p in parts])
+        d = self.data
+        return ClientData(RowView(d.x, rows), RowView(d.y, rows), RowView(d.mask, rows), d.n_k[rows.to(d.n_k.device)])
+
+
+def shared_clients(parts: list[ClientData]) -> ClientData:
+    """``concat_clients(parts)`` with each distinct part stored once (see :class:`RowView`)."""
+    return ClientStore.of(parts).view(parts)
+
+
+def _joined(gs: list[Group], cache: dict | None, everyone: list[Group] | None = None):
+    """The clients of ``gs`` as one ClientData for one vmap. With ``cache`` (kept across rounds) one
+    :class:`ClientStore` of every group's data (``everyone``) serves every vmap of the run."""
+    parts = [g.clients for g in gs]
     if cache is None:
-        return concat_clients([g.clients for g in gs])
+        return shared_clients(parts)
+    key = tuple(id(g) for g in gs)
     if key not in cache:
-        cache[key] = concat_clients([g.clients for g in gs])
+        store = cache.get("store")
+        if store is None or not store.holds(parts):
+            store = cache["store"] = ClientStore.of([g.clients for g in (everyone or [])] + parts)
+        cache[key] = store.view(parts)
     return cache[key]
+
+
+CHUNK_PIXELS = 2**17  # CPU: image pixels (clients x batch x pixels per image) per vmap chunk of local training
+
+
+def auto_chunk(clients: ClientData, batch_size: int) -> int | None:
+    """Clients per vmap chunk when none is given: on CPU, as many as keep ``CHUNK_PIXELS`` pixels of
+    images in one chunk (8x8 digits at batch 16: 128 clients; 28x28 Fashion-MNIST: 10), at most
+    ``CPU_CHUNK``; on GPU, all at once (None). This bounds the activations of the backward pass: one
+    Fashion-MNIST quick round peaked at 7.4 GB unchunked, 2.7 GB with 16 clients per chunk."""
+    if clients.x.device.type != "cpu":
+        return None
+    pixels = int(np.prod(clients.x.shape[2:])) * int(batch_size)
+    return max(1, min(CPU_CHUNK, CHUNK_PIXELS // max(1, pixels)))
 
 
 def feddm_round(denoiser: Denoiser, groups: list[Group], round_: int, *, local_steps: int, batch_size: int,
@@ -291,14 +368,18 @@ def feddm_round(denoiser: Denoiser, groups: list[Group], round_: int, *, local_s
                 vectorised: bool = True, chunk_size: int | None = None, cache: dict | None = None) -> None:
     """One in-process round for every group, in place: local training (one vmap per distinct mu, one for
     central), the clients' uploads, the server's :func:`aggregate`. ``cache`` (a dict kept across
-    rounds) holds the concatenated client data of each vmap, so it is built once, not every round."""
+    rounds) holds one :class:`ClientStore` of the federated groups' data (each (partition, seed) once,
+    however many variants train on it) and each vmap's view of it, so they are built once, not every
+    round."""
     net, loss_fn, extras = denoiser.net, diffusion_client_loss(denoiser), noise_extras(denoiser.process)
+    federated = [g for g in groups if not g.variant.central]  # the union (central) is stored apart: no padding to it
     for mu, gs in by_mu(groups).items():
         k = gs[0].clients.n_clients
         start = _repeat_each([g.params for g in gs], k)
-        w_k = local_train(net, start, _joined(gs, cache), loss_fn, steps=local_steps, lr=lr, momentum=momentum,
+        data = _joined(gs, cache, federated)
+        w_k = local_train(net, start, data, loss_fn, steps=local_steps, lr=lr, momentum=momentum,
                           mu=mu, batch_size=batch_size, generator=generator, extras_fn=extras,
-                          vectorised=vectorised, chunk_size=chunk_size)
+                          vectorised=vectorised, chunk_size=chunk_size or auto_chunk(data, batch_size))
         for j, g in enumerate(gs):
             ups = [upload({n: p[j * k + i] for n, p in w_k.items()}, g.params, g.variant.uplink, generator)
                    for i in range(k)]
@@ -370,16 +451,24 @@ def params_of(denoiser: Denoiser) -> Params:
 # ----------------------------------------------------------------------------------------------
 # evaluation and the notebook's table
 def fd_evaluator(denoiser: Denoiser, feature_net, reference, n: int, steps: int, sampler: str, image_shape,
-                 seed: int = 0, max_images: int = 4096, keep: dict | None = None):
+                 seed: int = 0, max_images: int | None = None, keep: dict | None = None, keep_n: int = 64,
+                 extra_references: dict | None = None, metric: str = "fd"):
     """``evaluate(groups) -> [{"fd": ..., "nfe": ...}]`` for :func:`run_feddm`: ``n`` samples per model
     (the same initial noise, sampler and NFE for every model), Frechet distance in ``feature_net``'s
-    space to ``reference`` (images or (mu, Sigma)); NOT comparable to Inception FID. At most
-    ``max_images`` images are denoised at once (models x samples). The first 64 samples of each group
-    are stored in ``keep[label]``."""
-    from .metrics import classifier_fd, extract_features, gaussian_stats
+    space to ``reference`` (images or (mu, Sigma)), under the key ``metric``; NOT comparable to Inception
+    FID. ``extra_references`` ({metric name: images or (mu, Sigma)}, e.g. ``{"fd_val": validation}``) adds
+    one more distance per name from the same samples. At most ``max_images`` images are denoised at
+    once (models x samples; default 2**18 pixels' worth, at most 4096 images, so 28x28 data does not hold
+    gigabytes of activations). The first ``keep_n`` samples of each group at each evaluation are
+    appended to ``keep[label]`` (a list, one entry per evaluation)."""
+    from .metrics import extract_features, frechet_distance, gaussian_stats
 
-    if not isinstance(reference, tuple):
-        reference = gaussian_stats(extract_features(feature_net, reference))
+    def stats(ref):
+        return ref if isinstance(ref, tuple) else gaussian_stats(extract_features(feature_net, ref))
+
+    refs = {metric: stats(reference), **{k: stats(v) for k, v in (extra_references or {}).items()}}
+    if max_images is None:
+        max_images = int(min(4096, max(64, 2**18 // int(np.prod(image_shape)))))
     per_call = min(n, max_images)
     models_per_call = max(1, max_images // per_call)
 
@@ -394,9 +483,10 @@ def fd_evaluator(denoiser: Denoiser, feature_net, reference, n: int, steps: int,
                 parts.append(x.cpu())
             x = torch.cat(parts, dim=1)
             for g, xg in zip(chunk, x):
-                out.append({"fd": classifier_fd(feature_net, xg, reference), "nfe": nfe})
+                feats = gaussian_stats(extract_features(feature_net, xg.clamp(-1, 1)))
+                out.append({**{k: frechet_distance(*feats, *r) for k, r in refs.items()}, "nfe": nfe})
                 if keep is not None:
-                    keep[g.label] = xg[:64]
+                    keep.setdefault(g.label, []).append(xg[:keep_n].clone())
         return out
 
     return evaluate
@@ -418,3 +508,80 @@ def summary_table(history: list[dict], model_bytes: int):
     van = t[t["kind"] == "vanilla"].set_index("partition")["fd"]
     t["fd_ratio_vs_vanilla"] = [f / van[p] if p in van else float("nan") for p, f in zip(t["partition"], t["fd"])]
     return t
+
+
+# ----------------------------------------------------------------------------------------------
+# reading the history: per-seed values, paired gaps, the mu search
+def _frame(history):
+    import pandas as pd
+
+    return history if isinstance(history, pd.DataFrame) else pd.DataFrame(history)
+
+
+def per_seed(history, variant: str, partition: str, metric: str = "fd", round_: int | None = None,
+             seeds=None) -> np.ndarray:
+    """``metric`` of one (variant, partition) at ``round_`` (default: the last evaluated round), one value
+    per seed in ``seeds`` order (default: sorted), for :func:`fedlib.results.compare`. Raises when a
+    seed is missing, so a comparison is never silently unpaired."""
+    h = _frame(history)
+    round_ = int(h["round"].max()) if round_ is None else int(round_)
+    sub = h[(h["variant"] == variant) & (h["partition"] == partition) & (h["round"] == round_)].set_index("seed")
+    seeds = sorted(sub.index) if seeds is None else list(seeds)
+    missing = [s for s in seeds if s not in sub.index]
+    if missing or not seeds:
+        raise ValueError(f"no {metric!r} for {variant!r} on {partition!r} at round {round_} for seeds {missing or seeds}")
+    return sub.loc[seeds, metric].to_numpy(dtype=float)
+
+
+PENALTY = "non-IID penalty (vanilla)"
+
+
+def paired_gaps(history, iid: str = "iid", baseline: str = "vanilla", kind: str = "prox",
+                metric: str = "fd") -> "pd.DataFrame":
+    """The budget sweep's quantity, per (partition, series, round, seed): ``gap`` = metric(variant) -
+    metric(``baseline``) on the same partition, round and seed for every variant of ``kind`` (positive:
+    the variant is worse, for a distance), and the series :data:`PENALTY` = metric(baseline on a non-IID
+    partition) - metric(baseline on ``iid``): how much the label skew costs FedAvg, the drift a proximal
+    term could at best remove."""
+    import pandas as pd
+
+    h = _frame(history)
+    h = h[h["partition"] != "union"]
+    base = h[h["variant"] == baseline].set_index(["partition", "round", "seed"])[metric]
+    rows = []
+    for (p, v), sub in h[h["kind"] == kind].groupby(["partition", "variant"], sort=False):
+        s = sub.set_index(["partition", "round", "seed"])[metric]
+        d = (s - base.reindex(s.index)).dropna()
+        rows += [{"partition": p, "series": v, "round": r, "seed": sd, "gap": float(x)} for (_, r, sd), x in d.items()]
+    if iid in set(h["partition"]):
+        ref = base.xs(iid, level="partition")
+        for p in [p for p in h["partition"].unique() if p != iid]:
+            d = (base.xs(p, level="partition") - ref).dropna()
+            rows += [{"partition": p, "series": PENALTY, "round": r, "seed": sd, "gap": float(x)} for (r, sd), x in d.items()]
+    return pd.DataFrame(rows, columns=["partition", "series", "round", "seed", "gap"])
+
+
+def band(df, by, value: str = "gap") -> "pd.DataFrame":
+    """Mean, standard error over seeds and seed count of ``value`` per ``by`` (the figures' bands)."""
+    g = df.groupby(by, sort=False)[value]
+    out = g.agg(["mean", "std", "count"]).reset_index()
+    out["se"] = out["std"] / np.sqrt(out["count"])
+    return out
+
+
+def mu_search(history, partition: str, metric: str = "fd_val", baseline: str = "vanilla") -> tuple[float, "pd.DataFrame"]:
+    """The proximal weight chosen on a validation quantity: at the last evaluated round on ``partition``,
+    the mean over seeds of ``metric`` per variant (vanilla and every prox), and mu* = the prox variant
+    with the lowest mean (a distance). Returns (mu*, the table, with a ``chosen`` column)."""
+    h = _frame(history)
+    last = h[(h["partition"] == partition) & (h["round"] == h["round"].max())]
+    t = last.groupby(["variant", "kind", "mu"], sort=False)[metric].agg(["mean", "std", "count"]).reset_index()
+    t["se"] = t["std"] / np.sqrt(t["count"])
+    prox = t[t["kind"] == "prox"]
+    if prox.empty:
+        raise ValueError(f"no prox variant on {partition!r} to choose mu from")
+    best = prox["mean"].idxmin()
+    t["chosen"] = t.index == best
+    mu = float(t.loc[best, "mu"])
+    return mu, t.rename(columns={"mean": f"{metric} mean", "std": f"{metric} std", "se": f"{metric} se",
+                                 "count": "seeds"})

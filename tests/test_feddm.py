@@ -140,3 +140,161 @@ def test_aggregate_leaves_out_clients_not_accepted_and_keeps_a_group_with_none(s
     before = {n: p.clone() for n, p in g.params.items()}
     F.aggregate(g, 2, [None] * 3, [0] * 3, [False] * 3, on_event=lambda *a: events.append(a))
     assert all(torch.equal(before[n], g.params[n]) for n in before) and events[0][1] == "group-kept"
+
+
+# ----------------------------------------------------------------------------------------------
+# the proximal term, point by point against docs/methods.md section 2 (issue 14: defect or scale?)
+def _quadratic_loss(target):
+    """0.5 ||w - target||^2 summed over all tensors: its gradient is w - target."""
+    def loss_fn(call, params, batch):
+        return 0.5 * sum(((params[n] - target[n]) ** 2).sum() for n in params) + 0.0 * batch["mask"].sum()
+    return loss_fn
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_prox_gradient_is_mu_times_the_distance_to_the_global_model_through_momentum(vectorised):
+    """Two SGD steps with momentum m on loss + (mu/2)||w - w_g||^2, by hand: g_t = (w_t - c) + mu (w_t - w_g),
+    b_t = m b_{t-1} + g_t, w_{t+1} = w_t - lr b_t (torch.optim.SGD's convention: the proximal gradient
+    goes through the momentum buffer, which starts at zero every round)."""
+    from fedlib import federated as fl
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    w_g = fl.get_params(net)
+    c = {n: torch.randn_like(p) for n, p in w_g.items()}
+    clients = fl.pack_clients(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), [np.arange(2), np.arange(2, 4)])
+    lr, m, mu = 0.1, 0.9, 3.0
+    got = fl.local_train(net, w_g, clients, _quadratic_loss(c), steps=2, lr=lr, momentum=m, mu=mu, batch_size=2,
+                         generator=torch.Generator().manual_seed(0), vectorised=vectorised)
+    for n in w_g:
+        w, b = w_g[n].clone(), torch.zeros_like(w_g[n])
+        for _ in range(2):
+            g = (w - c[n]) + mu * (w - w_g[n])
+            b = m * b + g
+            w = w - lr * b
+        for k in range(2):
+            torch.testing.assert_close(got[n][k], w, rtol=1e-5, atol=1e-6)
+
+
+def test_prox_fixed_point_is_between_the_local_optimum_and_the_global_model():
+    """Run to convergence, the client lands on argmin 0.5||w - c||^2 + (mu/2)||w - w_g||^2 = (c + mu w_g)/(1 + mu)."""
+    from fedlib import federated as fl
+
+    torch.manual_seed(1)
+    net = torch.nn.Linear(3, 2)
+    w_g = fl.get_params(net)
+    c = {n: torch.randn_like(p) for n, p in w_g.items()}
+    clients = fl.pack_clients(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), [np.arange(2)])
+    for mu in (0.0, 1.0, 9.0):
+        got = fl.local_train(net, w_g, clients, _quadratic_loss(c), steps=300, lr=0.05, momentum=0.9, mu=mu, batch_size=2)
+        for n in w_g:
+            torch.testing.assert_close(got[n][0], (c[n] + mu * w_g[n]) / (1 + mu), rtol=1e-4, atol=1e-5)
+
+
+class _Spy:
+    """Records what feddm hands to local_train (start, mu, number of clients) and calls it."""
+
+    def __init__(self, monkeypatch):
+        from fedlib import federated as fl
+
+        self.calls, self._real = [], fl.local_train
+        monkeypatch.setattr(F, "local_train", self)
+
+    def __call__(self, model, start, clients, *a, **kw):
+        self.calls.append({"start": {n: p.clone() for n, p in start.items()}, "mu": kw.get("mu", 0.0),
+                           "clients": clients.n_clients})
+        return self._real(model, start, clients, *a, **kw)
+
+
+def test_prox_anchor_is_the_rounds_global_model_and_only_prox_clients_use_mu(setup, monkeypatch):
+    """Round 2's proximal reference is the global model the server formed in round 1 (not the
+    initialisation, not a client's own last model); every client of a prox variant trains with its mu,
+    and no client of vanilla, quant or central does."""
+    spy = _Spy(monkeypatch)
+    variants = [F.Variant("vanilla"), F.Variant("prox", mu=0.5), F.Variant("q8", uplink=Quantizer(8)),
+                F.Variant("central", central=True)]
+    groups = _groups(setup, variants)
+    k = groups[0].clients.n_clients
+    _round(setup, variants, groups=groups, r=1)
+    after1 = {g.variant.name: {n: p.clone() for n, p in g.params.items()} for g in groups}
+    spy.calls.clear()
+    _round(setup, variants, groups=groups, r=2)
+    by_mu = {float(c["mu"]): c for c in spy.calls if c["clients"] > 1}
+    assert set(by_mu) == {0.0, 0.5}
+    assert by_mu[0.5]["clients"] == k  # the prox group's K clients, all with mu
+    assert by_mu[0.0]["clients"] == 2 * k  # vanilla + quant, mu 0
+    central_call = [c for c in spy.calls if c["clients"] == 1]
+    assert len(central_call) == 1 and float(central_call[0]["mu"]) == 0.0
+    prox_start = by_mu[0.5]["start"]
+    w_init = setup[2][0]
+    for n in w_init:
+        for i in range(k):
+            torch.testing.assert_close(prox_start[n][i], after1["prox"][n], rtol=0, atol=0)
+        assert not torch.equal(after1["prox"][n], w_init[n]) or n.endswith("bias")
+
+
+def test_a_strong_proximal_term_keeps_round_two_near_round_ones_global_model(setup):
+    """Behaviour, not bookkeeping: the server's global model after round 1 is moved away from the
+    initialisation; in round 2 a strong proximal term (mu 30, lr * mu = 1.5: stable) keeps the clients
+    near that model, far nearer than vanilla clients drift, and nowhere near the initialisation."""
+    drift = {}
+    w_init = setup[2][0]
+    for v in (F.Variant("vanilla"), F.Variant("prox", mu=30.0)):
+        g = _groups(setup, [v])[0]
+        F.feddm_round(setup[1], [g], 1, local_steps=3, batch_size=8, lr=0.05, momentum=0.0,
+                      generator=torch.Generator().manual_seed(7))
+        g.params = {n: p + 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for n, p in g.params.items()}
+        anchor = {n: p.clone() for n, p in g.params.items()}
+        F.feddm_round(setup[1], [g], 2, local_steps=10, batch_size=8, lr=0.05, momentum=0.0,
+                      generator=torch.Generator().manual_seed(8))
+        dist = lambda a, b: float(sum(((a[n] - b[n]) ** 2).sum() for n in a).sqrt())  # noqa: E731
+        drift[v.name] = (dist(g.params, anchor), dist(anchor, w_init))
+    assert drift["prox"][0] < 0.2 * drift["vanilla"][0]
+    assert drift["prox"][0] < 0.1 * drift["prox"][1]
+
+
+def test_shared_client_store_holds_each_partition_once_and_trains_identically(setup):
+    """The vmap's data view reads one copy of each (partition, seed) however many variants train on
+    it, and gives local training exactly the batches the copied concatenation gave."""
+    from fedlib import federated as fl
+
+    variants = [F.Variant(f"v{i}") for i in range(4)]
+    groups = _groups(setup, variants)
+    view = F.shared_clients([g.clients for g in groups])
+    copied = fl.concat_clients([g.clients for g in groups])
+    assert view.x.base.shape[0] == groups[0].clients.n_clients  # one partition, one seed: stored once
+    assert view.n_clients == copied.n_clients == 4 * groups[0].clients.n_clients
+    torch.testing.assert_close(view.x.materialize(), copied.x)
+    torch.testing.assert_close(view.n_k, copied.n_k)
+    den = setup[1]
+    kw = dict(steps=2, lr=0.05, momentum=0.9, batch_size=8, extras_fn=F.noise_extras(den.process))
+    start = F._repeat_each([g.params for g in groups], groups[0].clients.n_clients)
+    for vectorised in (True, False):
+        a = fl.local_train(den.net, start, view, F.diffusion_client_loss(den), generator=torch.Generator().manual_seed(3),
+                           vectorised=vectorised, **kw)
+        b = fl.local_train(den.net, start, copied, F.diffusion_client_loss(den), generator=torch.Generator().manual_seed(3),
+                           vectorised=vectorised, **kw)
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+
+
+def test_history_readers_pair_seeds_and_pick_mu_on_the_named_metric():
+    rows = []
+    for seed, (van, p1, p2, iid, val1, val2) in enumerate([(5.0, 4.0, 6.0, 3.0, 9.0, 1.0), (5.5, 4.4, 6.1, 3.2, 9.0, 1.0),
+                                                           (5.2, 4.1, 6.3, 3.1, 9.0, 1.0)]):
+        for v, kind, mu, f, fv in (("vanilla", "vanilla", 0.0, van, 5), ("prox mu=0.1", "prox", 0.1, p1, val1),
+                                   ("prox mu=1", "prox", 1.0, p2, val2)):
+            rows.append({"variant": v, "kind": kind, "mu": mu, "partition": "dirichlet 0.1", "seed": seed, "round": 3,
+                         "fd": f, "fd_val": fv})
+        rows.append({"variant": "vanilla", "kind": "vanilla", "mu": 0.0, "partition": "iid", "seed": seed, "round": 3,
+                     "fd": iid, "fd_val": 0})
+    np.testing.assert_allclose(F.per_seed(rows, "prox mu=0.1", "dirichlet 0.1", seeds=[2, 0]), [4.1, 4.0])
+    with pytest.raises(ValueError, match="seeds"):
+        F.per_seed(rows, "prox mu=0.1", "dirichlet 0.1", seeds=[0, 7])
+    mu, table = F.mu_search(rows, "dirichlet 0.1", metric="fd_val")
+    assert mu == 1.0 and table.loc[table["chosen"], "variant"].item() == "prox mu=1"  # the validation metric, not fd
+    gaps = F.paired_gaps(rows)
+    g = gaps[(gaps["series"] == "prox mu=0.1")].sort_values("seed")["gap"].to_numpy()
+    np.testing.assert_allclose(g, [-1.0, -1.1, -1.1])
+    pen = gaps[gaps["series"] == F.PENALTY].sort_values("seed")["gap"].to_numpy()
+    np.testing.assert_allclose(pen, [2.0, 2.3, 2.1])
