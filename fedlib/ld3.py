@@ -1,30 +1,41 @@
-"""LD3: learning to discretise the sampling ODE (Tong et al., ICLR 2025; papers.md section 4).
+"""LD3: learning to discretise the sampling ODE (Tong et al., ICLR 2025; docs/methods.md section 4).
 
 With the network frozen, learn the N+1 time points of one sampler at one NFE from a small teacher
 set of (x_T, x_0*) pairs by backpropagating through the whole few-step solve.
 
 - :func:`ld3_times` - the cumulative-softmax parameterisation: p = softmax(theta), c = cumsum(p),
-  u_i = (c_i - c_0)/(c_N - c_0) in [0, 1] (papers.md writes 1 - c_0 for c_N - c_0; equal) (monotone for any logits, u_0 = 0 and u_N = 1 exactly);
-  pixel-space models place lambda_i = lambda_min + u_i (lambda_max - lambda_min) (uniform in
-  log-SNR at theta = 1), latent models place t the same way (``space="t"``).
+  u_i = (c_i - c_0)/(c_N - c_0) in [0, 1] (papers.md writes 1 - c_0 for c_N - c_0; equal) (monotone for
+  any logits, u_0 = 0 and u_N = 1 exactly); pixel-space models place
+  lambda_i = lambda_min + u_i (lambda_max - lambda_min) (uniform in log-SNR at theta = 1), latent models
+  place t the same way (``space="t"``).
+- :func:`ld3_theta` / :func:`theta_of_times` - the exact inverse: the logits of a given grid
+  (theta_{1:} = log diff(u) + c, theta_0 free), so that any hand-made schedule is a point of LD3's space.
 - :func:`network_times` - the decoupled network time: phi shifts the *interior* points in the same
   variable, clamped to +-0.5 x the smallest gap; the end points never move.
 - :func:`teacher_pairs` - x_T and a high-NFE solve (UniPC, NFE 20, EDM schedule by default).
-- :func:`learned_timesteps` - the soft ball-relaxed objective with accept-if-better, two phases
-  (theta alone, then theta and phi), validation after every step keeping the best, plateau decay.
+- :func:`learned_timesteps` - starts from the best hand-made grid on the validation pairs (phi = 0),
+  then the soft ball-relaxed objective with accept-if-better, two phases (theta alone, then theta and
+  phi), validation keeping the best, plateau decay. Never worse on validation than every hand-made grid.
 - :class:`LearnedSchedule` - the result, saved / reloaded per (model, solver, NFE).
+- :func:`held_out_study` and its summaries - notebook 03: learned against hand-made grids, per seed,
+  on held-out noise, reporting the validated quantity.
 
+The validation quantity is the mean over the validation pairs of the loss d(solve(x_T), x_0*).
 Losses: ``"l2"``; ``"features"`` (squared distance in the feature space of fedlib's own classifier,
 :func:`fedlib.metrics.feature_extractor`, plus L2); ``"lpips"`` only when its weights are on disk
 (clear error otherwise).
 
-Choices the paper leaves open (ours): the movable noise x'_T takes a normalised gradient step of
-length r, then is projected on the ball ||x'_T - x_T|| <= r sigma_T; acceptance compares the
-per-sample loss at the old and the proposed x'_T under the updated schedule.
+Choices the paper leaves open (ours): the start (the best hand-made grid on validation, where the paper
+starts from theta = 1, i.e. uniform lambda: ``start="uniform_lambda"`` reproduces it); the movable noise
+x'_T takes a normalised gradient step of length r, then is projected on the ball ||x'_T - x_T|| <= r
+sigma_T; acceptance compares the per-sample loss at the old and the proposed x'_T under the updated
+schedule; a step that merges two time points (in float64) is undone and the learning rates decayed;
+an optional significance check (``significance`` > 0) keeps the learned grid only when its per-sample
+validation gain over the start exceeds that many standard errors.
 """
-
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +44,7 @@ from pathlib import Path
 import torch
 
 from .diffusion.samplers import solve
+from .diffusion.schedules import SCHEDULES
 from .diffusion.schedules import schedule as hand_schedule
 from .utils import atomic_write, cache_dir, check_choice, load_cache_entry
 
@@ -48,6 +60,32 @@ def ld3_u(theta: torch.Tensor) -> torch.Tensor:
     dominates the softmax."""
     c = torch.cumsum(torch.softmax(theta[..., 1:], dim=-1), dim=-1)
     return torch.cat([torch.zeros_like(c[..., :1]), c / c[..., -1:]], dim=-1)
+
+
+def ld3_theta(u: torch.Tensor) -> torch.Tensor:
+    """The exact inverse of :func:`ld3_u`: logits theta (N+1 entries) with ``ld3_u(theta) == u`` (to
+    float64 rounding) for a grid ``u`` strictly increasing from 0 to 1. theta_0 drops out of the map
+    and is set to 0; theta_{1:} = log(diff(u)) + c for any constant c, chosen so that they average 0
+    (the scale RMSprop starts from is then the same for every grid)."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    d = u[..., 1:] - u[..., :-1]
+    if u.shape[-1] < 2 or not (d > 0).all():
+        raise ValueError(f"ld3_theta needs a grid strictly increasing from 0 to 1, got {u.tolist()}")
+    logd = d.log()
+    logd = logd - logd.mean(dim=-1, keepdim=True)
+    return torch.cat([torch.zeros_like(u[..., :1]), logd], dim=-1)
+
+
+def theta_of_times(times: torch.Tensor, process, space: str = "lambda") -> torch.Tensor:
+    """The logits whose grid is ``times`` (decreasing process times from t_max to t_min): the inverse
+    of :func:`ld3_times`, e.g. to start LD3 from a hand-made schedule."""
+    check_choice("LD3 space", space, ("lambda", "t"), fix="'lambda' for pixel-space models, 't' for latent ones.")
+    t = torch.as_tensor(times, dtype=torch.float64)
+    lo, hi = _bounds(process, space)
+    v = process.lambda_(t) if space == "lambda" else t
+    u = ((v - lo) / (hi - lo)).clone()
+    u[0], u[-1] = 0.0, 1.0  # the end points are t_max and t_min by definition
+    return ld3_theta(u)
 
 
 def _bounds(process, space: str):
@@ -173,14 +211,23 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
                       batch_size: int = 2, lr_theta: float = 5e-3, lr_phi: float | None = None,
                       momentum: float = 0.9, clip: float = 1.0, patience: int = 5, decay: float = 0.8,
                       ball_scale: float = 1e-3, soft: bool = True, validate_every: int = 1, seed: int = 0,
-                      model_name: str = "model", progress: bool = False) -> LearnedSchedule:
+                      start: str = "best", significance: float = 0.0, model_name: str = "model",
+                      progress: bool = False) -> LearnedSchedule:
     """Learn the N+1 times (N = ``nfe`` steps) of ``solver`` for the frozen ``denoiser``.
 
-    ``train_pairs`` / ``val_pairs``: (x_T, x_0*) tensors from :func:`teacher_pairs`. Returns the
-    best-on-validation :class:`LearnedSchedule` with ``history`` (val losses, the hand-made
-    uniform-lambda start's val loss, acceptances, wall time).
+    ``train_pairs`` / ``val_pairs``: (x_T, x_0*) tensors from :func:`teacher_pairs`. ``start``:
+    ``"best"`` (default) evaluates every hand-made schedule (``SCHEDULES``) on the validation pairs and
+    starts from the best one (phi = 0); a schedule name starts from that one (``"uniform_lambda"`` is
+    the paper's theta = 1). The validation quantity is the mean of the loss ``d(solve(x_T), x_0*)``
+    over the validation pairs. Returns the best-on-validation :class:`LearnedSchedule`, never worse
+    on validation than its start; ``history``: ``start`` (its name), ``start_val_loss``,
+    ``hand_made_val_loss`` (every candidate), ``val_loss`` (after every validation),
+    ``best_val_loss``, soft-move acceptances, steps, wall time.
     """
     check_choice("LD3 solver", solver, LD3_SOLVERS, fix="Heun uses 2 NFE per step; learn its times with 'euler' or a multistep solver.")
+    starts = SCHEDULES if start == "best" else (start,)
+    for name in starts:
+        check_choice("LD3 start", name, SCHEDULES + ("best",), fix="'best' starts from the best hand-made grid on validation.")
     dist = make_loss(loss, feature_fn)
     process = denoiser.process
     xT_tr, x0_tr = train_pairs
@@ -205,13 +252,28 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
             return solve(denoiser, xT, times, solver, tn)[0]
 
     @torch.no_grad()
-    def validate():
-        return float(dist(solve_at(xT_va, theta, phi, grad=False), x0_va).mean())
+    def validate():  # per-sample losses on the validation pairs
+        return dist(solve_at(xT_va, theta, phi, grad=False), x0_va).double()
 
     t0 = time.perf_counter()
-    best = validate()
-    hist = {"val_loss": [best], "start_val_loss": best, "accepted": 0, "proposed": 0, "steps": 0}
-    best_state = (theta.detach().clone(), phi.detach().clone())
+    # the start: every candidate hand-made grid, expressed in LD3's logits and validated through the
+    # very same solve as the learned states, so that the result is never worse than the best of them
+    # on validation (accept-if-better keeps it otherwise)
+    hand = {}
+    for name in starts:
+        th = theta_of_times(hand_schedule(name, process, nfe), process, space).to(device)
+        with torch.no_grad():
+            theta.copy_(th)
+        hand[name] = (validate(), th)
+    start_name = min(hand, key=lambda k: float(hand[k][0].mean()))
+    start_per, th = hand[start_name]
+    with torch.no_grad():
+        theta.copy_(th)
+    best, best_per = float(start_per.mean()), start_per
+    hist = {"val_loss": [best], "start": start_name, "start_val_loss": best,
+            "hand_made_val_loss": {k: float(v[0].mean()) for k, v in hand.items()}, "accepted": 0, "proposed": 0,
+            "steps": 0}
+    start_state = best_state = (theta.detach().clone(), phi.detach().clone())
     stale, step = 0, 0
     phases = [("theta", rounds_theta), ("both", rounds_both)]
     for phase, rounds in phases:
@@ -229,6 +291,15 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
                 opt_theta.step()
                 if phase == "both":
                     opt_phi.step()
+                t_new = ld3_times(theta.detach(), process, space)
+                if not bool((t_new[1:] < t_new[:-1]).all()):  # two points merged (in float64): undo, slow down
+                    with torch.no_grad():
+                        theta.copy_(best_state[0])
+                        phi.copy_(best_state[1])
+                    for opt in (opt_theta, opt_phi):
+                        for grp in opt.param_groups:
+                            grp["lr"] *= decay
+                    hist["undone"] = hist.get("undone", 0) + 1
                 if soft:  # ball-relaxed noise: step, project, keep only if the sample's loss fell
                     with torch.no_grad():
                         gr = x_start.grad.flatten(1)
@@ -245,13 +316,14 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
                 step += 1
                 if step % validate_every:
                     continue
-                v = validate()
+                per_v = validate()
+                v = float(per_v.mean())
                 hist["val_loss"].append(v)
                 if v < best:
-                    best, stale = v, 0
+                    best, best_per, stale = v, per_v, 0
                     best_state = (theta.detach().clone(), phi.detach().clone())
                 else:
-                    stale += 1
+                    stale += validate_every  # patience counts steps, as in the paper, whatever the validation interval
                     if stale >= patience:
                         for opt in (opt_theta, opt_phi):
                             for grp in opt.param_groups:
@@ -260,6 +332,15 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
     for prm, flag in zip(denoiser.parameters(), was_trainable):
         prm.requires_grad_(flag)
     hist["steps"] = step
+    # the significance check (ours): keep the learned state only when its per-sample gain over the start
+    # on the validation pairs exceeds `significance` standard errors; a smaller gain is validation noise
+    gain = start_per - best_per
+    se = float(gain.std() / len(gain) ** 0.5) if len(gain) > 1 else float("inf")
+    hist["val_gain"], hist["val_gain_se"] = float(gain.mean()), se
+    hist["significant"] = bool(best_state is not start_state and (significance <= 0 or float(gain.mean()) > significance * se))
+    if best_state is not start_state and not hist["significant"]:
+        best_state, best = start_state, hist["start_val_loss"]
+    hist["kept"] = "learned" if best_state is not start_state else "start"
     hist["best_val_loss"] = best
     hist["wall_time_s"] = time.perf_counter() - t0
     th, ph = best_state
@@ -285,23 +366,162 @@ def load_or_learn(denoiser, solver: str, nfe: int, train_pairs, val_pairs, model
 
 
 # ---------------------------------------------------------------------------------------------
-# Comparing discretisations (notebook 03)
+# The held-out study (notebook 03): learned against hand-made grids, per seed, on noise LD3 never saw
 
 
-@torch.no_grad()
-def compare_discretisations(denoiser, x_T: torch.Tensor, solvers, schedules, nfes, metric,
-                            learned: dict | None = None, batch_size: int = 500) -> list[dict]:
-    """One row per (solver, schedule, NFE) - and per learned schedule, ``learned[(solver, nfe)]`` -
-    with ``metric(samples) -> dict`` evaluated on the samples from the same ``x_T``."""
-    rows = []
-    for solver in solvers:
-        for nfe in nfes:
-            for name in schedules:
-                times = hand_schedule(name, denoiser.process, nfe).to(x_T.device)
-                out, used = solve(denoiser, x_T, times, solver, batch_size=batch_size)
-                rows.append({"solver": solver, "schedule": name, "nfe": used, **metric(out)})
-            if learned and (solver, nfe) in learned:
-                times, tn = learned[(solver, nfe)].tensors(x_T.device)
-                out, used = solve(denoiser, x_T, times, solver, tn, batch_size=batch_size)
-                rows.append({"solver": solver, "schedule": "ld3", "nfe": used, **metric(out)})
-    return rows
+@dataclass
+class StudyResult:
+    """What :func:`held_out_study` measured on one dataset."""
+
+    rows: list            # one dict per (seed, solver, NFE, grid): teacher_distance, metric, val_loss
+    learned: dict         # (seed, solver, NFE) -> LearnedSchedule
+    samples: dict         # (solver, grid, NFE) -> the first samples of the first seed (for the explorer)
+    teacher_metric: list  # the distribution metric of the teacher's own samples, per seed
+
+
+def held_out_study(case, solvers, nfes, seeds, schedules=SCHEDULES, n_train: int = 24, n_val: int = 48,
+                   teacher_solver: str = "unipc", teacher_nfe: int = 20, keep: int = 16, eval_batch: int = 500,
+                   **ld3_kw) -> StudyResult:
+    """Per seed: draw LD3's own training and validation pairs and a held-out set of noise with its teacher
+    solution, learn every (solver, NFE) (saved and reloaded by :func:`load_or_learn`), then solve the
+    held-out noise with every hand-made grid and the learned one. Each row reports the quantity LD3
+    validates, the mean loss d(solve(x_T), x_0*) to the teacher's solution from the same noise
+    (``teacher_distance``), and the case's distribution metric (``metric``, lower is better).
+
+    ``case``: anything with ``dataset``, ``teacher``, ``shape``, ``loss``, ``feature_fn``, ``metric``,
+    ``n_eval`` and ``model_name`` (:func:`fedlib.studies.ld3_case`). Seed s draws its training pairs
+    from 1000 s + 100, validation from 1000 s + 200 and held-out noise from 1000 s + 300."""
+    T = case.teacher
+    dist = make_loss(case.loss, case.feature_fn)
+    weight = next(T.parameters(), None)
+    pairs_kw = dict(solver=teacher_solver, nfe=teacher_nfe, device="cpu" if weight is None else weight.device)
+    key = json.dumps({"n_train": n_train, "n_val": n_val, "teacher": [teacher_solver, teacher_nfe], "loss": case.loss,
+                      **{k: v for k, v in ld3_kw.items()}}, sort_keys=True, default=str)
+    tag = f"{case.model_name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    res = StudyResult([], {}, {}, [])
+    for seed in seeds:
+        train = teacher_pairs(T, n_train, case.shape, seed=1000 * seed + 100, **pairs_kw)
+        val = teacher_pairs(T, n_val, case.shape, seed=1000 * seed + 200, **pairs_kw)
+        x_T, x_ref = teacher_pairs(T, case.n_eval, case.shape, seed=1000 * seed + 300, **pairs_kw)
+        res.teacher_metric.append(case.metric(x_ref))
+        for solver in solvers:
+            for nfe in nfes:
+                s = load_or_learn(T, solver, nfe, train, val, model_name=f"{tag}-s{seed}", loss=case.loss,
+                                  feature_fn=case.feature_fn, seed=seed, **ld3_kw)
+                res.learned[(seed, solver, nfe)] = s
+                grids = {name: (hand_schedule(name, T.process, nfe), None) for name in schedules}
+                grids["ld3"] = s.tensors()
+                for name, (times, tn) in grids.items():
+                    with torch.no_grad():
+                        out = solve(T, x_T, times.to(x_T.device), solver,
+                                    None if tn is None else tn.to(x_T.device), batch_size=eval_batch)[0]
+                        td = float(dist(out, x_ref).mean())
+                    val_loss = s.history["best_val_loss"] if name == "ld3" else s.history["hand_made_val_loss"].get(name)
+                    res.rows.append({"dataset": case.dataset, "seed": seed, "solver": solver, "nfe": nfe, "grid": name,
+                                     "teacher_distance": td, "metric": case.metric(out), "val_loss": val_loss})
+                    if seed == seeds[0]:
+                        res.samples[(solver, name, nfe)] = out[:keep].detach().cpu()
+    return res
+
+
+def per_seed(rows, dataset, solver, nfe, grid, key, seeds) -> list:
+    """``key`` of the rows of (dataset, solver, NFE, grid), one value per seed in the order of ``seeds``."""
+    by_seed = {r["seed"]: r[key] for r in rows if (r["dataset"], r["solver"], r["nfe"], r["grid"]) == (dataset, solver, nfe, grid)}
+    return [by_seed[s] for s in seeds]
+
+
+def beats_every_grid(rows, dataset, solvers, nfes, schedules, seeds, key: str = "teacher_distance",
+                     fmt: str = ".4f") -> tuple[str, str, dict]:
+    """'LD3 beats every hand-made grid' (i.e. the best one) on ``dataset`` at every (solver, NFE), by the
+    noise rule paired over ``seeds``, lower ``key`` better: (verdict, deciding comparison, comparisons)."""
+    from .results import combine, compare
+
+    comps = {f"{solver} NFE {nfe} vs {grid}": compare(
+        per_seed(rows, dataset, solver, nfe, "ld3", key, seeds), per_seed(rows, dataset, solver, nfe, grid, key, seeds),
+        a_name="LD3", b_name=grid, higher_is_better=False, fmt=fmt)
+        for solver in solvers for nfe in nfes for grid in schedules}
+    verdict, deciding = combine(comps)
+    return verdict, deciding, comps
+
+
+def relative_gain(rows, dataset, solver, nfe, schedules, seeds, key: str = "teacher_distance") -> list:
+    """Per seed, (best hand-made - LD3) / best hand-made of ``key`` (the best grid of that seed)."""
+    hand = [per_seed(rows, dataset, solver, nfe, g, key, seeds) for g in schedules]
+    best = [min(v) for v in zip(*hand)]
+    ld3 = per_seed(rows, dataset, solver, nfe, "ld3", key, seeds)
+    return [(b - v) / b for b, v in zip(best, ld3)]
+
+
+def agreement(rows, dataset, solvers, nfes, seeds) -> list:
+    """Per seed, the Spearman rank correlation between the teacher distance and the distribution metric
+    over the grids of one (solver, NFE) (hand-made and learned), averaged over the (solver, NFE):
+    positive when the grid that LD3's validation quantity prefers is also the one the metric prefers."""
+    import numpy as np
+
+    def ranks(v):
+        return np.argsort(np.argsort(v)).astype(float)
+
+    out = []
+    for seed in seeds:
+        cs = []
+        for solver in solvers:
+            for nfe in nfes:
+                sub = [r for r in rows if (r["dataset"], r["seed"], r["solver"], r["nfe"]) == (dataset, seed, solver, nfe)]
+                a, b = ranks([r["teacher_distance"] for r in sub]), ranks([r["metric"] for r in sub])
+                cs.append(float(np.corrcoef(a, b)[0, 1]))
+        out.append(float(np.mean(cs)))
+    return out
+
+
+def summary_table(rows, datasets, solvers, nfes, schedules, seeds, metric_names: dict):
+    """The per-dataset table: at each (dataset, solver, NFE) the best hand-made grid on held-out noise
+    (smallest mean over seeds), its value and LD3's (mean ± SE over seeds), LD3's relative gain, and the
+    verdict of 'LD3 beats every hand-made grid' by the noise rule; first for the teacher distance (the
+    validated quantity), then for the distribution metric (``metric_names[dataset]``)."""
+    import numpy as np
+    import pandas as pd
+
+    def ms(v):
+        return f"{np.mean(v):.4g} ± {np.std(v, ddof=1) / np.sqrt(len(v)):.2g}" if len(v) > 1 else f"{v[0]:.4g}"
+
+    out = []
+    for ds in datasets:
+        for solver in solvers:
+            for nfe in nfes:
+                row = {"dataset": ds, "solver": solver, "NFE": nfe}
+                for key, label in (("teacher_distance", "teacher distance"), ("metric", "metric")):
+                    hand = {g: per_seed(rows, ds, solver, nfe, g, key, seeds) for g in schedules}
+                    best = min(hand, key=lambda g: np.mean(hand[g]))
+                    ld3 = per_seed(rows, ds, solver, nfe, "ld3", key, seeds)
+                    gain = 100 * (np.mean(hand[best]) - np.mean(ld3)) / np.mean(hand[best])
+                    if key == "metric":
+                        row["metric"] = metric_names[ds]
+                    row.update({f"{label}: best hand-made": f"{best} {ms(hand[best])}", f"{label}: LD3": ms(ld3),
+                                f"{label}: gain": f"{gain:+.0f}%",
+                                f"{label}: LD3 beats every grid": beats_every_grid(rows, ds, [solver], [nfe], schedules,
+                                                                                  seeds, key)[0]})
+                out.append(row)
+    return pd.DataFrame(out)
+
+
+def explorer_data(results: dict, cases: dict, solvers, schedules) -> dict:
+    """What notebook 03's explorer draws, compact: per (dataset, solver, grid, NFE) the first seed's
+    samples (uint8 images, float16 points) and sigmas (LD3: the first seed's learned grid), every
+    held-out row, and the names of the metrics."""
+    samples, sigmas = {}, {}
+    for name, res in results.items():
+        process = cases[name].teacher.process
+        for (solver, grid, nfe), x in res.samples.items():
+            k = f"{name}|{solver}|{grid}|{nfe}"
+            samples[k] = (((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) if x.ndim == 4 else x.half())
+            if grid == "ld3":
+                seed = min(s for s, so, n in res.learned if (so, n) == (solver, nfe))
+                t = torch.tensor(res.learned[(seed, solver, nfe)].times, dtype=torch.float64)
+            else:
+                t = hand_schedule(grid, process, nfe)
+            sigmas[k] = process.sigma_bar(t).float()
+    nfes = sorted({r["nfe"] for res in results.values() for r in res.rows})
+    return {"datasets": list(results), "solvers": list(solvers), "grids": list(schedules) + ["ld3"], "nfes": nfes,
+            "samples": samples, "sigmas": sigmas, "rows": [r for res in results.values() for r in res.rows],
+            "metric_names": {name: c.metric_name for name, c in cases.items()}}
+

@@ -16,346 +16,310 @@
 # %% [markdown]
 # # 03 · LD3: learning the time steps of a few-step ODE sampler
 #
-# **The paper's claim** (Tong et al., ICLR 2025; papers.md §4). With the diffusion model frozen, the
+# **The paper's claim** (Tong et al., ICLR 2025; `docs/methods.md §4`). With the diffusion model frozen, the
 # N+1 time points of a given sampler at a given NFE can be *learned* from ~100 teacher samples in
 # minutes, and the learned grid beats every hand-made one at low NFE: CIFAR-10 (EDM model), iPNDM,
 # FID at NFE 4/6/8/10 is 35.0/11.8/5.7/3.7 with the log-SNR-uniform grid, 29.8/10.0/5.4/3.8 with
 # EDM's ρ=7 grid, and **9.3/3.4/2.8/2.4 with LD3** (teacher 2.08), after 5–10 GPU minutes. The gain
 # is largest at the fewest steps and shrinks (sometimes to nothing) by NFE 10.
 #
-# **How this notebook tests it.** We train a small EDM-preconditioned teacher (8×8 digits by default;
-# a 2-D ring mixture as a second, exactly measurable case), then compare, for each solver (iPNDM,
-# DPM-Solver++ 2M) and NFE ∈ {3, 4, 5, 6, 8, 10}, the four hand-made grids (uniform t, quadratic t,
-# uniform λ, EDM ρ=7) against LD3's learned grid, all started from the same noise. LD3 is implemented
-# from papers.md §4: cumulative-softmax parameterisation, decoupled network time, a high-NFE UniPC
-# teacher, the soft ball-relaxed objective with accept-if-better, two phases with validation and
-# plateau decay.
+# **How this notebook tests it.** On every dataset fedlib has (8×8 digits, Fashion-MNIST and two 2-D
+# Gaussian mixtures, `grid` and `ring`) and for two solvers (iPNDM, DPM-Solver++ 2M) at NFE 4 and 6, LD3's
+# learned grid is compared with the four hand-made grids (uniform t, quadratic t, uniform λ, EDM ρ=7).
+# LD3 (`fedlib.ld3`, from `docs/methods.md §4`: cumulative-softmax logits, decoupled network time, a UniPC
+# NFE-20 teacher, the soft ball-relaxed objective, two phases, validation with plateau decay) **starts from
+# the best hand-made grid on its validation pairs**, written exactly in its logits, and keeps a new grid only
+# when validation improves: it is never worse than that grid on validation, by construction. The test is
+# on **held-out noise**: each evaluation seed draws its own training and validation pairs, learns its own
+# grids, and is evaluated on fresh noise LD3 never saw. "LD3 beats the best hand-made grid" means it beats
+# every one of the four, each decided by fedlib's noise rule (paired over seeds: mean difference > 2 SE).
 #
-# **Our scale and metric.** Image quality is a Fréchet distance in the feature space of a classifier
-# fedlib trains itself on digits (`fedlib.metrics`): **not comparable to published FID**. We also report
-# the RMSE to the teacher's own high-NFE samples from the same noise (the quantity LD3 minimises).
-# The 2-D case uses exact quantities (sliced Wasserstein to the true mixture, exact log-likelihood).
-# The `quick` defaults learn LD3 for a subset of NFEs with a smaller teacher set and fewer rounds
-# than the paper so that the notebook runs in about three CPU minutes; `paper` uses 50+50 pairs,
-# 2+5 rounds, every NFE.
+# **What is validated is what is reported.** LD3 validates the mean distance of its few-step sample to the
+# teacher's NFE-20 solution from the same noise (images: squared distance in the features of fedlib's own
+# classifier plus pixel L2; 2-D points: L2). The claims are decided on exactly this quantity on held-out
+# noise (the *teacher distance*). The paper reports FID, which needs a set of samples and cannot be
+# validated per step on ~50 pairs; beside the teacher distance we report the Fréchet distance in fedlib's
+# classifier features (images, **not comparable to published FID**) and the sliced Wasserstein distance to
+# the true mixture (2-D, exact), and check on held-out noise that the two agree: among the grids of one
+# solver and NFE, a smaller teacher distance goes with a smaller FD / sliced W2 (rank correlation).
+#
+# **Our scale.** Small teachers trained here and cached; 3 evaluation seeds. The `paper` set runs the paper's
+# protocol (50 + 50 pairs, 2 + 5 rounds, batch 2, validation after every step, RMSprop at 5e-3, the soft
+# objective). The quick set is cheaper so that the whole notebook runs in about four CPU minutes from a cold
+# cache: 24 training + 48 validation pairs per seed, 1 + 2 rounds (36 steps of batch 2), validation every 6
+# steps, and two choices made on validation loss alone, on seeds 10-12 (disjoint from the evaluation seeds):
+# RMSprop at 2e-3, because its running average of squared gradients starts at zero, so its first steps are
+# large, and over only 36 steps the paper's 5e-3 overshot with no validation gain in 2 of 48 runs (none at
+# 2e-3, the same mean gain); and no soft objective, whose ball (radius 0.001·d/NFE² in noise units) is
+# 0.001·√d/NFE² of ‖x_T‖, i.e. 0.05 % for 8×8 images at NFE 4: its moves change nothing we can measure here,
+# and skipping them saves a third of the time. Fashion-MNIST in the quick set is average-pooled to 14×14
+# and learned by a small U-Net (8 base channels, two levels, 500 steps): a cheap teacher; the
+# `fashion_mnist` and `paper` sets use the native 28×28 and fedlib's default teacher. The "gain shrinks"
+# claim learns NFE 10 on the 2-D mixtures only in the quick set (every dataset in `paper`).
 
 # %% tags=["parameters"]
-dataset = "digits"  # "digits" | "fashion_mnist" | "cifar10": image dataset of the teacher [one of digits, fashion_mnist, cifar10]
-use_stand_in = False  # use fedlib's seeded stand-in data of the dataset's shape (smoke runs of `paper`)
-teacher_steps = 1500  # training steps of the image teacher (cached under fedlib's cache dir) [min 1]
-teacher_seed = 0  # seed of the teacher (and of the cache key) [min 0]
-solvers = ["ipndm", "dpm_solver_pp_2m"]  # samplers compared (fedlib.diffusion.SAMPLERS) [non-empty; distinct; each in ld3_solver_names()]
-schedules = ["uniform_t", "quadratic_t", "uniform_lambda", "edm"]  # hand-made grids [non-empty; distinct; each in schedule_names()]
-nfes = [3, 4, 5, 6, 8, 10]  # NFEs of the quality table [non-empty; distinct; each min 1]
-ld3_nfes = [4, 6, 10]  # NFEs at which LD3 is learned (subset of nfes) [non-empty; distinct; subset of nfes]
-ld3_train = 24  # LD3 teacher pairs for training (paper: 50) [min 1]
-ld3_val = 24  # LD3 teacher pairs for validation (paper: 50) [min 1]
+datasets = ["digits", "fashion_mnist", "grid", "ring"]  # fedlib's image datasets and 2-D mixtures [non-empty; distinct; each one of digits, fashion_mnist, grid, ring]
+use_stand_in = False  # seeded stand-in images of the datasets' shapes instead of the real ones (smoke runs)
+teacher_steps = 1500  # training steps of the digits teacher (notebook 04 shares this cached teacher) [min 1]
+fashion_teacher_steps = 500  # training steps of the Fashion-MNIST teacher [min 1]
+fashion_teacher = "small"  # "small" (8 base channels, two levels: cheap) or "default" (fedlib's teacher_config) [one of small, default]
+fashion_size = 14  # side of the Fashion-MNIST images: 28 is native, 14 and 7 are average-pooled [one of 7, 14, 28]
+toy_teacher_steps = 2000  # training steps of each 2-D teacher (an MLP) [min 1]
+teacher_seed = 0  # seed of every teacher (part of its cache key) [min 0]
+feature_steps = 600  # training steps of the digits classifier that defines the feature space [min 1]
+fashion_feature_steps = 150  # training steps of the Fashion-MNIST classifier [min 1]
+solvers = ["ipndm", "dpm_solver_pp_2m"]  # samplers whose grids LD3 learns [non-empty; distinct; each in ld3_solver_names()]
+schedules = ["uniform_t", "quadratic_t", "uniform_lambda", "edm"]  # hand-made grids: LD3 starts from the best on validation [non-empty; distinct; each in schedule_names()]
+ld3_nfes = [4, 6]  # NFEs at which LD3 is learned and compared with every hand-made grid [non-empty; distinct; each min 2]
+shrink_nfe = 10  # the larger NFE of the claim that the gain shrinks as NFE grows [min 2]
+shrink_datasets = ["grid", "ring"]  # datasets on which LD3 is also learned at shrink_nfe (quick: the cheap 2-D ones) [distinct; subset of datasets]
+seeds = [0, 1, 2]  # evaluation seeds: each draws its own LD3 pairs and held-out noise and learns its own grids [non-empty; distinct; each min 0]
+ld3_train = 24  # LD3 teacher pairs for training, per seed (paper: 50) [min 1]
+ld3_val = 48  # LD3 teacher pairs for validation, per seed (paper: 50) [min 2]
 ld3_rounds_theta = 1  # rounds on theta alone (paper: 2) [min 0]
-ld3_rounds_both = 3  # rounds on theta and phi (paper: 5) [min 0]
+ld3_rounds_both = 2  # rounds on theta and phi (paper: 5) [min 0]
 ld3_batch = 2  # LD3 batch size (paper: 2) [min 1]
-ld3_loss = "features"  # "l2" | "features" (fedlib classifier features + L2) | "lpips" (needs weights) [one of l2, features, lpips]
-teacher_solver = "unipc"  # solver of the LD3 teacher set [in sampler_names()]
-teacher_nfe = 20  # NFE of the LD3 teacher set and of the reference row [min 2]
-n_eval = 500  # samples per table entry [min 2]
-feature_steps = 600  # training steps of the classifier that defines the feature space [min 1]
-run_2d = True  # also run the 2-D ring mixture case
-toy_teacher_steps = 1500  # training steps of the 2-D teacher [min 1]
-toy_eval = 2000  # samples per 2-D table entry [min 2]
-seed = 0  # seed of the evaluation noise and of LD3 [min 0]
+ld3_validate_every = 6  # validate after every this many steps (paper: 1; the plateau patience still counts steps) [min 1]
+ld3_lr = 2e-3  # RMSprop learning rate of theta (paper: 5e-3, for about 175 steps; see the note below) [> 0]
+ld3_soft = False  # the soft ball-relaxed objective (paper: on; see the note below)
+ld3_loss = "features"  # LD3's loss on images: l2, features (fedlib classifier features + L2) or lpips (needs weights); 2-D: l2 [one of l2, features, lpips]
+teacher_solver = "unipc"  # solver of the teacher solutions (LD3's pairs and the held-out reference) [in sampler_names()]
+teacher_nfe = 20  # NFE of the teacher solutions [min 2]
+n_eval = 100  # held-out noise draws per seed on an image dataset [min 2]
+toy_eval = 500  # held-out noise draws per seed on a 2-D mixture, and exact mixture samples for the sliced W2 [min 2]
 device = "auto"  # "auto" | "cpu" | "cuda" [one of auto, cpu, cuda]
 
 # %%
 import time
 
-import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import torch
 from IPython.display import display
 
-from fedlib import data as D
-from fedlib import ld3, metrics
-from fedlib.diffusion import get_sampler, pretrained_teacher, schedule
-from fedlib.plots import image_grid, savefig, use_style
-from fedlib.results import Run
-from fedlib.utils import resolve_device, seed_everything
+from fedlib import ld3
+from fedlib.diffusion import schedule
+from fedlib.plots import ld3_gain_figure, ld3_grids_figure, ld3_samples_figure, savefig, use_style
+from fedlib.results import Run, combine, compare, compare_to, save_explorer
+from fedlib.studies import ld3_case
+from fedlib.utils import resolve_device
 
 use_style()
+run = Run.start("03_ld3_learned_timesteps", globals())
 dev = resolve_device(device)
-params = dict(dataset=dataset, use_stand_in=use_stand_in, teacher_steps=teacher_steps, teacher_seed=teacher_seed,
-              solvers=solvers, schedules=schedules, nfes=nfes, ld3_nfes=ld3_nfes, ld3_train=ld3_train,
-              ld3_val=ld3_val, ld3_rounds_theta=ld3_rounds_theta, ld3_rounds_both=ld3_rounds_both,
-              ld3_batch=ld3_batch, ld3_loss=ld3_loss, teacher_solver=teacher_solver, teacher_nfe=teacher_nfe,
-              n_eval=n_eval, feature_steps=feature_steps, run_2d=run_2d, toy_teacher_steps=toy_teacher_steps,
-              toy_eval=toy_eval, seed=seed, device=device)
-run = Run("03_ld3_learned_timesteps", params=params)
 t_start = time.perf_counter()
 
 # %% [markdown]
-# ## 1. The teacher and the feature space
-# The teacher is fedlib's standard one (`fedlib.diffusion.pretrained_teacher`: an EDM-preconditioned
-# small U-Net, EMA weights), trained once and cached; notebook 04 (DMD2) reuses the same cached model.
+# ## 1. The datasets and their teachers
+# Image teachers come from `fedlib.studies.teacher_study` (an EDM-preconditioned U-Net, EMA weights, trained
+# once and cached; notebook 04 reuses the digits teacher) together with the classifier that defines the
+# feature space; 2-D teachers are small MLPs on the mixtures, whose samples are exact.
 
 # %%
-train, test = D.load_train_test(dataset, use_stand_in)
-teacher = pretrained_teacher(dataset, steps=teacher_steps, seed=teacher_seed, device=dev,
-                             data=train if train.name.startswith("stand_in") else None)
-features = metrics.feature_extractor(train, test, steps=feature_steps, seed=0, device=dev)
-shape = tuple(train.x.shape[1:])
-run.metrics["teacher"] = {"cached": teacher.history.get("cached"), "train_wall_time_s": teacher.history["wall_time_s"],
-                          "final_loss": teacher.history["loss"][-1],
-                          "n_params": sum(p.numel() for p in teacher.parameters())}
-run.metrics["feature_classifier_test_accuracy"] = features.test_accuracy
-print(f"teacher: {run.metrics['teacher']['n_params']:,} parameters, final loss {teacher.history['loss'][-1]:.4f}, "
-      f"cached={teacher.history.get('cached')}")
-print(f"feature classifier test accuracy: {features.test_accuracy:.3f}")
-
-# %%
-fig, ax = plt.subplots(figsize=(4, 2.6))
-ax.plot(teacher.history["step"], teacher.history["loss"])
-ax.set(xlabel="step", ylabel="EDM loss (running mean)", yscale="log", title=f"teacher on {train.name}")
-savefig(fig, "03_teacher_loss")
+case_kw = {"digits": dict(teacher_steps=teacher_steps, feature_steps=feature_steps, n_eval=n_eval),
+           "fashion_mnist": dict(teacher_steps=fashion_teacher_steps, feature_steps=fashion_feature_steps,
+                                 n_eval=n_eval, image_size=fashion_size, teacher=fashion_teacher),
+           "grid": dict(teacher_steps=toy_teacher_steps, n_eval=toy_eval),
+           "ring": dict(teacher_steps=toy_teacher_steps, n_eval=toy_eval)}
+cases = {}
+for name in datasets:
+    cases[name] = ld3_case(name, teacher_seed=teacher_seed, loss=ld3_loss, use_stand_in=use_stand_in, device=dev,
+                           **case_kw[name])
+run.metrics["teachers"] = {name: c.info for name, c in cases.items()}
+pd.DataFrame(run.metrics["teachers"]).T
 
 # %% [markdown]
-# ## 2. The LD3 teacher set and the learned grids
-# Pairs (x_T, x_0*) come from the same teacher solved by UniPC at NFE 20 on the EDM grid. For each
-# (solver, NFE) LD3 learns θ (and φ in phase 2); each result is saved per (model, solver, NFE) under
-# fedlib's cache and would be reloaded by a rerun with the same settings.
+# ## 2. LD3 against the hand-made grids, per seed, on held-out noise
+# For each dataset and seed: its own training and validation pairs (x_T, x_0*), LD3 for every (solver, NFE),
+# then every grid solves the same held-out noise. Learned grids are saved per (teacher, settings, seed,
+# solver, NFE) under fedlib's cache, so a rerun reloads them.
 
 # %%
-train_pairs = ld3.teacher_pairs(teacher, ld3_train, shape, solver=teacher_solver, nfe=teacher_nfe, seed=seed + 100,
-                                device=dev)
-val_pairs = ld3.teacher_pairs(teacher, ld3_val, shape, solver=teacher_solver, nfe=teacher_nfe, seed=seed + 200,
-                              device=dev)
-loss_kw = dict(loss=ld3_loss, feature_fn=features.features if ld3_loss == "features" else None)
-model_name = f"{teacher.cache_path.stem}-{ld3_loss}-{ld3_train}-{ld3_rounds_theta}-{ld3_rounds_both}-{seed}"
-learned, ld3_times_s = {}, {}
-for solver in solvers:
-    for nfe in ld3_nfes:
-        t0 = time.perf_counter()
-        s = ld3.learned_timesteps(teacher, solver, nfe, train_pairs, val_pairs, rounds_theta=ld3_rounds_theta,
-                                  rounds_both=ld3_rounds_both, batch_size=ld3_batch, seed=seed,
-                                  model_name=model_name, **loss_kw)
-        s.save()
-        learned[(solver, nfe)] = s
-        ld3_times_s[(solver, nfe)] = time.perf_counter() - t0
-        print(f"{solver:18s} NFE {nfe:2d}: val loss {s.history['start_val_loss']:.4f} -> {s.history['best_val_loss']:.4f} "
-              f"in {s.history['steps']} steps, {ld3_times_s[(solver, nfe)]:.1f} s "
-              f"(soft moves kept {s.history['accepted']}/{s.history['proposed']})")
-run.metrics["ld3_train_time_s"] = {f"{k[0]}@{k[1]}": v for k, v in ld3_times_s.items()}
+ld3_kw = dict(rounds_theta=ld3_rounds_theta, rounds_both=ld3_rounds_both, batch_size=ld3_batch,
+              validate_every=ld3_validate_every, lr_theta=ld3_lr, soft=ld3_soft)
+results = {}
+for name, case in cases.items():
+    t0 = time.perf_counter()
+    nfes = ld3_nfes + ([shrink_nfe] if name in shrink_datasets and shrink_nfe not in ld3_nfes else [])
+    results[name] = ld3.held_out_study(case, solvers, nfes, seeds, schedules, n_train=ld3_train, n_val=ld3_val,
+                                       teacher_solver=teacher_solver, teacher_nfe=teacher_nfe,
+                                       keep=16 if len(case.shape) == 3 else 400, **ld3_kw)
+    print(f"{name}: {len(results[name].learned)} grids learned (NFE {nfes}, {len(seeds)} seeds) and evaluated "
+          f"in {time.perf_counter() - t0:.0f} s")
+rows = [r for res in results.values() for r in res.rows]
+learned = {(name, *k): s for name, res in results.items() for k, s in res.learned.items()}
+run.metrics["held_out"] = rows
+run.metrics["teacher_metric"] = {name: res.teacher_metric for name, res in results.items()}
+run.metrics["ld3"] = {"|".join(map(str, k)): {key: s.history[key] for key in (
+    "start", "start_val_loss", "best_val_loss", "kept", "steps", "wall_time_s")} | {"times": s.times}
+    for k, s in learned.items()}
 
-# %%
-# NBVAL_CHECK_OUTPUT
-ends_ok = all(float(s.times[0]) == teacher.process.t_max and float(s.times[-1]) == teacher.process.t_min
-              and all(a > b for a, b in zip(s.times, s.times[1:])) for s in learned.values())
-print("every learned grid is strictly decreasing from sigma_max to sigma_min:", ends_ok)
+# %% tags=["nbval-check-output"]
+ends_ok = all(s.times[0] == cases[k[0]].teacher.process.t_max and s.times[-1] == cases[k[0]].teacher.process.t_min
+              and all(a > b for a, b in zip(s.times, s.times[1:])) for k, s in learned.items())
+never_worse = all(s.history["best_val_loss"] <= min(s.history["hand_made_val_loss"].values()) for s in learned.values())
 print("grids learned:", len(learned))
+print("every learned grid is strictly decreasing from sigma_max to sigma_min:", ends_ok)
+print("no learned grid is worse on validation than the best hand-made grid:", never_worse)
 
 # %% [markdown]
-# ## 3. Quality vs NFE: hand-made grids against LD3
-# Every entry starts from the same `n_eval` noise draws. `fd` is the Fréchet distance to the test set in
-# fedlib's classifier feature space (not comparable to published FID); `rmse_teacher` the RMSE to the
-# teacher's NFE-20 UniPC samples from the same noise.
+# ## 3. The per-dataset table
+# Held-out noise, mean ± SE over the seeds. *Teacher distance*: the quantity LD3 validates (lower is
+# better). *Best hand-made*: the hand-made grid with the smallest mean on held-out noise. *LD3 beats every
+# grid*: the verdict of the noise rule against each of the four hand-made grids, combined (holds only if
+# all four hold). The same for the distribution metric: FD in fedlib's classifier features (images; not
+# comparable to FID) or sliced W2 to the true mixture (2-D).
 
 # %%
-g = seed_everything(seed)
-x_T = teacher.process.prior((n_eval, *shape), generator=g).to(dev)
-with torch.no_grad():
-    x_ref, _ = get_sampler(teacher_solver)(teacher, x_T, schedule("edm", teacher.process, teacher_nfe).to(dev))
-test_stats = metrics.gaussian_stats(metrics.extract_features(features, test.x))
-
-
-def image_metric(x):
-    return {"fd": metrics.classifier_fd(features, x, test_stats),
-            "rmse_teacher": float(((x - x_ref) ** 2).mean().sqrt())}
-
-
-rows = ld3.compare_discretisations(teacher, x_T, solvers, schedules, nfes, image_metric, learned)
-table = pd.DataFrame(rows)
-teacher_fd = image_metric(x_ref)["fd"]
-data_fd = metrics.classifier_fd(features, train.x[:n_eval], test_stats)
-run.metrics["fd_teacher_nfe20"] = teacher_fd
-run.metrics["fd_train_data"] = data_fd
-run.metrics["quality"] = rows
-print(f"reference rows: teacher (UniPC, NFE {teacher_nfe}) fd = {teacher_fd:.3f}; "
-      f"{n_eval} training images fd = {data_fd:.3f}")
-table.pivot_table(index=["solver", "schedule"], columns="nfe", values="fd").round(3)
-
-# %%
-table.pivot_table(index=["solver", "schedule"], columns="nfe", values="rmse_teacher").round(4)
-
-# %%
-fig, axes = plt.subplots(1, len(solvers), figsize=(4.2 * len(solvers), 3.2), sharey=True, squeeze=False)
-for ax, solver in zip(axes[0], solvers):
-    sub = table[table.solver == solver]
-    for name in schedules + ["ld3"]:
-        s = sub[sub.schedule == name]
-        ax.plot(s.nfe, s.fd, "o-" if name == "ld3" else ".--", label=name, lw=2 if name == "ld3" else 1)
-    ax.axhline(teacher_fd, color="k", lw=0.8, ls=":", label=f"teacher NFE {teacher_nfe}")
-    ax.set(xlabel="NFE", yscale="log", title=solver)
-axes[0, 0].set_ylabel("Fréchet distance (fedlib features;\nnot comparable to FID)")
-axes[0, -1].legend(fontsize=7)
-savefig(fig, "03_quality_vs_nfe")
+table = ld3.summary_table(rows, datasets, solvers, ld3_nfes, schedules, seeds,
+                          {name: c.metric_name for name, c in cases.items()})
+run.metrics["table"] = table.to_dict("records")
+with pd.option_context("display.max_colwidth", 40):
+    display(table.set_index(["dataset", "solver", "NFE"]))
 
 # %% [markdown]
-# ## 4. The learned time points against the hand-made grids, and samples at NFE 4
+# ## 4. LD3's rule on a handful of points
+# One learned grid next to the hand-made grid it started from: the 5 noise levels of iPNDM at NFE 4 on
+# digits (seed 0), each with its loss on the validation pairs. The start is the hand-made grid written in
+# LD3's logits (the exact inverse of the cumulative-softmax map: the second line gives the same sigmas
+# back); LD3 then moves the interior points, and keeps a move only when the validation loss falls.
 
 # %%
-show_nfe = 4 if 4 in ld3_nfes else ld3_nfes[0]
-fig, axes = plt.subplots(1, len(solvers), figsize=(4.2 * len(solvers), 2.8), squeeze=False)
-for ax, solver in zip(axes[0], solvers):
-    for k, name in enumerate(schedules):
-        t = schedule(name, teacher.process, show_nfe)
-        ax.plot(range(show_nfe + 1), teacher.process.sigma_bar(t), ".--", label=name)
-    s = learned[(solver, show_nfe)]
-    ax.plot(range(show_nfe + 1), s.times, "o-", lw=2, label="LD3")
-    ax.plot(range(show_nfe + 1), s.network_times, "x", color="k", label="LD3 network time")
-    ax.set(yscale="log", xlabel="step i", ylabel="sigma_i", title=f"{solver}, NFE {show_nfe}")
-axes[0, -1].legend(fontsize=7)
-savefig(fig, "03_learned_timesteps")
-
-# %%
-if len(shape) == 3:
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
-    n_show = 32
-    image_grid(x_ref[:n_show], nrow=8, ax=axes[0], title=f"teacher, UniPC NFE {teacher_nfe}")
-    for ax, (label, times, tn) in zip(axes[1:], [
-            ("uniform lambda", schedule("uniform_lambda", teacher.process, show_nfe), None),
-            ("EDM rho=7", schedule("edm", teacher.process, show_nfe), None),
-            ("LD3", *learned[(solvers[0], show_nfe)].tensors())]):
-        with torch.no_grad():
-            out, _ = get_sampler(solvers[0])(teacher, x_T[:n_show], times.to(dev), None if tn is None else tn.to(dev))
-        image_grid(out, nrow=8, ax=ax, title=f"{solvers[0]} NFE {show_nfe}: {label}")
-    savefig(fig, "03_samples_nfe4")
+name, solver, nfe = datasets[0], solvers[0], ld3_nfes[0]
+s = learned[(name, seeds[0], solver, nfe)]
+process = cases[name].teacher.process
+start = schedule(s.history["start"], process, nfe)
+through_logits = ld3.ld3_times(ld3.theta_of_times(start, process), process)
+show = lambda t: " ".join(f"{float(v):8.4f}" for v in process.sigma_bar(torch.as_tensor(t)))  # noqa: E731
+print(f"{name}, {solver}, NFE {nfe}, seed {seeds[0]}: sigma_i (noisy -> clean) and validation loss")
+print(f"  {s.history['start']:>16s} grid : {show(start)}   val {s.history['start_val_loss']:.4f}")
+print(f"  {'(through logits)':>16s}      : {show(through_logits)}")
+print(f"  {'LD3':>16s} grid : {show(s.times)}   val {s.history['best_val_loss']:.4f}")
+print(f"  {'LD3 network time':>16s}      : {show(s.network_times)}")
+print("  other hand-made grids on validation:",
+      ", ".join(f"{g} {v:.4f}" for g, v in s.history["hand_made_val_loss"].items()))
 
 # %% [markdown]
-# ## 5. A second case with exact metrics: the 2-D ring mixture
-# A small MLP teacher on an 8-mode ring (fedlib's `GaussianMixture2D`: the density is known). Metrics:
-# sliced Wasserstein distance to fresh samples of the true mixture, the exact mean log-density of the
-# true mixture at the generated points, and mode coverage. LD3 uses the L2 loss here.
+# ## 5. Figures: the gain per dataset, the learned grids and the samples
 
 # %%
-if run_2d:
-    gm = D.mixture("ring")
-    toy = pretrained_teacher("ring", steps=toy_teacher_steps, seed=teacher_seed, device=dev)
-    toy_true, _ = gm.sample(toy_eval, torch.Generator().manual_seed(seed + 7))
-    toy_tr = ld3.teacher_pairs(toy, 50, (2,), solver=teacher_solver, nfe=teacher_nfe, seed=seed + 100, device=dev)
-    toy_va = ld3.teacher_pairs(toy, 50, (2,), solver=teacher_solver, nfe=teacher_nfe, seed=seed + 200, device=dev)
-    toy_learned = {}
-    for solver in solvers:
-        for nfe in ld3_nfes:
-            toy_learned[(solver, nfe)] = ld3.learned_timesteps(
-                toy, solver, nfe, toy_tr, toy_va, loss="l2", rounds_theta=ld3_rounds_theta,
-                rounds_both=ld3_rounds_both, batch_size=ld3_batch, seed=seed, model_name="ring")
-    toy_xT = toy.process.prior((toy_eval, 2), generator=torch.Generator().manual_seed(seed + 3)).to(dev)
-
-    def toy_metric(x):
-        return {"sliced_w2": metrics.sliced_wasserstein(x, toy_true), "loglik": metrics.mixture_log_likelihood(gm, x),
-                **metrics.mode_coverage(gm, x)}
-
-    toy_rows = ld3.compare_discretisations(toy, toy_xT, solvers, schedules, nfes, toy_metric, toy_learned)
-    toy_table = pd.DataFrame(toy_rows)
-    run.metrics["toy_quality"] = toy_rows
-    with torch.no_grad():
-        toy_ref, _ = get_sampler(teacher_solver)(toy, toy_xT, schedule("edm", toy.process, teacher_nfe).to(dev))
-    run.metrics["toy_teacher"] = toy_metric(toy_ref)
-    print("teacher (NFE 20):", {k: round(v, 4) for k, v in run.metrics["toy_teacher"].items()})
-    display(toy_table.pivot_table(index=["solver", "schedule"], columns="nfe", values="sliced_w2").round(4))
+all_nfes = sorted({r["nfe"] for r in rows})
+gains = {(d, so, n): ld3.relative_gain(rows, d, so, n, schedules, seeds)
+         for d in datasets for so in solvers for n in all_nfes if (d, seeds[0], so, n) in learned}
+run.metrics["relative_gain"] = {f"{d}|{so}|{n}": g for (d, so, n), g in gains.items()}
+fig = ld3_gain_figure(gains, all_nfes, solvers)
+_ = savefig(fig, "03_gain_per_dataset")
 
 # %%
-if run_2d:
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3), sharex=True, sharey=True)
-    panels = [("true mixture", toy_true), (f"teacher NFE {teacher_nfe}", toy_ref)]
-    with torch.no_grad():
-        for name in ["uniform_lambda"]:
-            panels.append((f"{solvers[-1]} NFE {show_nfe}: {name}", get_sampler(solvers[-1])(
-                toy, toy_xT, schedule(name, toy.process, show_nfe).to(dev))[0]))
-        panels.append((f"{solvers[-1]} NFE {show_nfe}: LD3", toy_learned[(solvers[-1], show_nfe)].sample(toy, toy_xT)[0]))
-    for ax, (title, pts) in zip(axes, panels):
-        pts = pts.cpu()
-        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
-        ax.set(title=title, aspect="equal")
-    savefig(fig, "03_toy_samples")
+ex = ld3.explorer_data(results, cases, solvers, schedules)
+save_explorer("03_ld3_learned_timesteps", ex)
+sig = {tuple(k.split("|")[:3]) + (int(k.split("|")[3]),): v for k, v in ex["sigmas"].items()}
+fig = ld3_grids_figure(sig, datasets, solvers[0], ld3_nfes[0])
+_ = savefig(fig, "03_learned_timesteps")
+
+# %%
+panels = {}
+for d in datasets:
+    hand = {g: ld3.per_seed(rows, d, solvers[0], ld3_nfes[0], g, "teacher_distance", seeds) for g in schedules}
+    best = min(hand, key=lambda g: sum(hand[g]))
+    panels[d] = [(f"{d}: {solvers[0]} NFE {ld3_nfes[0]}, {g}", results[d].samples[(solvers[0], g, ld3_nfes[0])])
+                 for g in (best, "ld3")]
+fig = ld3_samples_figure(panels)
+_ = savefig(fig, "03_samples")
 
 # %% [markdown]
 # ## 6. Explorer
-# Pick a solver, a grid and an NFE; the samples and their metric are drawn from the same noise as the
-# table (LD3 is available at the NFEs it was learned for).
+# Pick a dataset, a solver, a grid and an NFE: the samples from the first seed's held-out noise, the
+# grid's noise levels beside the others, and its held-out teacher distance and metric (mean over seeds).
+# It reads only what the run stored (`fedlib.results.load_explorer`): run the two cells below in the
+# committed notebook to explore without rerunning anything.
 
-# %%
+# %% tags=["explorer-setup"]
 import ipywidgets as widgets
+import matplotlib.pyplot as plt
+
+from fedlib.plots import ld3_explorer_view
+from fedlib.results import load_explorer
+
+# %% tags=["explorer"]
+ex = load_explorer("03_ld3_learned_timesteps")
 
 
-def explore(solver=solvers[0], grid="ld3", nfe=show_nfe):
-    if grid == "ld3" and (solver, nfe) not in learned:
-        print(f"LD3 was learned at NFE {ld3_nfes} only")
-        return
-    times, tn = learned[(solver, nfe)].tensors(dev) if grid == "ld3" else (schedule(grid, teacher.process, nfe).to(dev), None)
-    with torch.no_grad():
-        out, used = get_sampler(solver)(teacher, x_T[:64], times, tn)
-    fig, ax = plt.subplots(figsize=(4, 4))
-    if len(shape) == 3:
-        image_grid(out[:32], nrow=8, ax=ax)
-    m = image_metric(get_sampler(solver)(teacher, x_T, times, tn)[0]) if len(shape) == 3 else {}
-    ax.set_title(f"{solver}, {grid}, NFE {used}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), fontsize=8)
-    plt.show()
+def explore(dataset=ex["datasets"][0], solver=ex["solvers"][0], grid="ld3", nfe=ex["nfes"][0]):
+    if ld3_explorer_view(ex, dataset, solver, grid, nfe) is not None:
+        plt.show()
 
 
-explorer = widgets.interactive(explore, solver=solvers, grid=schedules + ["ld3"], nfe=nfes)
-display(explorer)
+explorer = widgets.interactive(explore, dataset=ex["datasets"], solver=ex["solvers"], grid=ex["grids"], nfe=ex["nfes"])
+explorer
 
 # %%
-explore(solvers[0], "ld3", show_nfe)  # the explorer's default view, for readers of the static notebook
+_ = savefig(ld3_explorer_view(ex, ex["datasets"][0], ex["solvers"][0], "ld3", ex["nfes"][0]), "03_explorer_default")
 
 # %% [markdown]
 # ## 7. Claims
-# LD3's claims are about FID at CIFAR-10 scale; we test their direction on digits with a feature-space
-# Fréchet distance (and RMSE to the teacher), and report the paper's numbers beside ours.
+# Every comparative claim is decided by the noise rule over the evaluation seeds (`fedlib.results`). The
+# paper's claims are about FID at CIFAR-10 scale; we test their direction on small teachers.
 
 # %%
-def best_hand(solver, nfe, col="fd"):
-    s = table[(table.solver == solver) & (table.nfe == nfe) & (table.schedule != "ld3")]
-    return float(s[col].min()), s.loc[s[col].idxmin(), "schedule"]
+low = [n for n in ld3_nfes if 4 <= n <= 6] or ld3_nfes
+why = {"holds": "", "within noise": " Not every comparison clears 2 SE; the closest one is shown.",
+       "does not hold": " A hand-made grid is better beyond the noise rule on held-out noise; that one is shown."}
+for d in datasets:
+    verdict, deciding, comps = ld3.beats_every_grid(rows, d, solvers, low, schedules, seeds)
+    runs = [s for k, s in learned.items() if k[0] == d and k[3] in low]
+    kept = sum(s.history["kept"] == "start" for s in runs)
+    run.claim(f"{d}: LD3 beats the best hand-made grid at NFE {'/'.join(map(str, low))} (held-out teacher distance)",
+              paper="CIFAR-10 iPNDM FID: NFE 4 29.8 (EDM grid) -> 9.3 LD3; NFE 6 10.0 -> 3.4",
+              measured=f"{deciding}: {comps[deciding].measured()}", verdict=verdict,
+              note=f"{len(comps)} paired comparisons (solver x NFE x hand-made grid), combined.{why[verdict]} LD3 kept "
+                   f"its hand-made start (no validation gain) in {kept} of {len(runs)} runs.")
+metric_comps = {f"{d} {key}": c for d in datasets
+                for key, c in ld3.beats_every_grid(rows, d, solvers, low, schedules, seeds, "metric")[2].items()}
+verdict, deciding = combine(metric_comps)
+d, c = deciding.split()[0], metric_comps[deciding]
+teacher_m, grid_m = sum(results[d].teacher_metric) / len(seeds), sum(c.b) / len(seeds)
+floor = (f" There the {c.b_name} grid's {cases[d].metric_name} ({grid_m:.4g}) is below the teacher's own ({teacher_m:.4g}): "
+         "LD3 learns to match the teacher, so it cannot beat that grid in this metric." if grid_m < teacher_m else "")
+_ = run.claim("LD3 beats the best hand-made grid at NFE 4-6 in FD / sliced W2, on every dataset",
+              paper="FID (CIFAR-10, iPNDM): see above", measured=f"{deciding}: {c.measured()}", verdict=verdict,
+              note="FD in fedlib classifier features (images; not FID), sliced W2 to the true mixture (2-D): not the "
+                   f"validated quantity; the next claim checks that the two agree.{floor}")
 
+# %%
+agree = {d: compare_to(ld3.agreement(rows, d, solvers, low, seeds), 0.0, name=f"{d} rank correlation", below=False)
+         for d in datasets}
+verdict, deciding = combine(agree)
+run.claim("the validated teacher distance agrees with FD / sliced W2 on held-out noise",
+          paper="(our check: LD3 validates a per-sample distance, the paper reports FID)",
+          measured="; ".join(f"{d}: {c.mean:+.2f} ± {c.se:.2f} SE" for d, c in agree.items()), verdict=verdict,
+          note="Spearman rank correlation over the grids of one (solver, NFE), averaged, per seed; > 0: the grid "
+               "with the smaller teacher distance also has the smaller FD / sliced W2")
+shrink = {f"{d} {so}": compare(gains[(d, so, low[0])], gains[(d, so, shrink_nfe)], a_name=f"NFE {low[0]}",
+                               b_name=f"NFE {shrink_nfe}", fmt=".2f")
+          for d in shrink_datasets for so in solvers if (d, so, shrink_nfe) in gains}
+if shrink:
+    verdict, deciding = combine(shrink)
+    run.claim("LD3's gain shrinks as NFE grows", paper="iPNDM FID gain vs best hand-made: NFE 4 69%, 6 66%, 8 48%, "
+              "10 37%", measured=f"{deciding}: {shrink[deciding].measured()}", verdict=verdict,
+              note=f"relative held-out teacher-distance gain over the best hand-made grid, NFE {low[0]} against "
+                   f"{shrink_nfe}, on {', '.join(shrink_datasets)}, every solver. The teacher distance of every grid "
+                   "goes to 0 as NFE grows and LD3 removes a similar or larger share of what is left, whereas FID "
+                   "has a floor (the teacher's own, 2.08 in the paper) that caps the paper's gains at high NFE")
 
-def ld3_value(solver, nfe, col="fd"):
-    return float(table[(table.solver == solver) & (table.nfe == nfe) & (table.schedule == "ld3")][col].iloc[0])
-
-
-low = [n for n in ld3_nfes if 4 <= n <= 6]
-pairs = [(s, n) for s in solvers for n in low]
-wins = {f"{s}@{n}": (ld3_value(s, n), *best_hand(s, n)) for s, n in pairs}
-beats = all(v[0] < v[1] for v in wins.values())
-run.claim("LD3 beats the best hand-made grid at NFE 4-6 (iPNDM, DPM-Solver++)",
-          paper="CIFAR-10 iPNDM FID: NFE 4 29.8 (EDM grid) -> 9.3 LD3; NFE 6 10.0 -> 3.4",
-          measured="; ".join(f"{k}: LD3 {v[0]:.3f} vs {v[2]} {v[1]:.3f}" for k, v in wins.items()),
-          verdict=beats, note="fd in fedlib classifier features (not FID); digits 8x8, small teacher")
-
-gain = {s: {n: (best_hand(s, n)[0] - ld3_value(s, n)) / best_hand(s, n)[0] for n in ld3_nfes} for s in solvers}
-shrinks = all(gain[s][min(ld3_nfes)] > gain[s][max(ld3_nfes)] for s in solvers)
-run.claim("LD3's gain shrinks as NFE grows",
-          paper="iPNDM FID gain vs best hand-made: NFE 4 69%, 6 66%, 8 48%, 10 37%",
-          measured="; ".join(f"{s}: " + ", ".join(f"NFE {n} {100 * g:.0f}%" for n, g in gain[s].items()) for s in solvers),
-          verdict=shrinks, note="relative fd improvement over the best hand-made grid")
-
-mean_time = float(np.mean(list(ld3_times_s.values())))
-run.claim("LD3 trains in minutes",
-          paper="5-10 min on one GPU (CIFAR-10, 100 teacher samples)",
-          measured=f"{mean_time:.1f} s per (solver, NFE) on {dev.type} ({ld3_train}+{ld3_val} pairs, "
-                   f"{ld3_rounds_theta}+{ld3_rounds_both} rounds)",
-          verdict=mean_time < 600, note="8x8 digits, small U-Net: much cheaper than CIFAR-10")
-
+# %%
+times = [s.history["wall_time_s"] for s in learned.values()]
+run.claim("LD3 trains in minutes", paper="5-10 min on one GPU (CIFAR-10, 100 teacher samples)",
+          measured=f"{sum(times) / len(times):.1f} s per grid on average, at most {max(times):.1f} s ({len(times)} "
+                   f"grids, {dev.type})", verdict=compare_to(times, 600.0, below=True),
+          note=f"{ld3_train}+{ld3_val} pairs, {ld3_rounds_theta}+{ld3_rounds_both} rounds; small teachers, much "
+               "cheaper than CIFAR-10")
+run.claim("no learned grid is worse on validation than the best hand-made grid",
+          paper="(by construction: hand-made start, accept-if-better)", measured=f"{len(learned)} grids checked",
+          verdict=never_worse, required=True)
 run.claim("learned grids are strictly decreasing and hit both end points", paper="monotone by construction",
           measured=f"{len(learned)} grids checked", verdict=ends_ok, required=True)
-if run_2d:
-    tw = {f"{s}@{n}": (float(toy_table[(toy_table.solver == s) & (toy_table.nfe == n) & (toy_table.schedule == "ld3")].sliced_w2.iloc[0]),
-                       float(toy_table[(toy_table.solver == s) & (toy_table.nfe == n) & (toy_table.schedule != "ld3")].sliced_w2.min()))
-          for s in solvers for n in low}
-    run.claim("2-D: LD3 beats the best hand-made grid at NFE 4-6 (exact sliced W2)", paper="(not in the paper)",
-              measured="; ".join(f"{k}: LD3 {a:.4f} vs best {b:.4f}" for k, (a, b) in tw.items()),
-              verdict=all(a < b for a, b in tw.values()), note="ring mixture, MLP teacher, L2 loss")
 run.metrics["wall_time_s"] = time.perf_counter() - t_start
-run.claims_frame()
+run.claims_table()
 
 # %%
 run.finish()

@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlib import ld3
-from fedlib.diffusion import EDM, VP, Denoiser, MLPDenoiser, get_sampler, schedule
+from fedlib.diffusion import EDM, SCHEDULES, VP, Denoiser, MLPDenoiser, get_sampler, schedule, solve
 
 logits = st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=2, max_size=12)
 
@@ -84,7 +87,135 @@ def test_learned_timesteps_beats_its_uniform_start_and_round_trips(tmp_path, mon
 
 def test_lpips_raises_a_clear_error_without_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    import pytest
-
     with pytest.raises(FileNotFoundError, match="does not download"):
         ld3.make_loss("lpips")
+
+
+# --- the hand-made start, the inverse map and the validated quantity (issue 17) ------------------------
+
+increasing = st.lists(st.floats(1e-3, 1.0, allow_nan=False), min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(increasing)
+def test_inverse_map_round_trips_exactly(gaps):
+    d = torch.tensor(gaps, dtype=torch.float64)
+    u = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(d, 0) / d.sum()])
+    u[-1] = 1.0
+    theta = ld3.ld3_theta(u)
+    assert theta.shape == u.shape and float(theta[0]) == 0.0
+    torch.testing.assert_close(ld3.ld3_u(theta), u, rtol=0, atol=1e-14)
+    # theta_0 drops out and theta_{1:} is defined up to a constant: any such logits give the same grid
+    torch.testing.assert_close(ld3.ld3_u(theta + torch.cat([torch.tensor([5.0]), torch.full((len(u) - 1,), -2.0)])
+                                         .double()), u, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("process", [EDM(), VP("linear", discrete=False), VP("cosine")], ids=["edm", "vp", "vp-discrete"])
+@pytest.mark.parametrize("name", ["uniform_t", "quadratic_t", "uniform_lambda", "edm"])
+@pytest.mark.parametrize("space", ["lambda", "t"])
+def test_every_hand_made_grid_is_exactly_reachable_in_ld3s_logits(process, name, space):
+    for n in (2, 4, 7, 10):
+        t = schedule(name, process, n)
+        back = ld3.ld3_times(ld3.theta_of_times(t, process, space), process, space)
+        assert float(back[0]) == process.t_max and float(back[-1]) == process.t_min
+        torch.testing.assert_close(back, t, rtol=1e-10, atol=0)
+
+
+def test_inverse_map_refuses_a_grid_that_is_not_increasing():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ld3.ld3_theta(torch.tensor([0.0, 0.5, 0.5, 1.0]))
+
+
+def _val_loss(den, solver, times, tn, pairs):
+    out, _ = solve(den, pairs[0], times, solver, tn)
+    return float(((out - pairs[1]) ** 2).flatten(1).mean(1).mean())
+
+
+@pytest.mark.parametrize("solver,nfe", [("dpm_solver_pp_2m", 3), ("ipndm", 4), ("euler", 5)])
+def test_learned_is_never_worse_on_validation_than_the_best_hand_made_grid(solver, nfe):
+    den = _gaussian_denoiser()
+    tr = ld3.teacher_pairs(den, 8, (4,), seed=0)
+    va = ld3.teacher_pairs(den, 8, (4,), seed=1)
+    # a learning rate large enough to throw theta about: the result must still be no worse than the start
+    for lr in (5e-3, 0.5):
+        s = ld3.learned_timesteps(den, solver, nfe, tr, va, rounds_theta=1, rounds_both=1, lr_theta=lr, seed=0)
+        hand = {name: _val_loss(den, solver, schedule(name, den.process, nfe), None, va) for name in SCHEDULES}
+        best = min(hand, key=hand.get)
+        assert s.history["start"] == best
+        # by construction, exactly: the start and every learned state are validated through the same solve
+        assert s.history["best_val_loss"] <= min(s.history["hand_made_val_loss"].values())
+        for name, v in hand.items():  # the validation quantity is the plain mean loss of each grid's solve
+            assert abs(s.history["hand_made_val_loss"][name] - v) <= 1e-6 * v
+        got = _val_loss(den, solver, *s.tensors(), va)  # float32 samples: equal to 1e-6
+        assert got <= hand[best] * (1 + 1e-6) and abs(got - s.history["best_val_loss"]) <= 1e-6 * got
+        if s.history["kept"] == "start":  # nothing better found: exactly the best hand-made grid, phi = 0
+            torch.testing.assert_close(torch.tensor(s.times, dtype=torch.float64), schedule(best, den.process, nfe), rtol=1e-10, atol=0)
+            assert s.network_times == s.times
+
+
+def test_a_named_start_and_the_significance_check():
+    den = _gaussian_denoiser()
+    tr = ld3.teacher_pairs(den, 8, (4,), seed=0)
+    va = ld3.teacher_pairs(den, 8, (4,), seed=1)
+    s = ld3.learned_timesteps(den, "dpm_solver_pp_2m", 3, tr, va, rounds_theta=1, rounds_both=0, start="uniform_t",
+                              lr_theta=5e-2)
+    assert s.history["start"] == "uniform_t" and list(s.history["hand_made_val_loss"]) == ["uniform_t"]
+    assert s.history["kept"] == "learned" and s.history["best_val_loss"] < s.history["start_val_loss"]
+    strict = ld3.learned_timesteps(den, "dpm_solver_pp_2m", 3, tr, va, rounds_theta=1, rounds_both=0,
+                                   start="uniform_t", lr_theta=5e-2, significance=1e9)
+    assert strict.history["kept"] == "start" and not strict.history["significant"]
+    torch.testing.assert_close(torch.tensor(strict.times, dtype=torch.float64), schedule("uniform_t", den.process, 3), rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="LD3 start"):
+        ld3.learned_timesteps(den, "euler", 3, tr, va, start="karras")
+
+
+def test_held_out_study_reports_the_validated_quantity_on_noise_ld3_never_saw(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLIB_CACHE", str(tmp_path))
+    den = _gaussian_denoiser()
+    case = SimpleNamespace(dataset="gauss", teacher=den, shape=(4,), loss="l2", feature_fn=None, n_eval=32,
+                           model_name="gauss", metric=lambda x: float(x.mean().abs()))
+    res = ld3.held_out_study(case, ["dpm_solver_pp_2m"], [3], [0, 1, 2], n_train=8, n_val=8, rounds_theta=1,
+                             rounds_both=1, lr_theta=5e-2)
+    assert len(res.rows) == 3 * (len(SCHEDULES) + 1) and len(res.learned) == 3
+    for seed in (0, 1, 2):
+        ev = ld3.teacher_pairs(den, 32, (4,), seed=1000 * seed + 300)
+        tr = ld3.teacher_pairs(den, 8, (4,), seed=1000 * seed + 100)
+        assert not any(torch.equal(a, b) for a in ev[0] for b in tr[0])  # held-out noise, never a training pair
+        s = res.learned[(seed, "dpm_solver_pp_2m", 3)]
+        for r in (r for r in res.rows if r["seed"] == seed):
+            times, tn = s.tensors() if r["grid"] == "ld3" else (schedule(r["grid"], den.process, 3), None)
+            assert abs(r["teacher_distance"] - _val_loss(den, "dpm_solver_pp_2m", times, tn, ev)) < 1e-7
+    verdict, deciding, comps = ld3.beats_every_grid(res.rows, "gauss", ["dpm_solver_pp_2m"], [3], SCHEDULES, [0, 1, 2])
+    assert len(comps) == len(SCHEDULES) and deciding in comps and verdict in ("holds", "within noise", "does not hold")
+    table = ld3.summary_table(res.rows, ["gauss"], ["dpm_solver_pp_2m"], [3], SCHEDULES, [0, 1, 2], {"gauss": "m"})
+    assert table.loc[0, "teacher distance: LD3 beats every grid"] == verdict
+    assert len(ld3.relative_gain(res.rows, "gauss", "dpm_solver_pp_2m", 3, SCHEDULES, [0, 1, 2])) == 3
+    again = ld3.held_out_study(case, ["dpm_solver_pp_2m"], [3], [0], n_train=8, n_val=8, rounds_theta=1,
+                               rounds_both=1, lr_theta=5e-2)
+    assert again.learned[(0, "dpm_solver_pp_2m", 3)].history["cached"]
+
+
+def test_beats_every_grid_follows_the_noise_rule():
+    rows = [{"dataset": "d", "seed": s, "solver": "x", "nfe": 4, "grid": g, "teacher_distance": v, "metric": v}
+            for s in range(3) for g, v in (("a", 1.0 + 0.01 * s), ("b", 2.0), ("ld3", 0.5 + 0.02 * s))]
+    assert ld3.beats_every_grid(rows, "d", ["x"], [4], ["a", "b"], [0, 1, 2])[:2] == ("holds", "x NFE 4 vs a")
+    worse = [dict(r, teacher_distance=1.5 + 0.01 * r["seed"]) if r["grid"] == "ld3" else r for r in rows]
+    assert ld3.beats_every_grid(worse, "d", ["x"], [4], ["a", "b"], [0, 1, 2])[0] == "does not hold"
+
+
+def test_ld3_cases_for_a_mixture_and_a_pooled_cheap_image_teacher(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLIB_CACHE", str(tmp_path))
+    from fedlib.studies import ld3_case, pooled
+
+    ring = ld3_case("ring", teacher_steps=5, n_eval=64)
+    assert ring.shape == (2,) and ring.loss == "l2" and ring.feature_fn is None and ring.metric_name == "sliced W2"
+    assert ring.metric(torch.randn(64, 2)) > 0
+    img = ld3_case("digits", teacher_steps=5, feature_steps=5, n_eval=8, image_size=4, teacher="small")
+    assert img.shape == (1, 4, 4) and img.info["image_side"] == 4 and img.teacher.net.channels == 8
+    assert img.feature_fn(torch.zeros(2, 1, 4, 4)).shape[0] == 2 and img.metric(torch.rand(16, 1, 4, 4) * 2 - 1) >= 0
+    from fedlib.data import load_digits
+
+    ds = load_digits("test")
+    small = pooled(ds, 4)
+    torch.testing.assert_close(small.x[:, :, 0, 0], ds.x[:, :, :2, :2].mean((-1, -2)))
+    assert pooled(ds, 8) is ds

@@ -45,8 +45,9 @@ BAD_INPUT = [
     (["reproduce", "00", "--scale", "huge"], "unknown scale 'huge'; allowed: fashion_mnist, paper, quick, smoke"),
     (["reproduce", "00", "--device", "tpu"], "unknown device 'tpu'; allowed: auto, cpu, cuda"),
     # the declared rules: value, what is allowed, an example, in one line
-    (["reproduce", "03", "--scale", "smoke", "-p", "ld3_nfes=[5]"],
-     "ld3_nfes=[5] is not allowed ([5] are not in nfes=[4, 6]); allowed: [non-empty; distinct; subset of nfes]; e.g."),
+    (["reproduce", "03", "--scale", "smoke", "-p", "shrink_datasets=['grid']"],
+     "shrink_datasets=['grid'] is not allowed (['grid'] are not in datasets=['digits', 'ring']); allowed: [distinct; "
+     "subset of datasets]; e.g."),
     (["reproduce", "02", "-p", "rounds=0"], "rounds=0 is not allowed (it is not at least 1)"),
     (["reproduce", "01", "-p", "seeds=[]"], "seeds=[] is not allowed (it is empty)"),
     (["reproduce", "00", "-p", "alphas=[]"], "alphas=[] is not allowed (it is empty)"),
@@ -54,7 +55,7 @@ BAD_INPUT = [
     (["reproduce", "01", "-p", "alphas=[-1]"], "alphas=[-1.0] is not allowed (-1.0 is not greater than 0)"),
     (["reproduce", "02", "-p", "alpha=-1"], "alpha=-1.0 is not allowed (it is not greater than 0)"),
     (["reproduce", "02", "-p", "bits=[3]"], "bits=[3] is not allowed (3 is not one of 2, 4, 8, 16, 32)"),
-    (["reproduce", "03", "-p", "nfes=[0]"], "nfes=[0] is not allowed (0 is not at least 1)"),
+    (["reproduce", "03", "-p", "ld3_nfes=[0]"], "ld3_nfes=[0] is not allowed (0 is not at least 2)"),
     (["reproduce", "01", "-p", "n_clients=1000"], "n_clients=1000 is not allowed (it is not at most 179"),
     (["reproduce", "02", "-p", "n_evals=99"], "n_evals=99 is not allowed (it is not at most 15 (rounds = 15))"),
     (["reproduce", "01", "-p", "methods=['nope']"], "'nope' is not one of fedavg, fedprox"),
