@@ -431,32 +431,32 @@ def coboosting_distill(model: nn.Module, start: fl.Params, client_params: fl.Par
     K = fl.n_stacked(client_params)
     w = (torch.full((K,), 1.0 / K) if w is None else w.detach().clone()).to(device)
     noise_dim = G.z_dim - n_classes
-    pool_x, pool_y = [], []
+    pool_x, pool_logits = [], []  # the clients' logits on a pooled sample never change: kept, re-weighted by w
     for _ in range(steps):
         y = torch.randint(0, n_classes, (batch_size,), generator=rng).to(device)
         z = torch.randn(batch_size, noise_dim, generator=rng).to(device)
         x = G(fm.conditional_noise(z, y, n_classes))
         a = ensemble_logits(teacher(client_params, x), w)
+        # (2) the direction that makes x harder for the ensemble, from the same forward pass as (1)
+        (gx,) = torch.autograd.grad(F.cross_entropy(a, y), x, retain_graph=True)
         q = torch.softmax(a / temperature, -1)
         loss_g = hard_sample_loss(a, y, gamma) - beta_adv * kl_to_targets(student(x), q, temperature).mean()
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
-        xd = x.detach().requires_grad_(True)
-        logits = teacher(client_params, xd)
-        (gx,) = torch.autograd.grad(F.cross_entropy(ensemble_logits(logits, w), y), xd)
-        x_hard = diversify(xd.detach(), gx, eps, (-1.0, 1.0) if x.dim() == 4 else None)
-        pool_x.append(x_hard)
-        pool_y.append(y)
+        x_hard = diversify(x.detach(), gx, eps, (-1.0, 1.0) if x.dim() == 4 else None)  # images live in [-1, 1]
         with torch.no_grad():
-            h_logits = teacher(client_params, x_hard)
+            h_logits = teacher(client_params, x_hard)  # [K, B, C]
+        pool_x.append(x_hard)
+        pool_logits.append(h_logits)
+        # (3) the ensemble re-weighted on the hard samples
         wv = w.clone().requires_grad_(True)
         (gw,) = torch.autograd.grad(F.cross_entropy(ensemble_logits(h_logits, wv), y), wv)
         w = coboosting_weight_step(w, gw, mu)
-        px, py = torch.cat(pool_x), torch.cat(pool_y)
+        # (4) the student on a batch of every sample so far
+        px, pl = torch.cat(pool_x), torch.cat(pool_logits, 1)
         i = torch.randint(0, len(px), (batch_size,), generator=rng).to(device)
-        with torch.no_grad():
-            q = torch.softmax(ensemble_logits(teacher(client_params, px[i]), w) / temperature, -1)
+        q = torch.softmax(ensemble_logits(pl[:, i], w) / temperature, -1)
         loss_s = kl_to_targets(student(px[i]), q, temperature).mean()
         opt_s.zero_grad(set_to_none=True)
         loss_s.backward()
