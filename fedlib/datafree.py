@@ -59,7 +59,9 @@ from .distill import ClientTerm, Method, kl_to_targets, register_method
 
 # per-method settings (ServerConfig.method_options overrides them); steps None: cfg.dense_steps or cfg.distill_steps
 OPTIONS = {
-    "fedgen": dict(steps=None, lr_generator=1e-3, alpha=1.0, noise_dim=8, hidden=32, diversity=0.0),
+    # FedGen's lr: chosen on the generator's own objective (quick scale, 10 steps a round: at 1e-3 it falls
+    # only from 2.33 to 1.66 in five rounds, at 1e-2 it reaches ~0 by round 4)
+    "fedgen": dict(steps=None, lr_generator=1e-2, alpha=1.0, noise_dim=8, hidden=32, diversity=0.0),
     "fedftg": dict(steps=None, student_steps=1, lr_generator=1e-3, beta_md=1.0, beta_div=1.0, noise_dim=16, width=16),
     "coboosting": dict(steps=None, lr_generator=1e-3, beta_adv=1.0, gamma=1.0, eps=0.1, mu=0.01, noise_dim=16,
                        width=16),
