@@ -34,10 +34,9 @@ Pieces (pure functions where possible):
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
-
-import zlib
 
 import torch
 import torch.nn.functional as F
