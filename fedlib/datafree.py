@@ -30,10 +30,11 @@ in-process and on Flower), each as pure losses plus one server step
 Notation follows the papers: n_{k,y} client k's count of class y (:func:`label_counts`),
 alpha_{k,y} the class-level weights (:func:`class_weights`), p(y) the label prior
 (:func:`label_prior`), w the ensemble weights of Co-Boosting. The equations are read from the papers;
-where a paper leaves a choice open the docstring says "our choice". Every server step draws from its
-group's own random stream (:class:`fedlib.distill.GroupContext`) and keeps its generator in the group's
-state across the rounds of one run; it is built lazily, seeded from that stream, so a run needs no
-extra set-up. Settings per method: ``run_rounds(..., method_options={"fedftg": {"beta_md": 1.0}})``;
+where a paper leaves a choice open the docstring says "our choice". FedGen, FedFTG and Co-Boosting
+draw from their group's own random stream (:class:`fedlib.distill.GroupContext`) and keep their
+generator in the group's state across the rounds of one run, built lazily from that stream, so a run
+needs no extra set-up (DENSE keeps the set-up's ``dense_generator`` and draws from the run's
+generator, as before). Settings per method: ``run_rounds(..., method_options={"fedftg": {"beta_md": 1.0}})``;
 the defaults are :data:`OPTIONS`; ``steps`` defaults to ``dense_steps`` (or ``distill_steps``), the
 server budget every data-free method shares.
 
@@ -481,12 +482,19 @@ def coboosting_server(model, start, client_params, setup, n_classes, cfg, ctx):
 
 # ----------------------------------------------------------------------------------------------
 # extra communication per round (the overhead table)
-def extra_bytes(method: str, *, n_clients: int, n_classes: int, generator_bytes: int = 0,
+def extra_bytes(method: str, *, model: nn.Module, n_classes: int, n_clients: int, method_options: dict | None = None,
                 count_bytes: int = 8) -> dict:
-    """A method's communication beyond the models, per round and all clients: ``down`` (FedGen: G_w and
-    p(y), ``generator_bytes`` = the payload's bytes, e.g. ``ledger.total(item="fedgen payload", round=r) /
-    n_clients``), ``up`` (FedGen, FedFTG: each client's C label counts, ``count_bytes`` each)."""
-    down = n_clients * generator_bytes if method == "fedgen" else 0
+    """A method's communication beyond the models in one round, all clients together: ``down`` (FedGen:
+    its payload, G_w with the ``method_options`` sizes, p(y) and the regulariser's weight, to every
+    client; from the second round on, as the ledgers count it) and ``up`` (FedGen, FedFTG: every client's
+    C label counts, ``count_bytes`` each; the simulation's server reads them from the set-up, as it does
+    n_k, so only this formula counts them). DENSE and Co-Boosting: nothing."""
+    down = 0
+    if method == "fedgen":
+        o = {**OPTIONS["fedgen"], **(method_options or {}).get("fedgen", {})}
+        G = fm.FeatureGenerator(n_classes, model.get_submodule(fm.head_name(model)).in_features, o["noise_dim"],
+                                o["hidden"])
+        down = n_clients * (fl.state_bytes(G) + 4 * n_classes + 4)  # + p(y) and the weight, float32
     up = n_clients * n_classes * count_bytes if method in ("fedgen", "fedftg") else 0
     return {"down": down, "up": up}
 

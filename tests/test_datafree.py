@@ -256,9 +256,9 @@ def test_methods_train_side_by_side_and_fedgen_payload_is_counted(problem):
     assert led.total(item="fedgen payload", round=1) == 0
     assert led.total(item="fedgen payload", round=2) == K * payload
     assert led.total(item="model", round=2) == 2 * len(names) * K * fl.state_bytes(model)
-    assert DF.extra_bytes("fedgen", n_clients=K, n_classes=3, generator_bytes=payload) == {"down": K * payload,
-                                                                                          "up": K * 3 * 8}
-    assert DF.extra_bytes("coboosting", n_clients=K, n_classes=3) == {"down": 0, "up": 0}
+    assert DF.extra_bytes("fedgen", model=model, n_clients=K, n_classes=3) == {"down": K * payload, "up": K * 3 * 8}
+    assert DF.extra_bytes("fedftg", model=model, n_clients=K, n_classes=3) == {"down": 0, "up": K * 3 * 8}
+    assert DF.extra_bytes("coboosting", model=model, n_clients=K, n_classes=3) == {"down": 0, "up": 0}
 
 
 def test_unknown_option_is_refused(problem):
