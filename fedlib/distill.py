@@ -347,7 +347,7 @@ class RoundsState:
 
     def result(self, setups, report=None) -> RoundsResult:
         return RoundsResult(self.methods, self.acc, self.tacc, self.glob, [s.key for s in setups], report,
-                            report.ledger if report is not None else self.ledger)
+                            ledger=report.ledger if report is not None else self.ledger)
 
 
 def prepare_rounds(model: nn.Module, setups: list, methods_: tuple, rounds: int, init: fl.Params | None,
@@ -375,7 +375,7 @@ def prepare_rounds(model: nn.Module, setups: list, methods_: tuple, rounds: int,
         n_classes = call(init, setups[0].test_x[:1]).shape[-1]
     return RoundsState(methods_, S, M, K, call, init, fl.broadcast_params(init, S * M), n_classes,
                        torch.full((S, M, rounds), float("nan")), torch.full((S, M, rounds), float("nan")),
-                       [{} for _ in range(S * M)])
+                       state=[{} for _ in range(S * M)])
 
 
 def client_mu(st: RoundsState, mu: float) -> Tensor:
@@ -551,7 +551,7 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
     ``{"fedgen": {"alpha": 1.0}, "coboosting": {"steps": 40}}`` (see :mod:`fedlib.datafree`)."""
     check_choice("backend", backend, BACKENDS, fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
     cfg = ServerConfig(distill_steps, distill_lr, distill_batch, temperature, pseudo_label_mode, dense_steps, generator,
-                       chunk_size, predict_batch, dict(method_options or {}))
+                       chunk_size, predict_batch, method_options=dict(method_options or {}))
     client = dict(local_epochs=local_epochs, lr=lr, momentum=momentum, batch_size=batch_size, mu=mu)
     if backend == "flower":
         from .flower import run_rounds as flower_rounds
