@@ -11,7 +11,7 @@ in-process and on Flower), each as pure losses plus one server step
                 G_w(z | y) in the classifier's *feature space* (the input of its linear head) so that
                 the clients' heads, weighted per class by their label counts, agree on y; G_w and the
                 label prior go down to every client each round, and the clients add
-                E_{y ~ p(y), z ~ G_w(.|y)} CE(h(z; theta_k^p), y) to their loss. The global model is
+                ``weight`` x E_{y ~ p(y), z ~ G_w(.|y)} CE(h(z; theta_k^p), y) to their loss. The global model is
                 the FedAvg (no server distillation).
 ``fedftg``      FedFTG (Zhang et al., CVPR 2022): after FedAvg, the server fine-tunes the global model
                 on samples of a conditional image generator trained adversarially against it: the
@@ -62,7 +62,7 @@ from .distill import ClientTerm, Method, kl_to_targets, register_method
 OPTIONS = {
     # FedGen's lr: chosen on the generator's own objective (quick scale, 10 steps a round: at 1e-3 it falls
     # only from 2.33 to 1.66 in five rounds, at 1e-2 it reaches ~0 by round 4)
-    "fedgen": dict(steps=None, lr_generator=1e-2, alpha=1.0, noise_dim=8, hidden=32, diversity=0.0),
+    "fedgen": dict(steps=None, lr_generator=1e-2, weight=1.0, noise_dim=8, hidden=32, diversity=0.0),
     "fedftg": dict(steps=None, student_steps=1, lr_generator=1e-3, beta_md=1.0, beta_div=1.0, noise_dim=16, width=16),
     "coboosting": dict(steps=None, lr_generator=1e-3, beta_adv=1.0, gamma=1.0, eps=0.1, mu=0.01, noise_dim=16,
                        width=16),
@@ -249,7 +249,7 @@ def fedgen_server(model, start, client_params, setup, n_classes, cfg, ctx):
     counts = label_counts(setup.clients, n_classes, ctx.accepted).to(_device(start))
     train_fedgen_generator(G, client_params, h, counts, steps=o["steps"], batch_size=cfg.distill_batch,
                            lr=o["lr_generator"], diversity=o["diversity"], rng=ctx.rng)
-    ctx.state["prior"], ctx.state["alpha"] = label_prior(counts), float(o["alpha"])
+    ctx.state["prior"], ctx.state["weight"] = label_prior(counts), float(o["weight"])
     return start
 
 
@@ -258,7 +258,7 @@ def _fedgen_payload(state: dict, n_classes: int, cfg):
     if "G" not in state or "prior" not in state:
         return None
     return {**{f"G.{n}": p.detach().clone() for n, p in state["G"].named_parameters()},
-            "prior": state["prior"].detach().clone(), "alpha": torch.tensor(state["alpha"])}
+            "prior": state["prior"].detach().clone(), "weight": torch.tensor(state["weight"])}
 
 
 def _fedgen_extras(model: nn.Module, payload, n_classes: int):
@@ -274,7 +274,7 @@ def _fedgen_extras(model: nn.Module, payload, n_classes: int):
     G = fm.FeatureGenerator.like(params, n_classes)
     G.load_state_dict(params)
     G = G.to(params["net.0.weight"].device)
-    prior, weight = payload["prior"].float().cpu(), payload["alpha"].float().reshape(())
+    prior, weight = payload["prior"].float().cpu(), payload["weight"].float().reshape(())
     device = params["net.0.weight"].device
 
     def draw(x, y, g):

@@ -548,7 +548,7 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
     runs the same rounds as Flower ServerApp and ClientApps on Ray (:func:`fedlib.flower.run_rounds`;
     ``flower_kw``: ``exchange``, ``options``); the numbers agree with in-process to float tolerance.
     ``method_options``: per-method settings of the data-free methods, e.g.
-    ``{"fedgen": {"alpha": 1.0}, "coboosting": {"steps": 40}}`` (see :mod:`fedlib.datafree`)."""
+    ``{"fedgen": {"weight": 1.0}, "coboosting": {"steps": 40}}`` (see :mod:`fedlib.datafree`)."""
     check_choice("backend", backend, BACKENDS, fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
     cfg = ServerConfig(distill_steps, distill_lr, distill_batch, temperature, pseudo_label_mode, dense_steps, generator,
                        chunk_size, predict_batch, method_options=dict(method_options or {}))
