@@ -13,18 +13,28 @@ Pieces (pure functions where possible):
 - The methods (``METHODS`` registry, :class:`Method`): how each differs from FedAvg. The
   distillation methods are derived from :data:`fedlib.weighting.RULES` (one per rule: ``feddf`` for
   the uniform rule, ``entropy``, ``variance``, ``dafkd``, ``fedgo``, ...), plus ``fedavg``, ``fedprox``
-  (aggregation only), ``fedka`` (majority vote) and the data-free server methods of
-  :mod:`fedlib.datafree` (``dense``). Registering a weighting rule is all a new method needs.
+  (aggregation only), ``fedka`` (majority vote) and the data-free methods of :mod:`fedlib.datafree`
+  (``dense``, ``fedgen``, ``fedftg``, ``coboosting``). Registering a weighting rule is all a new
+  method needs.
+- A method's client-side change that needs something from the server every round (FedGen's
+  regulariser on generated features) is one :class:`ClientTerm` on its :class:`Method`: the server
+  sends its ``payload`` down with the model, the client draws per-step inputs from it and adds its
+  loss. Both drivers build the clients' loss and inputs with :func:`client_loss` /
+  :func:`client_extras` and the payloads with :func:`client_payloads`, and count the payload's bytes.
 - ``server_step``: one round's server update of every (setup, method) group from the client models
   and a mask of the replies accepted; used by both round drivers, :func:`run_rounds` in-process
-  (everything accepted) and :mod:`fedlib.flower` (replies validated).
+  (everything accepted) and :mod:`fedlib.flower` (replies validated). A server method sees its
+  group through a :class:`GroupContext` (accepted clients, state kept across rounds, its own random
+  stream).
 - ``run_rounds(model, setups, methods, ..., backend="inprocess"|"flower")``: R federated rounds of
   several methods on several problems (alphas, seeds) at once: one vmapped local-training call for all
   (problem, method, client) triples per round, one vmapped distillation for every distilling pair.
+  Its ``ledger`` counts the bytes every round would send (the Flower backend's counts what did).
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -137,6 +147,27 @@ def distil_in_place(model: nn.Module, glob: fl.Params, entries: list[int], xs: l
 # ----------------------------------------------------------------------------------------------
 # the methods
 @dataclass(frozen=True)
+class ClientTerm:
+    """A client-side change of a method that needs something from the server every round (FedGen's
+    regulariser). The same three functions serve both round drivers:
+
+    - ``payload(state, n_classes, cfg) -> Params | None``: the tensors the server sends down with the
+      model, from the group's server state (:attr:`GroupContext.state`); None: nothing this round (plain
+      local training);
+    - ``extras(model, payload, n_classes) -> extras_fn(x, y, g) -> dict``: what the client draws every
+      step from the payload, with its own generator ``g`` (names start with ``name``); with
+      ``payload=None``, zeros of the same names and shapes, drawing no random numbers, and a weight
+      ``f"{name}_weight"`` of 0;
+    - ``loss(model) -> fn(call, params, batch) -> scalar``: the term added to the client's loss, times
+      ``batch[f"{name}_weight"]``."""
+
+    name: str
+    payload: Callable
+    extras: Callable
+    loss: Callable
+
+
+@dataclass(frozen=True)
 class Method:
     """How a federated method differs from FedAvg (which every method starts each round with):
 
@@ -144,14 +175,16 @@ class Method:
     - ``rule``: the server distils the ensemble of the client models, weighted by this rule of
       :data:`fedlib.weighting.RULES`, into the FedAvg model (``vote``: FedKA's hard majority vote);
     - ``server``: a server-side update of its own after FedAvg,
-      ``server(model, start, client_params, setup, n_classes, cfg) -> params`` (data-free generators,
-      :mod:`fedlib.datafree`)."""
+      ``server(model, start, client_params, setup, n_classes, cfg, ctx) -> params`` (``ctx`` a
+      :class:`GroupContext`; data-free generators, :mod:`fedlib.datafree`);
+    - ``client``: a :class:`ClientTerm` (a client-side change with a payload from the server)."""
 
     name: str
     proximal: bool = False
     rule: str | None = None
     vote: bool = False
     server: Callable | None = None
+    client: ClientTerm | None = None
     setup_needs: tuple = ()  # Setup fields a server method reads (e.g. "dense_generator")
     doc: str = ""
 
@@ -263,6 +296,7 @@ class ServerConfig:
     generator: torch.Generator | None = None
     chunk_size: int | str | None = "auto"
     predict_batch: int = 1024
+    method_options: dict = field(default_factory=dict)  # {method: {option: value}} (fedlib.datafree's options)
 
 
 @dataclass
@@ -273,6 +307,7 @@ class RoundsResult:
     params: fl.Params         # final global models, stacked [S * M, ...] (problem-major)
     keys: list = field(default_factory=list)  # setup keys, e.g. [(alpha, seed), ...]
     report: object = None     # the Flower backend's FlowerReport (bytes, events, timings); None in-process
+    ledger: fl.CommLedger = field(default_factory=fl.CommLedger)  # bytes per round (Flower: what crossed)
 
     def frame(self, key_names: tuple = ("alpha", "seed")):
         """One row per (setup, method, round): the setup's key fields, method, round (1-based),
@@ -307,8 +342,12 @@ class RoundsState:
     acc: Tensor     # [S, M, rounds] server test accuracy
     tacc: Tensor    # [S, M, rounds] teacher accuracy on the server data
 
+    state: list = field(default_factory=list)  # one dict per (setup, method) group: a server method's state
+    ledger: fl.CommLedger = field(default_factory=fl.CommLedger)
+
     def result(self, setups, report=None) -> RoundsResult:
-        return RoundsResult(self.methods, self.acc, self.tacc, self.glob, [s.key for s in setups], report)
+        return RoundsResult(self.methods, self.acc, self.tacc, self.glob, [s.key for s in setups], report,
+                            ledger=report.ledger if report is not None else self.ledger)
 
 
 def prepare_rounds(model: nn.Module, setups: list, methods_: tuple, rounds: int, init: fl.Params | None,
@@ -335,13 +374,105 @@ def prepare_rounds(model: nn.Module, setups: list, methods_: tuple, rounds: int,
     with torch.no_grad():
         n_classes = call(init, setups[0].test_x[:1]).shape[-1]
     return RoundsState(methods_, S, M, K, call, init, fl.broadcast_params(init, S * M), n_classes,
-                       torch.full((S, M, rounds), float("nan")), torch.full((S, M, rounds), float("nan")))
+                       torch.full((S, M, rounds), float("nan")), torch.full((S, M, rounds), float("nan")),
+                       state=[{} for _ in range(S * M)])
 
 
 def client_mu(st: RoundsState, mu: float) -> Tensor:
     """FedProx's mu of every client task [S*M*K], in (setup, method, client) order (0 for non-proximal methods)."""
     return torch.tensor([mu if get_method(m).proximal else 0.0 for _ in range(st.S) for m in st.methods
                          for _ in range(st.K)])
+
+
+def client_terms(methods_) -> tuple:
+    """The distinct :class:`ClientTerm` of the methods (empty when none has a client-side term)."""
+    out = []
+    for m in methods_:
+        term = get_method(m).client
+        if term is not None and term not in out:
+            out.append(term)
+    return tuple(out)
+
+
+def client_payloads(st: RoundsState, cfg: ServerConfig) -> list:
+    """What the server sends down besides the model this round, per (setup, method) group: its client
+    term's payload (Params) or None. Both drivers call it before every round."""
+    out = []
+    for e in range(st.S * st.M):
+        term = get_method(st.methods[e % st.M]).client
+        out.append(None if term is None else term.payload(st.state[e], st.n_classes, cfg))
+    return out
+
+
+def client_loss(model: nn.Module, terms: tuple, base: Callable | None = None) -> Callable:
+    """A client's ``loss_fn``: ``base`` (default: cross-entropy) plus every term's loss times its
+    per-task weight in the batch (0 where the task's method does not use that term, or has no payload
+    yet). The in-process driver trains every task with it in one vmap; a Flower client uses it with
+    the one term of its task."""
+    base = base or fl.classification_loss
+    if not terms:
+        return base
+    parts = [(t.name, t.loss(model)) for t in terms]
+
+    def loss(call, params, batch):
+        out = base(call, params, batch)
+        for name, fn in parts:
+            out = out + batch[f"{name}_weight"] * fn(call, params, batch)
+        return out
+
+    return loss
+
+
+def client_extras(model: nn.Module, terms: tuple, term: ClientTerm | None, payload, n_classes: int) -> Callable | None:
+    """A client task's ``extras_fn``: ``term``'s draws from ``payload`` and zeros for the run's other
+    terms (so that every task of one vmap returns the same names). None when the run has no term."""
+    if not terms:
+        return None
+    fns = [t.extras(model, payload if t == term else None, n_classes) for t in terms]
+
+    def extras(x, y, g):
+        out = {}
+        for fn in fns:
+            out.update(fn(x, y, g))
+        return out
+
+    return extras
+
+
+def log_round_bytes(ledger: fl.CommLedger, st: RoundsState, r: int, payloads: list) -> None:
+    """In-process: what round ``r`` (1-based) sends, every reply accepted: the model down and up for
+    every client task, and every group's payload down to each of its clients (the Flower strategy logs
+    the same items as they cross)."""
+    one = fl.state_bytes(fl.index_params(st.glob, 0))
+    n = st.S * st.M * st.K
+    ledger.log(r, "down", "model", one, copies=n)
+    for e, p in enumerate(payloads):
+        if p is not None:
+            ledger.log(r, "down", f"{get_method(st.methods[e % st.M]).client.name} payload", fl.state_bytes(p),
+                       copies=st.K)
+    ledger.log(r, "up", "model", one, copies=n)
+
+
+@dataclass
+class GroupContext:
+    """What a server method sees of its (setup, method) group besides the models: the round (0-based),
+    the accepted clients (indices into ``setup.clients``, in the order of ``client_params``), its state
+    kept across the rounds of this run (e.g. its generator), and its own random stream (seeded from the
+    run's generator seed, the setup and the method, so adding a method never changes another's numbers,
+    and both drivers draw the same)."""
+
+    round: int
+    accepted: Tensor
+    state: dict
+    rng: torch.Generator
+
+
+def group_context(st: RoundsState, e: int, r: int, accepted: Tensor, cfg: ServerConfig) -> GroupContext:
+    state = st.state[e]
+    if "rng" not in state:
+        base = cfg.generator.initial_seed() if cfg.generator is not None else 0
+        state["rng"] = torch.Generator().manual_seed(zlib.crc32(f"{base}/{e // st.M}/{st.methods[e % st.M]}".encode()))
+    return GroupContext(r, accepted, state, state["rng"])
 
 
 def server_step(model: nn.Module, st: RoundsState, setups: list, r: int, local: fl.Params, accepted: Tensor,
@@ -370,7 +501,8 @@ def server_step(model: nn.Module, st: RoundsState, setups: list, r: int, local: 
         for n in st.glob:
             st.glob[n][e] = new[n]
         if method.server is not None:
-            new = method.server(model, fl.index_params(st.glob, e), k_params, setup, st.n_classes, cfg)
+            ctx = group_context(st, e, r, keep, cfg)
+            new = method.server(model, fl.index_params(st.glob, e), k_params, setup, st.n_classes, cfg, ctx)
             for n in st.glob:
                 st.glob[n][e] = new[n]
         if not method.distils:
@@ -408,16 +540,18 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
                temperature: float = 1.0, pseudo_label_mode: str = "prob", dense_steps: int | None = None,
                generator: torch.Generator | None = None, init: fl.Params | None = None,
                progress=None, chunk_size: int | str | None = "auto", predict_batch: int = 1024,
-               backend: str = "inprocess", **flower_kw) -> RoundsResult:
+               method_options: dict | None = None, backend: str = "inprocess", **flower_kw) -> RoundsResult:
     """Run ``rounds`` rounds of every method on every setup (see the module docstring). All global
     models start from ``init`` (default: the model's parameters), as in the papers. ``chunk_size``:
     models per vmap chunk in local training and distillation ("auto": see
     :func:`fedlib.federated.local_train`); lower it for big models to bound memory. ``backend="flower"``
     runs the same rounds as Flower ServerApp and ClientApps on Ray (:func:`fedlib.flower.run_rounds`;
-    ``flower_kw``: ``exchange``, ``options``); the numbers agree with in-process to float tolerance."""
+    ``flower_kw``: ``exchange``, ``options``); the numbers agree with in-process to float tolerance.
+    ``method_options``: per-method settings of the data-free methods, e.g.
+    ``{"fedgen": {"weight": 1.0}, "coboosting": {"steps": 40}}`` (see :mod:`fedlib.datafree`)."""
     check_choice("backend", backend, BACKENDS, fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
     cfg = ServerConfig(distill_steps, distill_lr, distill_batch, temperature, pseudo_label_mode, dense_steps, generator,
-                       chunk_size, predict_batch)
+                       chunk_size, predict_batch, method_options=dict(method_options or {}))
     client = dict(local_epochs=local_epochs, lr=lr, momentum=momentum, batch_size=batch_size, mu=mu)
     if backend == "flower":
         from .flower import run_rounds as flower_rounds
@@ -429,11 +563,20 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
     st = prepare_rounds(model, setups, methods, rounds, init)
     clients = fl.concat_clients([s.clients.repeat(st.M) for s in setups])  # [S*M*K]
     mu_k = client_mu(st, mu)
+    terms = client_terms(st.methods)
+    loss_fn = client_loss(model, terms) if terms else None
     accepted = torch.ones(st.S * st.M * st.K, dtype=torch.bool)
     for r in range(rounds) if progress is None else progress(range(rounds)):
         start = {n: p.repeat_interleave(st.K, dim=0) for n, p in st.glob.items()}
-        local = fl.local_train(model, start, clients, epochs=local_epochs, lr=lr, momentum=momentum, mu=mu_k,
-                               batch_size=batch_size, generator=generator, chunk_size=chunk_size)
+        payloads = client_payloads(st, cfg)
+        extras = None
+        if terms:
+            per_group = [client_extras(model, terms, get_method(st.methods[e % st.M]).client, payloads[e], st.n_classes)
+                         for e in range(st.S * st.M)]
+            extras = [fn for fn in per_group for _ in range(st.K)]
+        log_round_bytes(st.ledger, st, r + 1, payloads)
+        local = fl.local_train(model, start, clients, loss_fn, epochs=local_epochs, lr=lr, momentum=momentum, mu=mu_k,
+                               batch_size=batch_size, generator=generator, chunk_size=chunk_size, extras_fn=extras)
         server_step(model, st, setups, r, local, accepted, cfg)
     return st.result(setups)
 

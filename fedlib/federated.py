@@ -25,7 +25,8 @@ Typical round::
         called OUTSIDE vmap, once per client and step, with that client's own ``torch.Generator`` (on
         CPU; move the result with ``.to(x.device)``). The mini-batch indices come from the same
         per-client generators, so the vectorised and the sequential path consume identical random
-        numbers and agree to float tolerance.
+        numbers and agree to float tolerance. A list of K functions gives client k its own (e.g. one
+        drawing from the generator its server sent it); they must return the same names and shapes.
     epochs / steps: E local epochs over each client's own n_k samples (client k takes
         E * ceil(n_k / B) steps; finished clients sit idle, masked, while others go on) or a fixed
         number of steps for every client (batch min(B, n_k)). Clients of different sizes are padded and
@@ -249,6 +250,10 @@ def local_train(model: nn.Module, start: Params, clients: ClientData, loss_fn=No
     if n_stacked(start) != K:
         raise ValueError(f"start holds {n_stacked(start)} parameter sets but there are {K} clients; "
                          "pass one Params (broadcast) or a stacked Params with one entry per client")
+    if isinstance(extras_fn, (list, tuple)) and len(extras_fn) != K:
+        raise ValueError(f"extras_fn holds {len(extras_fn)} functions for {K} clients; pass one function or one "
+                         "per client")
+    extras_of = (lambda k: extras_fn[k]) if isinstance(extras_fn, (list, tuple)) else (lambda k: extras_fn)  # noqa: E731
     gens = client_generators(generator, K)
     idx, bmask, active = batch_schedule(clients.n_k.tolist(), batch_size, epochs=epochs, steps=steps,
                                         generators=gens)
@@ -270,7 +275,7 @@ def local_train(model: nn.Module, start: Params, clients: ClientData, loss_fn=No
         i = idx[k, t]
         batch = {"x": clients.x[k, i], "y": clients.y[k, i], "mask": bmask[k, t]}
         if extras_fn is not None:
-            batch.update({n: v.to(device) for n, v in extras_fn(batch["x"], batch["y"], gens[k]).items()})
+            batch.update({n: v.to(device) for n, v in extras_of(k)(batch["x"], batch["y"], gens[k]).items()})
         return batch
 
     T = idx.shape[1]
@@ -313,7 +318,7 @@ def local_train(model: nn.Module, start: Params, clients: ClientData, loss_fn=No
                  "mask": bmask[sub, t], "_mu": mu_k[sub]}
         if extras_fn is not None:
             # drawn per client from its own generator, only for clients that step (as in the reference)
-            ex = [extras_fn(batch["x"][j], batch["y"][j], gens[k]) for j, k in enumerate(k_list)]
+            ex = [extras_of(k)(batch["x"][j], batch["y"][j], gens[k]) for j, k in enumerate(k_list)]
             batch.update({name: torch.stack([e[name] for e in ex]).to(device) for name in ex[0]})
         full = len(k_list) == K
         p_sub = params if full else index_params(params, sub)

@@ -15,6 +15,12 @@ Discriminators (return one pre-sigmoid logit per sample, shape [N]): :class:`Con
 :class:`MLPDiscriminator`. Generators (noise z [N, z_dim] -> samples): :class:`ConvGenerator` (tanh,
 images in [-1, 1]) and :class:`MLPGenerator` (2-D). ``make_classifier`` / ``make_discriminator`` /
 ``make_generator`` choose one from a data shape.
+
+Data-free distillation (:mod:`fedlib.datafree`) also needs: :class:`FeatureGenerator` (FedGen's
+label-conditioned generator of the classifier's *features*, the input of its linear head),
+:func:`conditional_noise` (noise with the label one-hot appended: the input of a label-conditioned
+image generator, ``make_generator(shape, z_dim=noise + n_classes)``), and :func:`head_name` (which
+submodule of a classifier is its head, found the same way for every classifier here).
 """
 
 from __future__ import annotations
@@ -195,6 +201,43 @@ class ConvGenerator(nn.Module):
         if x.shape[-1] != self.image_size:
             x = x[..., : self.image_size, : self.image_size]
         return torch.tanh(x)
+
+
+class FeatureGenerator(nn.Module):
+    """FedGen's generator G_w(z | y) in the classifier's feature space: noise eps [N, noise_dim] and labels
+    y [N] (one-hot appended) -> Linear - ReLU - Linear -> features [N, feature_dim], the input of the
+    classifier's head (unbounded output: our choice). Small on purpose: it goes down to every client
+    every round."""
+
+    def __init__(self, n_classes: int, feature_dim: int, noise_dim: int = 8, hidden: int = 32):
+        super().__init__()
+        self.n_classes, self.feature_dim, self.noise_dim = n_classes, feature_dim, noise_dim
+        self.net = nn.Sequential(nn.Linear(noise_dim + n_classes, hidden), nn.ReLU(), nn.Linear(hidden, feature_dim))
+
+    def forward(self, eps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(conditional_noise(eps, y, self.n_classes))
+
+    @classmethod
+    def like(cls, params: dict, n_classes: int) -> "FeatureGenerator":
+        """An untrained generator with the architecture of ``params`` (its state dict, e.g. received from
+        the server): the sizes are read from the two weight matrices."""
+        w0, w1 = params["net.0.weight"], params["net.2.weight"]
+        return cls(n_classes, w1.shape[0], noise_dim=w0.shape[1] - n_classes, hidden=w0.shape[0])
+
+
+def conditional_noise(eps: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """[eps, one_hot(y)]: the input of a label-conditioned generator."""
+    return torch.cat([eps, nn.functional.one_hot(y, n_classes).to(eps.dtype)], 1)
+
+
+def head_name(model: nn.Module) -> str:
+    """The name of the classifier's head: its last ``nn.Linear`` submodule (``"head"`` for
+    :class:`SmallCNN` and :class:`ResNet`, ``"net.4"``-style for :class:`MLP`). Its input is what FedGen
+    calls the feature space."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head; allowed: a classifier ending in a linear layer")
+    return names[-1]
 
 
 def make_classifier(arch: str, sample_shape: tuple, n_classes: int, **kw) -> nn.Module:

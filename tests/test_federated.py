@@ -59,6 +59,32 @@ def test_vectorised_equals_sequential_steps_with_extras_and_custom_loss():
     assert _max_diff(a, b) < 1e-5
 
 
+def test_per_client_extras_vectorised_equals_sequential():
+    """extras_fn as a list: client k draws with its own function (FedGen: from the generator its server
+    sent); client 1's scale 0 makes its extra term vanish, as if it had none."""
+    x, y, idx = _clients([3, 20, 9], shape=(2,))
+    clients = fl.pack_clients(x, y, idx)
+    model = models.MLP(2, 4, hidden=16)
+
+    def scaled(s):
+        return lambda xb, yb, g: {"shift": s * torch.randn(len(xb), 2, generator=g), "w": torch.tensor(float(s))}
+
+    def loss_fn(call, params, batch):
+        return fl.classification_loss(call, params, batch) + batch["w"] * call(params, batch["shift"]).pow(2).mean()
+
+    kw = dict(steps=5, lr=0.05, batch_size=8, loss_fn=loss_fn, extras_fn=[scaled(1.0), scaled(0.0), scaled(2.0)])
+    a = fl.local_train(model, fl.get_params(model), clients, generator=torch.Generator().manual_seed(1), **kw)
+    b = fl.local_train(model, fl.get_params(model), clients, generator=torch.Generator().manual_seed(1),
+                       vectorised=False, **kw)
+    assert _max_diff(a, b) < 1e-5
+    plain = fl.local_train(model, fl.get_params(model), clients, steps=5, lr=0.05, batch_size=8,
+                           generator=torch.Generator().manual_seed(1))
+    assert _max_diff(fl.index_params(a, 1), fl.index_params(plain, 1)) < 1e-6
+    assert _max_diff(fl.index_params(a, 0), fl.index_params(plain, 0)) > 1e-4
+    with pytest.raises(ValueError, match="extras_fn holds 2 functions for 3 clients"):
+        fl.local_train(model, fl.get_params(model), clients, steps=1, extras_fn=[scaled(1.0)] * 2)
+
+
 def test_padding_does_not_change_a_client():
     """Adding a much larger client (more padding) leaves client 0's training identical: no truncation."""
     x, y, idx = _clients([10, 200])

@@ -47,3 +47,21 @@ def test_bad_arch():
         models.make_classifier("vgg", (1, 8, 8), 10)
     with pytest.raises(ValueError, match="needs image samples"):
         models.make_classifier("small_cnn", (2,), 10)
+
+
+def test_head_name_and_feature_generator():
+    """The head is the last linear layer of every classifier; FedGen's generator maps (noise, label) to
+    that head's input, and one received as a state dict is rebuilt with the same sizes."""
+    assert models.head_name(models.SmallCNN()) == "head" and models.head_name(models.ResNet(width=4, blocks=1)) == "head"
+    mlp = models.MLP(2, 3, hidden=8, depth=2)
+    assert models.head_name(mlp) == "net.4"
+    clf = models.SmallCNN(1, 10, width=8)
+    G = models.FeatureGenerator(10, clf.head.in_features, noise_dim=8, hidden=32)
+    z = G(torch.randn(5, 8), torch.tensor([0, 1, 2, 3, 9]))
+    assert z.shape == (5, clf.head.in_features) and clf.head(z).shape == (5, 10)
+    again = models.FeatureGenerator.like(G.state_dict(), 10)
+    again.load_state_dict(G.state_dict())
+    eps, y = torch.randn(4, 8), torch.tensor([1, 1, 0, 5])
+    assert torch.equal(again(eps, y), G(eps, y))
+    with pytest.raises(ValueError, match="no nn.Linear head"):
+        models.head_name(nn.Sequential(nn.Conv2d(1, 1, 1)))

@@ -15,7 +15,8 @@ message type                server -> client (content)             client -> ser
 ``train.discriminator``     generator G (ArrayRecord, once)        D_k (ArrayRecord, once)  [FedGO]
 ``train``                   global model (ArrayRecord) + config    w_k (ArrayRecord), or the packed
                             (+ a ``quantizer`` record: FedDM-quant) quantised update w_k - w (one uint8
-                                                                   Array, :func:`fedlib.feddm.upload`)
+                            (+ a ``payload`` record: a method's     Array, :func:`fedlib.feddm.upload`)
+                            client term, e.g. FedGen's G_w)
 ==========================  =====================================  ====================================
 
 Modules: :mod:`.records` (parameters as records, validation, the report), :mod:`.client` (the

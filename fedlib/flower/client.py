@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from .. import distill
 from .. import federated as fl
 from .. import fedgo
 from ..feddm import upload
@@ -43,6 +45,7 @@ class ClientSpec:
     extras_fn: Callable | None = None
     discriminator: nn.Module | None = None   # FedGO: D architecture (init sent in the message)
     generator: nn.Module | None = None       # FedGO: G architecture (weights arrive once, by message)
+    terms: dict = field(default_factory=dict)  # client terms by name (fedlib.distill.ClientTerm), e.g. FedGen's
     faults: dict = field(default_factory=dict)
     sleep_s: float = 0.0
     device: str = "cpu"  # "cuda" when the actors hold a GPU fraction
@@ -92,11 +95,19 @@ def make_client_app(spec: ClientSpec, data_ref) -> ClientApp:
         kw = dict(lr=float(cfg["lr"]), momentum=float(cfg["momentum"]), mu=float(cfg["mu"]),
                   batch_size=int(cfg["batch-size"]), generator=skip_seeds(cfg["rng"], int(cfg["skip"])),
                   extras_fn=spec.extras_fn)
+        loss_fn = spec.loss_fn
+        if "payload" in msg.content:  # a method's client term: its loss and per-step draws from the payload
+            term = spec.terms[str(cfg["term"])]
+            payload = {n: p.to(spec.device) for n, p in from_record(msg.content["payload"]).items()}
+            with torch.no_grad():
+                n_classes = model(clients.x[0, :1]).shape[-1]
+            loss_fn = distill.client_loss(model, (term,), spec.loss_fn)
+            kw["extras_fn"] = distill.client_extras(model, (term,), term, payload, n_classes)
         if int(cfg["steps"]) > 0:
             kw["steps"] = int(cfg["steps"])
         else:
             kw["epochs"] = int(cfg["epochs"])
-        w_k = fl.index_params(fl.local_train(model, start, clients, spec.loss_fn, **kw), 0)
+        w_k = fl.index_params(fl.local_train(model, start, clients, loss_fn, **kw), 0)
         w_k, offset = _inject(spec, pid, w_k, int(cfg["server-round"]))
         quantizer = quantizer_of(msg.content["quantizer"] if "quantizer" in msg.content else None)
         up = upload(w_k, start, quantizer, skip_seeds(cfg["rng"], int(cfg["skip"])))

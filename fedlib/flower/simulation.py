@@ -225,7 +225,8 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
     data = fl.concat_clients([s.clients for s in setups])  # data row s*K + k
     report = FlowerReport()
     g_arch = (exchange.G[0] if isinstance(exchange.G, (list, tuple)) else exchange.G) if exchange else None
-    spec = opts.spec(model, discriminator=exchange.D if exchange else None, generator=g_arch)
+    spec = opts.spec(model, discriminator=exchange.D if exchange else None, generator=g_arch,
+                     terms={t.name: t for t in distill.client_terms(st.methods)})
     client = dict(local_epochs=local_epochs, lr=lr, momentum=momentum, batch_size=batch_size, mu=mu)
 
     def main(grid: Grid, nodes: dict[int, int]) -> None:

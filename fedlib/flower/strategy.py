@@ -24,8 +24,9 @@ from .records import FlowerReport, Params, check_update, from_record, log, quant
 @dataclass
 class Task:
     """One client task of a round: its row (also its seed index), the data row of the client, the
-    partition (node) that holds that data, the model it starts from, FedProx's mu, and the uplink
-    quantiser (None: the float32 model comes back)."""
+    partition (node) that holds that data, the model it starts from, FedProx's mu, the uplink
+    quantiser (None: the float32 model comes back), and the payload of its method's client term
+    (:class:`fedlib.distill.ClientTerm` named ``term``; None: nothing besides the model)."""
 
     row: int
     data_row: int
@@ -33,6 +34,8 @@ class Task:
     start: Params
     mu: float = 0.0
     quantizer: Quantizer | None = None
+    payload: Params | None = None
+    term: str | None = None
 
 
 def collect_replies(sent: list[Message], tasks: list, replies, decode, template: Params, report: FlowerReport,
@@ -129,6 +132,11 @@ class RoundStrategy(Strategy):
             content = {"arrays": rec, "config": c}
             if t.quantizer is not None:
                 content["quantizer"] = quantizer_record(t.quantizer)
+            if t.payload is not None:
+                c["term"] = t.term
+                content["payload"] = payload = to_record(t.payload)
+                self.report.ledger.log(server_round, "down", f"{t.term} payload", tensor_bytes(t.payload))
+                self.report.wire.log(server_round, "down", f"{t.term} payload", payload.count_bytes())
             messages.append(Message(RecordDict(content), message_type=MessageType.TRAIN,
                                     dst_node_id=self.nodes[t.partition]))
             self.report.ledger.log(server_round, "down", self.ledger_item, tensor_bytes(t.start))
@@ -154,8 +162,9 @@ class RoundStrategy(Strategy):
 
 
 class DistillStrategy(RoundStrategy):
-    """Notebook 01's methods: a task per (setup, method, client), node k = client k of every setup;
-    the server step is :func:`fedlib.distill.server_step`."""
+    """Notebook 01's methods: a task per (setup, method, client), node k = client k of every setup,
+    with its method's client-term payload (:func:`fedlib.distill.client_payloads`); the server step is
+    :func:`fedlib.distill.server_step`."""
 
     def __init__(self, model, st: distill.RoundsState, setups: list, server: distill.ServerConfig, client: dict,
                  nodes, report, with_disc: dict, keep_params: bool = False):
@@ -166,7 +175,10 @@ class DistillStrategy(RoundStrategy):
 
     def tasks(self, server_round):
         st = self.st
-        tasks = [Task(e * st.K + k, (e // st.M) * st.K + k, k, fl.index_params(st.glob, e), float(self.mu[e * st.K + k]))
+        payloads = distill.client_payloads(st, self.server)
+        terms = [distill.get_method(st.methods[e % st.M]).client for e in range(st.S * st.M)]
+        tasks = [Task(e * st.K + k, (e // st.M) * st.K + k, k, fl.index_params(st.glob, e), float(self.mu[e * st.K + k]),
+                      payload=payloads[e], term=terms[e].name if payloads[e] is not None else None)
                  for e in range(st.S * st.M) for k in range(st.K)]
         c = self.client
         return tasks, {"lr": c["lr"], "momentum": c["momentum"], "batch-size": c["batch_size"],

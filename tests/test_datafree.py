@@ -1,0 +1,267 @@
+"""fedlib.datafree: FedGen, FedFTG and Co-Boosting (issue 16). Each loss's gradient on a tiny case where
+it is known in closed form; a round of each equals its sequential reference (clients one at a time,
+FedAvg by hand, the server step called directly); the generators of FedGen and FedFTG improve their own
+objective on a toy; the client term's payload is counted in the ledger."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedlib import datafree as DF
+from fedlib import distill as D
+from fedlib import federated as fl
+from fedlib import models
+
+
+def _grad(f, *xs):
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    return torch.autograd.grad(f(*xs), xs)
+
+
+# ----------------------------------------------------------------------------------------------
+# label counts, class-level weights, prior
+def test_label_counts_class_weights_and_prior():
+    x = torch.zeros(6, 2)
+    y = torch.tensor([0, 0, 1, 2, 2, 2])
+    clients = fl.pack_clients(x, y, [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])])
+    n = DF.label_counts(clients, 4)
+    assert torch.equal(n, torch.tensor([[2.0, 1, 0, 0], [0, 0, 3, 0]]))
+    assert torch.equal(DF.label_counts(clients, 4, torch.tensor([1])), n[1:])
+    a = DF.class_weights(n)
+    assert torch.allclose(a, torch.tensor([[1.0, 1, 0, 0.5], [0, 0, 1, 0.5]]))  # class 3: nobody, uniform
+    assert torch.allclose(DF.label_prior(n), torch.tensor([2.0, 1, 3, 0]) / 6)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients of every loss on tiny cases with closed forms
+def test_fedgen_generator_loss_gradient():
+    torch.manual_seed(0)
+    K, B, C = 3, 5, 4
+    g = torch.randn(K, B, C)
+    y = torch.tensor([0, 1, 3, 3, 2])
+    alpha = DF.class_weights(torch.rand(K, C) + 0.1)
+    (grad,) = _grad(lambda t: DF.fedgen_generator_loss(t, y, alpha), g)
+    a = alpha[:, y]  # [K, B]
+    mix = (a[..., None] * g).sum(0)
+    expect = a[..., None] * (mix.softmax(-1) - F.one_hot(y, C)) / B
+    assert torch.allclose(grad, expect, atol=1e-6)
+
+
+def test_fedgen_client_term_gradient_on_a_zero_head():
+    """CE(W z + b, y) with W = b = 0: dL/db = mean(1/C - onehot(y)), dL/dW = mean((1/C - onehot(y)) z^T)."""
+    torch.manual_seed(0)
+    C, d, B = 3, 4, 6
+    model = models.MLP(2, C, hidden=d, depth=1)  # head "net.2": Linear(4, 3)
+    assert models.head_name(model) == "net.2"
+    params = {n: torch.zeros_like(p).requires_grad_(True) for n, p in fl.get_params(model).items()}
+    z, y = torch.randn(B, d), torch.tensor([0, 1, 2, 2, 1, 0])
+    loss = DF.FEDGEN.loss(model)(fl.functional(model), params, {"fedgen_z": z, "fedgen_y": y})
+    gw, gb = torch.autograd.grad(loss, [params["net.2.weight"], params["net.2.bias"]])
+    r = torch.full((B, C), 1.0 / C) - F.one_hot(y, C)
+    assert torch.allclose(gb, r.mean(0), atol=1e-6)
+    assert torch.allclose(gw, r.T @ z / B, atol=1e-6)
+    assert torch.allclose(loss, torch.tensor(C).float().log())
+
+
+def test_fedftg_cls_and_md_loss_gradients():
+    torch.manual_seed(1)
+    K, B, C = 2, 4, 3
+    f, s = torch.randn(K, B, C), torch.randn(B, C)
+    y = torch.tensor([0, 2, 1, 2])
+    alpha = DF.class_weights(torch.tensor([[5.0, 1, 2], [1.0, 3, 2]]))
+    a = alpha[:, y]
+    (gf,) = _grad(lambda t: DF.fedftg_cls_loss(t, y, alpha), f)
+    assert torch.allclose(gf, a[..., None] * (f.softmax(-1) - F.one_hot(y, C)) / B, atol=1e-6)
+    # for the global model, L_md's gradient is the KL's to the class-level mixture
+    (gs,) = _grad(lambda t: DF.fedftg_md_loss(f, t, y, alpha), s)
+    mixture = (a[..., None] * f.softmax(-1)).sum(0)
+    assert torch.allclose(gs, (s.softmax(-1) - mixture) / B, atol=1e-6)
+    # and its value is the alpha-weighted KL of every client from the global model
+    kl = (f.softmax(-1) * (f.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
+    assert torch.allclose(DF.fedftg_md_loss(f, s, y, alpha), (a * kl).sum(0).mean())
+
+
+def test_diversity_loss_value_and_gradient():
+    """Two samples a apart and noises b apart: L = exp(-ab/2), dL/da = -(b/2) L."""
+    a, b = 0.8, 1.5
+    x = torch.tensor([[0.0], [a]], requires_grad=True)
+    z = torch.tensor([[0.0], [b]])
+    loss = DF.diversity_loss(x, z)
+    assert torch.allclose(loss, torch.tensor(a * b / 2).neg().exp())
+    (gx,) = torch.autograd.grad(loss, x)
+    assert torch.allclose(gx[1, 0], -(b / 2) * loss.detach()) and torch.allclose(gx[0, 0], (b / 2) * loss.detach())
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0])
+def test_hard_sample_loss_gradient(gamma):
+    """L = -(1 - p)^g log p with p = softmax_y: dL/dl_j = dL/dp * p (delta_jy - p_j),
+    dL/dp = g (1 - p)^(g - 1) log p - (1 - p)^g / p."""
+    torch.manual_seed(2)
+    B, C = 5, 4
+    logits, y = torch.randn(B, C), torch.tensor([0, 1, 2, 3, 0])
+    (g,) = _grad(lambda t: DF.hard_sample_loss(t, y, gamma), logits)
+    p = logits.softmax(-1)
+    py = p.gather(1, y[:, None])
+    dldp = gamma * (1 - py).pow(gamma - 1) * py.log() - (1 - py).pow(gamma) / py if gamma else -1 / py
+    expect = dldp * py * (F.one_hot(y, C) - p) / B
+    assert torch.allclose(g, expect, atol=1e-6)
+    if gamma == 0:
+        assert torch.allclose(DF.hard_sample_loss(logits, y, 0.0), F.cross_entropy(logits, y))
+
+
+def test_ensemble_weight_gradient_and_sign_step():
+    """dCE(A_w(x), y)/dw_k = mean_i sum_c (softmax(A_w)_c - onehot_c) f_k,c; the step moves weight to the
+    client that is right."""
+    y = torch.tensor([0, 1, 2])
+    right = 4.0 * F.one_hot(y, 3).float()
+    wrong = 4.0 * F.one_hot((y + 1) % 3, 3).float()
+    logits = torch.stack([right, wrong])
+    w = torch.tensor([0.5, 0.5])
+    (gw,) = _grad(lambda t: F.cross_entropy(DF.ensemble_logits(logits, t), y), w)
+    r = DF.ensemble_logits(logits, w).softmax(-1) - F.one_hot(y, 3)
+    assert torch.allclose(gw, torch.einsum("bc,kbc->k", r, logits) / 3, atol=1e-6)
+    assert gw[0] < 0 < gw[1]
+    w1 = DF.coboosting_weight_step(w, gw, 0.1)
+    assert torch.allclose(w1, torch.tensor([0.6, 0.4])) and torch.isclose(w1.sum(), torch.tensor(1.0))
+    assert torch.allclose(DF.coboosting_weight_step(torch.tensor([0.05, 0.95]), torch.tensor([1.0, -1.0]), 0.1),
+                          torch.tensor([0.0, 1.0]))  # clipped at 0, renormalised
+    assert torch.allclose(DF.coboosting_weight_step(w, torch.tensor([1.0, 1.0]), 0.6), torch.full((2,), 0.5))
+
+
+def test_diversify_steps_along_the_sign_and_stays_in_range():
+    x = torch.tensor([[0.0, 0.95, -0.5]])
+    out = DF.diversify(x, torch.tensor([[2.0, 3.0, -0.1]]), 0.1)
+    assert torch.allclose(out, torch.tensor([[0.1, 1.0, -0.6]]))
+
+
+# ----------------------------------------------------------------------------------------------
+# the generators improve their own objectives (toy)
+def test_fedgen_generator_improves_its_objective():
+    torch.manual_seed(0)
+    C, d, K = 3, 6, 2
+    model = models.MLP(2, C, hidden=d, depth=1)
+    heads = fl.stack_params([fl.get_params(models.MLP(2, C, hidden=d, depth=1)) for _ in range(K)])
+    counts = torch.tensor([[10.0, 5, 0], [0.0, 5, 10]])
+    _, h = DF.head_fn(model)
+    G = models.FeatureGenerator(C, d, noise_dim=4, hidden=16)
+    rng = torch.Generator().manual_seed(0)
+    y, eps = torch.tensor([0, 1, 2] * 20), torch.randn(60, 4, generator=rng)
+    alpha = DF.class_weights(counts)
+
+    def objective():
+        with torch.no_grad():
+            return float(DF.fedgen_generator_loss(torch.vmap(h, in_dims=(0, None))(heads, G(eps, y)), y, alpha))
+
+    before = objective()
+    trace = DF.train_fedgen_generator(G, heads, h, counts, steps=150, batch_size=32, lr=1e-2, rng=rng)
+    assert objective() < 0.5 * before and len(trace) == 150
+
+
+def test_fedftg_generator_improves_its_objective():
+    """With the global model held fixed (no student steps), the generator's objective L_cls + L_div -
+    L_md on fixed noise and labels falls."""
+    torch.manual_seed(0)
+    C = 3
+    model = models.MLP(2, C, hidden=16)
+    clients = fl.stack_params([fl.get_params(models.MLP(2, C, hidden=16)) for _ in range(2)])
+    start = fl.get_params(model)
+    counts = torch.tensor([[10.0, 5, 0], [0.0, 5, 10]])
+    G = models.make_generator((2,), z_dim=4 + C, hidden=32)
+    rng = torch.Generator().manual_seed(1)
+    z, y = torch.randn(60, 4, generator=rng), torch.tensor([0, 1, 2] * 20)
+    alpha, call = DF.class_weights(counts), fl.functional(model)
+
+    def objective():
+        with torch.no_grad():
+            x = G(models.conditional_noise(z, y, C))
+            return float(DF.fedftg_generator_loss(torch.vmap(call, in_dims=(0, None))(clients, x), call(start, x), x,
+                                                  z, y, alpha))
+
+    before = objective()
+    out = DF.fedftg_distill(model, start, clients, G, counts, C, steps=150, student_steps=0, batch_size=32,
+                            lr_generator=1e-2, rng=rng)
+    assert objective() < before - 0.3
+    assert all(torch.equal(out[n], start[n]) for n in start), "no student steps: the global model is unchanged"
+
+
+# ----------------------------------------------------------------------------------------------
+# a round of each method equals its sequential reference
+@pytest.fixture(scope="module")
+def problem():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(150, 1, 8, 8, generator=g) * 2 - 1)
+    y = torch.randint(0, 3, (150,), generator=g)
+    clients = fl.pack_clients(x, y, [torch.arange(0, 40), torch.arange(40, 55), torch.arange(55, 100)])
+    torch.manual_seed(0)
+    return dict(setup=D.Setup(clients, x[100:], x[:30], y[:30], y[100:]), model=models.SmallCNN(1, 3, width=4))
+
+
+def same_function(model, a, b, x):
+    """max |f_a(x) - f_b(x)| of two parameter sets of ``model``."""
+    call = fl.functional(model)
+    with torch.no_grad():
+        return (call(a, x) - call(b, x)).abs().max()
+
+
+KW = dict(local_epochs=1, lr=0.05, momentum=0.9, batch_size=16, distill_steps=3, distill_batch=16)
+
+
+@pytest.mark.parametrize("method", ["fedgen", "fedftg", "coboosting"])
+def test_a_round_equals_its_sequential_reference(problem, method):
+    setup, model = problem["setup"], problem["model"]
+    init = fl.get_params(model)
+    res = D.run_rounds(model, [setup], [method], rounds=2, init=init, generator=torch.Generator().manual_seed(3), **KW)
+    # the reference: clients one at a time (torch.optim.SGD), FedAvg by hand, the server step called directly
+    g = torch.Generator().manual_seed(3)
+    cfg = D.ServerConfig(distill_steps=3, distill_batch=16, generator=g)
+    st = D.prepare_rounds(model, [setup], [method], 2, init)
+    m, w, K = D.get_method(method), init, setup.clients.n_clients
+    for r in range(2):
+        payload = m.client.payload(st.state[0], 3, cfg) if m.client else None
+        assert (payload is not None) == (method == "fedgen" and r == 1), "FedGen's G_w goes down from round 2"
+        kw = {}
+        if m.client:
+            kw = dict(loss_fn=D.client_loss(model, (m.client,)),
+                      extras_fn=D.client_extras(model, (m.client,), m.client, payload, 3))
+        local = fl.local_train(model, w, setup.clients, epochs=1, lr=0.05, momentum=0.9, batch_size=16, generator=g,
+                               vectorised=False, **kw)
+        w = fl.fedavg(local, setup.clients.n_k)
+        w = m.server(model, w, local, setup, 3, cfg, D.group_context(st, 0, r, torch.arange(K), cfg))
+    # compared through the function they compute: Adam turns the ~1e-9 noise in the gradient of a
+    # parameter the model does not depend on (a conv bias under per-channel GroupNorm) into lr-sized steps
+    x = torch.cat([setup.test_x, setup.server_x])
+    assert torch.allclose(same_function(model, fl.index_params(res.params, 0), w, x), torch.tensor(0.0), atol=1e-5)
+    acc = fl.accuracy(fl.predict(fl.functional(model), w, setup.test_x), setup.test_y)
+    assert torch.isclose(res.accuracy[0, 0, -1], acc)
+
+
+def test_methods_train_side_by_side_and_fedgen_payload_is_counted(problem):
+    """All data-free methods in one run: FedGen's client term weighs 0 in the other methods' vmapped tasks
+    and every server method draws from its own stream, so the others' numbers are those of the same run
+    with FedProx in FedGen's place; FedGen's payload (G_w, p(y), its weight) goes down to each client from
+    round 2 on, in the ledger."""
+    setup, model = problem["setup"], problem["model"]
+    init = fl.get_params(model)
+    names = ["fedavg", "fedgen", "fedftg", "coboosting", "feddf"]
+    both = D.run_rounds(model, [setup], names, rounds=2, init=init, generator=torch.Generator().manual_seed(3), **KW)
+    other = D.run_rounds(model, [setup], ["fedprox" if m == "fedgen" else m for m in names], rounds=2, init=init,
+                         generator=torch.Generator().manual_seed(3), **KW)
+    for j, m in enumerate(names):
+        if m != "fedgen":
+            x = setup.test_x
+            assert same_function(model, fl.index_params(both.params, j), fl.index_params(other.params, j), x) < 1e-5, m
+    G = models.FeatureGenerator(3, model.head.in_features, **{k: DF.OPTIONS["fedgen"][k] for k in ("noise_dim", "hidden")})
+    payload = fl.state_bytes(G) + 3 * 4 + 4  # G_w, p(y), the weight (float32)
+    K, led = setup.clients.n_k.numel(), both.ledger
+    assert led.total(item="fedgen payload", round=1) == 0
+    assert led.total(item="fedgen payload", round=2) == K * payload
+    assert led.total(item="model", round=2) == 2 * len(names) * K * fl.state_bytes(model)
+    assert DF.extra_bytes("fedgen", model=model, n_clients=K, n_classes=3) == {"down": K * payload, "up": K * 3 * 8}
+    assert DF.extra_bytes("fedftg", model=model, n_clients=K, n_classes=3) == {"down": 0, "up": K * 3 * 8}
+    assert DF.extra_bytes("coboosting", model=model, n_clients=K, n_classes=3) == {"down": 0, "up": 0}
+
+
+def test_unknown_option_is_refused(problem):
+    with pytest.raises(ValueError, match=r"unknown fedftg options \['beta'\]; allowed: steps, student_steps"):
+        D.run_rounds(problem["model"], [problem["setup"]], ["fedftg"], rounds=1, method_options={"fedftg": {"beta": 1}},
+                     **KW)
