@@ -206,6 +206,8 @@ def gap_sweep_figure(frame, x: str, gap: str = "gap", group: str | None = None, 
         _band(ax, cube.columns.astype(float), cube.values, None if gv is None else f"{group} {gv}", f"C{i}", marker="o",
               ms=3)
     ax.axhline(0, color="k", lw=0.8)
+    if np.allclose(frame[x].astype(float) % 1, 0):
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     if paper is not None:
         ax.axhline(paper, color="C3", ls="--", lw=1.2, label=paper_label)
     if log_x:
@@ -244,5 +246,8 @@ def search_figure(table, x: str, values: dict, chosen=None, by=("clients", "alph
         if chosen is not None:
             ax.axvline(chosen, color="k", ls=":", lw=1)
         ax.set(xscale="log", xlabel=x, title=label)
+        ticks = sorted(set(table[x]))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     axes[0, -1].legend(fontsize=6)
     return fig

@@ -337,9 +337,12 @@ def distill_lr_search(model, setups: list, lr_grid, **run_kw):
     from . import distill
 
     rows = []
+    by_k = {}
+    for s_ in setups:  # one run of rounds per client count
+        by_k.setdefault(s_.clients.n_clients, []).append(s_)
     for lr in lr_grid:
-        res = distill.run_rounds(model, setups, ["fedgo"], distill_lr=lr, **run_kw)
-        log = res.distill_log
+        log = [e for group in by_k.values()
+               for e in distill.run_rounds(model, group, ["fedgo"], distill_lr=lr, **run_kw).distill_log]
         rows.append({"lr": lr, "val_kl": float(torch.stack([e["val_kl"].mean() for e in log]).mean()),
                      "epochs_run": sum(e["epochs_run"] for e in log) / len(log)})
     table = pd.DataFrame(rows)
@@ -444,6 +447,37 @@ def overhead_curve(costs: dict, *, n_clients: int, n_k, local_epochs: int, disc_
     return pd.DataFrame([{"rounds": r, **fedgo.fedgo_overhead(**costs, n_clients=n_clients, n_k=n_k, rounds=r,
                                                               local_epochs=local_epochs, disc_epochs=disc_epochs,
                                                               warmup_epochs=warmup_epochs)} for r in rounds])
+
+
+def overhead_study(classifier, G, D, x, *, n_k, local_epochs: int, disc_epochs: int, rounds: int,
+                   warmup_epochs: int = 0, grid=(1, 2, 5, 10, 20, 50, 100, 200, 500)) -> dict:
+    """FedGO's overhead for this run's models (``classifier``, ``G``, ``D`` on samples like ``x``, clients
+    of sizes ``n_k``) and, at CIFAR-10 scale (:data:`PAPER_SCALE`: 20 clients, 25,000 images, 5 local and
+    5 discriminator epochs), for two model sizes: a ResNet-20 (notebook 01's ``paper`` set) and the
+    paper-class ResNet-18, with their G and D. Returns {"curves": {label: DataFrame over ``grid`` rounds},
+    "this_run": {...}, "paper_scale": {...} (ResNet-18 at 100 rounds)}."""
+    from . import fedgo
+    from . import models as fm
+
+    P = PAPER_SCALE
+    c, size = P["shape"][0], P["shape"][-1]
+    ours = fedgo.model_costs(classifier, G, D, x[:8])
+    torch.manual_seed(0)
+    resnet20 = fedgo.model_costs(fm.ResNet(c, P["n_classes"], width=16), fm.ConvGenerator(16, c, size, width=64),
+                                 fm.make_discriminator(P["shape"], width=8), torch.randn(1, *P["shape"]))
+    paper = paper_scale_costs()
+    mine = dict(n_clients=len(n_k), n_k=n_k, local_epochs=local_epochs, disc_epochs=disc_epochs,
+                warmup_epochs=warmup_epochs)
+    cifar = dict(n_clients=P["n_clients"], n_k=[P["client_samples"] // P["n_clients"]] * P["n_clients"],
+                 local_epochs=P["local_epochs"], disc_epochs=P["disc_epochs"])
+    grid = sorted(set(grid) | {rounds})
+    curves = {f"ours ({fm.n_params(classifier)} parameters, E_d = {disc_epochs})": overhead_curve(ours, rounds=grid,
+                                                                                               **mine),
+              "ResNet-20, CIFAR-10 (0.27 M)": overhead_curve(resnet20, rounds=grid, **cifar),
+              "ResNet-18, CIFAR-10 (11.2 M, paper-class)": overhead_curve(paper, rounds=grid, **cifar)}
+    return {"curves": curves, "this_run": overhead_curve(ours, rounds=[rounds], **mine).iloc[0].to_dict(),
+            "paper_scale": overhead_curve(paper, rounds=[P["rounds"]], **cifar).iloc[0].to_dict(),
+            "costs": {"ours": ours, "resnet20": resnet20, "paper": paper}}
 
 
 # ---------------------------------------------------------------------------------------------

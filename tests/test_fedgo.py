@@ -244,3 +244,10 @@ def test_toy_study_over_seeds():
     assert toy.weight_tv_to_oracle["oracle"] == [0.0, 0.0, 0.0]
     table = toy.weights_on_points(4)
     assert table.shape == (4, 3 * 4) and ((table.T.groupby(level=0).sum() - 1).abs() < 0.02).all().all()
+
+
+def test_distill_lr_search_runs_each_client_count_and_picks_the_lowest_held_out_kl(small_setups):
+    _, _, clf, st = small_setups
+    table, lr = studies.distill_lr_search(clf, st.all("pre")[:4], [1e-4, 3e-3], rounds=1, distill_epochs=2,
+                                          generator=torch.Generator().manual_seed(0))
+    assert list(table["lr"]) == [1e-4, 3e-3] and lr == table.loc[table["val_kl"].idxmin(), "lr"]
