@@ -251,6 +251,26 @@ def beats_every(comparisons: dict):
     return (c if c.verdict == verdict else verdict), text
 
 
+# analysis-only methods added to a frame (never baselines of a claim): FedGO with exact weights
+ANALYSIS_METHODS = ("fedgo_exact",)
+
+
+def exact_weight_setups(setups: list) -> list:
+    """Analysis only (it reads the server data's true labels): copies of pre-existing set-ups whose
+    discriminator logits are exact for label skew, l_k(x) = log pi_k,y(x) (pi_k,y: client k's share of
+    class y), so FedGO's rule gives the posterior n_k,y / n_y, the oracle weights when classes do not
+    overlap. FedGO run on them shows what the weighting could give with perfect discriminators."""
+    import dataclasses
+
+    out = []
+    for s_ in setups:
+        K, C = s_.clients.n_clients, int(s_.server_y.max()) + 1
+        counts = torch.stack([torch.bincount(s_.clients.client(k)[1], minlength=C) for k in range(K)]).float()
+        pi = counts / counts.sum(1, keepdim=True)
+        out.append(dataclasses.replace(s_, disc_logits=pi.clamp_min(1e-6).log()[:, s_.server_y]))
+    return out
+
+
 def baselines_of(frame, scenario: str, method: str = "fedgo") -> list:
     """The methods ``method`` is compared with in ``scenario``: the scenario's other methods, plus the
     aggregation-only ones (FedAvg, FedProx: they use no server data) from the pre-existing scenario."""
@@ -258,7 +278,8 @@ def baselines_of(frame, scenario: str, method: str = "fedgo") -> list:
 
     own = list(dict.fromkeys(frame.loc[frame.scenario == scenario, "method"]))
     pre = set(frame.loc[frame.scenario == "pre", "method"])
-    return [m for m in own if m != method] + [m for m in aggregation_only() if m in pre and m not in own]
+    return ([m for m in own if m != method and m not in ANALYSIS_METHODS]
+            + [m for m in aggregation_only() if m in pre and m not in own])
 
 
 def _rows_of(frame, scenario, method):
@@ -299,32 +320,39 @@ def gap_to_best(frame, scenario: str, method: str = "fedgo"):
 
 
 def data_free_sweep(train, test, model, init, *, steps_grid, client_counts, alphas, seeds, methods, run_kw: dict,
-                    pre_frame=None, fd=None, **setup_kw):
+                    pre_frame=None, fd=None, known: dict | None = None, **setup_kw):
     """The data-free claim against the data-free G's training budget: for every number of G steps in
     ``steps_grid``, the data-free setups (:func:`fedgo_setups`), ``methods`` for ``run_kw['rounds']``
     rounds, and per seed FedGO's gap to the best baseline at the last round (mean over K and alpha;
     FedAvg/FedProx taken from ``pre_frame`` when given) and ``fd(samples)`` of the G samples (mean).
+    ``known``: {steps: (frame, data-free setups)} already run (the main run), reused, not rerun.
     Returns a DataFrame (free_steps, seed, gap, fd)."""
     import pandas as pd
 
     from . import distill
 
-    rows = []
+    def rows_of(steps, frame, setups):
+        if pre_frame is not None:
+            frame = pd.concat([frame[frame.scenario == "data_free"], pre_frame[pre_frame.scenario == "pre"]],
+                              ignore_index=True)
+        frame = frame[frame.clients.isin(client_counts) & frame.alpha.isin(alphas)]
+        gap = gap_to_best(frame, "data_free")
+        gap = gap[gap["round"] == gap["round"].max()].groupby("seed")["gap"].mean()
+        for seed in seeds:
+            xs = [s_.server_x for s_ in setups if s_.key[2] == seed and s_.key[0] in client_counts]
+            yield {"free_steps": steps, "seed": seed, "gap": float(gap[seed]),
+                   "fd": float(sum(fd(x) for x in xs) / len(xs)) if fd is not None else float("nan")}
+
+    rows = [r for steps, (frame, setups) in (known or {}).items() for r in rows_of(steps, frame, setups)]
     for steps in steps_grid:
+        if steps in (known or {}):
+            continue
         st = fedgo_setups(train, test, client_counts=client_counts, alphas=alphas, seeds=seeds, scenarios=("data_free",),
                           model=model, init=init, free_steps=steps, dense="dense" in methods, **setup_kw)
         res = {"data_free": {K: distill.run_rounds(model, st.setups["data_free"][K], methods, **run_kw)
                              for K in client_counts}}
-        frame = rounds_frame(res)
-        if pre_frame is not None:
-            frame = pd.concat([frame, pre_frame[pre_frame.scenario == "pre"]], ignore_index=True)
-        gap = gap_to_best(frame, "data_free")
-        gap = gap[gap["round"] == gap["round"].max()].groupby("seed")["gap"].mean()
-        for seed in seeds:
-            xs = [s_.server_x for s_ in st.all("data_free") if s_.key[2] == seed]
-            rows.append({"free_steps": steps, "seed": seed, "gap": float(gap[seed]),
-                         "fd": float(sum(fd(x) for x in xs) / len(xs)) if fd is not None else float("nan")})
-    return pd.DataFrame(rows)
+        rows += list(rows_of(steps, rounds_frame(res), st.all("data_free")))
+    return pd.DataFrame(rows).sort_values(["free_steps", "seed"], ignore_index=True)
 
 
 def distill_lr_search(model, setups: list, lr_grid, **run_kw):
@@ -418,7 +446,7 @@ def discriminator_epoch_search(train, model, *, client_counts, alphas, seed: int
 
 # FedGO's overhead at the paper's scale, computed from parameter and FLOP counts: CIFAR-10 (half of
 # the 50,000 training images on the clients), a ResNet-18 classifier, a DCGAN-class generator and
-# discriminator (papers.md gives no sizes: ours, about 0.8 M and 0.4 M parameters), 100 rounds; the
+# discriminator (docs/methods.md gives no sizes: ours, about 0.8 M and 0.4 M parameters), 100 rounds; the
 # clients, local and discriminator epochs are those of notebook 01's `paper` set (our choices).
 PAPER_SCALE = dict(shape=(3, 32, 32), n_classes=10, client_samples=25_000, n_clients=20, local_epochs=5,
                    disc_epochs=5, rounds=100, gen_z=100, gen_width=256, disc_width=32)

@@ -251,3 +251,15 @@ def test_distill_lr_search_runs_each_client_count_and_picks_the_lowest_held_out_
     table, lr = studies.distill_lr_search(clf, st.all("pre")[:4], [1e-4, 3e-3], rounds=1, distill_epochs=2,
                                           generator=torch.Generator().manual_seed(0))
     assert list(table["lr"]) == [1e-4, 3e-3] and lr == table.loc[table["val_kl"].idxmin(), "lr"]
+
+
+def test_exact_weight_setups_give_the_label_posterior_and_are_no_baseline(small_setups):
+    _, _, _, st = small_setups
+    (s,) = studies.exact_weight_setups(st.all("pre")[:1])
+    a = W.fedgo_weights(s.disc_logits, s.clients.n_k)
+    y = s.server_y
+    n_ky = torch.stack([torch.bincount(s.clients.client(k)[1], minlength=10) for k in range(3)]).float()
+    expected = n_ky[:, y] / n_ky[:, y].sum(0)
+    assert torch.allclose(a, expected, atol=1e-4)
+    frame = pd.DataFrame({"scenario": ["pre"] * 3, "method": ["fedavg", "fedgo", "fedgo_exact"]})
+    assert studies.baselines_of(frame, "pre") == ["fedavg"]
