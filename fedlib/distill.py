@@ -34,6 +34,7 @@ Pieces (pure functions where possible):
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -92,14 +93,27 @@ def _adam(params, grads, state, t, lr, betas=(0.9, 0.999), eps=1e-8):
         p.sub_(lr / (1 - b1**t) * m / denom)
 
 
-def kl_distill_params(model: nn.Module, start: fl.Params, x: Tensor, targets: Tensor, *, steps: int,
-                      lr: float = 1e-3, batch_size: int = 64, temperature: float = 1.0,
+def kl_distill_params(model: nn.Module, start: fl.Params, x: Tensor, targets: Tensor, *, steps: int = 0,
+                      epochs: int = 0, lr: float = 1e-3, batch_size: int = 64, temperature: float = 1.0,
+                      val_fraction: float = 0.0, patience: int = 0, cosine: bool = False,
                       generator: torch.Generator | None = None, per_model_x: bool = False,
-                      chunk_size: int | None = None) -> fl.Params:
+                      chunk_size: int | None = None, report: dict | None = None) -> fl.Params:
     """The parameters distilled from ``targets`` (soft labels [N, C], or [M, N, C] with a stacked
-    ``start``) into the server model(s) starting at ``start`` (the FedAvg model): Adam, ``steps`` steps on
-    mini-batches of the server data ``x`` ([N, ...] shared, or [M, N, ...] one set per model with
-    ``per_model_x=True``). Pure: ``start`` is not modified."""
+    ``start``) into the server model(s) starting at ``start`` (the FedAvg model), by Adam on mini-batches
+    of the server data ``x`` ([N, ...] shared, or [M, N, ...] one set per model with ``per_model_x=True``).
+    Pure: ``start`` is not modified.
+
+    Two budgets: ``steps`` mini-batches drawn with replacement (the FedDF-style fixed budget), or
+    ``epochs`` passes over the server data (docs/methods.md §1.1: the FedGO paper distils for epochs
+    every round). In epoch mode ``val_fraction`` of the server data is held out, still labelled only by
+    the teacher (never by true labels): after every epoch each model's held-out KL to the teacher is
+    measured and each model keeps its best parameters (the FedAvg start included); ``patience`` > 0
+    stops once no model improved for that many epochs. ``cosine`` anneals the learning rate to 0 over
+    the budget. ``report`` (a dict) receives ``epochs_run``, ``best_epoch`` [M] and ``val_kl`` [M]."""
+    if (steps > 0) == (epochs > 0):
+        raise ValueError(f"give exactly one distillation budget: steps={steps!r} or epochs={epochs!r} (one > 0)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction!r} must lie in [0, 1)")
     template = dict(model.named_parameters())
     stacked = fl._is_stacked(start, template)
     params = {n: p.detach().clone() for n, p in (start if stacked else fl.broadcast_params(start, 1)).items()}
@@ -115,31 +129,80 @@ def kl_distill_params(model: nn.Module, start: fl.Params, x: Tensor, targets: Te
     def loss(p, xb, qb):
         return kl_to_targets(call(p, xb), qb, temperature).mean()
 
-    step = vmap(grad_and_value(loss), in_dims=(0, 0 if per_model_x else None, 0), chunk_size=chunk_size)
+    x_dim = 0 if per_model_x else None
+    step = vmap(grad_and_value(loss), in_dims=(0, x_dim, 0), chunk_size=chunk_size)
     state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
-    b = min(batch_size, N)
-    for t in range(1, steps + 1):
-        i = torch.randint(0, N, (b,), generator=generator).to(targets.device)
-        xb = x[:, i] if per_model_x else x[i]
-        grads, _ = step(params, xb, targets[:, i])
+    dev = targets.device
+    take = (lambda i: x[:, i]) if per_model_x else (lambda i: x[i])  # noqa: E731
+
+    if steps > 0:  # the fixed budget of mini-batches drawn with replacement
+        b = min(batch_size, N)
+        for t in range(1, steps + 1):
+            i = torch.randint(0, N, (b,), generator=generator).to(dev)
+            grads, _ = step(params, take(i), targets[:, i])
+            with torch.no_grad():
+                _adam(params, grads, state, t, _lr_at(lr, t, steps, cosine))
+        return params if stacked else fl.index_params(params, 0)
+
+    perm = torch.randperm(N, generator=generator)
+    n_val = int(round(val_fraction * N)) if N > 1 else 0
+    val, fit = perm[:n_val].to(dev), perm[n_val:]
+    b = min(batch_size, len(fit))
+    per_epoch = math.ceil(len(fit) / b)
+    total = epochs * per_epoch
+    val_kl = vmap(loss, in_dims=(0, x_dim, 0), chunk_size=chunk_size)
+    best = {n: p.clone() for n, p in params.items()}
+    with torch.no_grad():
+        best_kl = val_kl(params, take(val), targets[:, val]) if n_val else None
+    best_epoch = torch.zeros(M, dtype=torch.long)
+    t, epoch = 0, 0
+    for epoch in range(1, epochs + 1):
+        for i in fit[torch.randperm(len(fit), generator=generator)].split(b):
+            t += 1
+            i = i.to(dev)
+            grads, _ = step(params, take(i), targets[:, i])
+            with torch.no_grad():
+                _adam(params, grads, state, t, _lr_at(lr, t, total, cosine))
+        if not n_val:
+            continue
         with torch.no_grad():
-            _adam(params, grads, state, t, lr)
-    return params if stacked else fl.index_params(params, 0)
+            kl = val_kl(params, take(val), targets[:, val])
+            better = kl < best_kl
+            for n in params:
+                best[n][better] = params[n][better]
+            best_kl = torch.where(better, kl, best_kl)
+            best_epoch[better.cpu()] = epoch
+        if patience and bool((epoch - best_epoch >= patience).all()):
+            break
+    out = best if n_val else params
+    if report is not None:
+        report.update(epochs_run=epoch, best_epoch=best_epoch if n_val else torch.full((M,), epoch),
+                      val_kl=best_kl.cpu() if n_val else None)
+    return out if stacked else fl.index_params(out, 0)
+
+
+def _lr_at(lr: float, t: int, total: int, cosine: bool) -> float:
+    """The learning rate of step t (1-based) of ``total``: constant, or cosine-annealed towards 0."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * (t - 1) / total)) if cosine else lr
 
 
 def distil_in_place(model: nn.Module, glob: fl.Params, entries: list[int], xs: list[Tensor], qs: list[Tensor], *,
                     steps: int, lr: float, batch_size: int, temperature: float, generator,
-                    chunk_size: int | str | None = "auto") -> None:
+                    chunk_size: int | str | None = "auto", epochs: int = 0, val_fraction: float = 0.0,
+                    patience: int = 0, cosine: bool = False, report: dict | None = None) -> None:
     """Distil the pseudo-labels ``qs`` on ``xs`` into the stacked global models ``glob[entries]``, all in
-    one vmap, writing the results into ``glob``."""
+    one vmap, writing the results into ``glob`` (``epochs`` > 0: the epoch budget of
+    :func:`kl_distill_params`, else ``steps``)."""
     if not entries:
         return
     if any(x.shape != xs[0].shape for x in xs):
         raise ValueError("server datasets of all setups must have the same size to distil in one vmap")
     idx = torch.tensor(entries)
-    new = kl_distill_params(model, fl.index_params(glob, idx), torch.stack(xs), torch.stack(qs), steps=steps,
-                            lr=lr, batch_size=batch_size, temperature=temperature, generator=generator,
-                            per_model_x=True, chunk_size=None if chunk_size == "auto" else chunk_size)
+    budget = dict(epochs=epochs, val_fraction=val_fraction, patience=patience) if epochs > 0 else dict(steps=steps)
+    new = kl_distill_params(model, fl.index_params(glob, idx), torch.stack(xs), torch.stack(qs), lr=lr,
+                            batch_size=batch_size, temperature=temperature, generator=generator, cosine=cosine,
+                            per_model_x=True, chunk_size=None if chunk_size == "auto" else chunk_size,
+                            report=report, **budget)
     for n in glob:
         glob[n][idx] = new[n]
 
@@ -296,6 +359,12 @@ class ServerConfig:
     generator: torch.Generator | None = None
     chunk_size: int | str | None = "auto"
     predict_batch: int = 1024
+    # the epoch budget (used when distill_epochs > 0; see kl_distill_params): passes over the server
+    # data, a held-out part labelled by the teacher for early stopping, a cosine learning-rate schedule
+    distill_epochs: int = 0
+    distill_val: float = 0.2
+    distill_patience: int = 3
+    distill_cosine: bool = True
     method_options: dict = field(default_factory=dict)  # {method: {option: value}} (fedlib.datafree's options)
 
 
@@ -308,6 +377,7 @@ class RoundsResult:
     keys: list = field(default_factory=list)  # setup keys, e.g. [(alpha, seed), ...]
     report: object = None     # the Flower backend's FlowerReport (bytes, events, timings); None in-process
     ledger: fl.CommLedger = field(default_factory=fl.CommLedger)  # bytes per round (Flower: what crossed)
+    distill_log: list = field(default_factory=list)  # per round (epoch budget): epochs run, held-out KL per model
 
     def frame(self, key_names: tuple = ("alpha", "seed")):
         """One row per (setup, method, round): the setup's key fields, method, round (1-based),
@@ -341,13 +411,15 @@ class RoundsState:
     n_classes: int
     acc: Tensor     # [S, M, rounds] server test accuracy
     tacc: Tensor    # [S, M, rounds] teacher accuracy on the server data
+    distill_log: list = field(default_factory=list)
 
     state: list = field(default_factory=list)  # one dict per (setup, method) group: a server method's state
     ledger: fl.CommLedger = field(default_factory=fl.CommLedger)
 
     def result(self, setups, report=None) -> RoundsResult:
         return RoundsResult(self.methods, self.acc, self.tacc, self.glob, [s.key for s in setups], report,
-                            ledger=report.ledger if report is not None else self.ledger)
+                            ledger=report.ledger if report is not None else self.ledger,
+                            distill_log=self.distill_log)
 
 
 def prepare_rounds(model: nn.Module, setups: list, methods_: tuple, rounds: int, init: fl.Params | None,
@@ -511,7 +583,7 @@ def server_step(model: nn.Module, st: RoundsState, setups: list, r: int, local: 
             ok &= with_disc[s]  # a client without a discriminator has no FedGO weight
             keep = torch.nonzero(ok).squeeze(1)
             k_params = fl.index_params(local, keep + e * K)
-        logits = fl.predict(st.call, k_params, setup.server_x, cfg.predict_batch, stacked=True)  # [K', N, C]
+        logits = predict_each(st.call, k_params, setup.server_x, cfg.predict_batch)  # [K', N, C]
         dl = setup.disc_logits[keep.to(setup.disc_logits.device)] if setup.disc_logits is not None else None
         q = ensemble_targets(method, logits, n_k[keep.to(n_k.device)], dl, cfg.pseudo_label_mode, cfg.temperature)
         if setup.server_y is not None:
@@ -519,18 +591,31 @@ def server_step(model: nn.Module, st: RoundsState, setups: list, r: int, local: 
         xs.append(setup.server_x)
         qs.append(q)
         entries.append(e)
+    report = {}
     distil_in_place(model, st.glob, entries, xs, qs, steps=cfg.distill_steps, lr=cfg.distill_lr,
                     batch_size=cfg.distill_batch, temperature=cfg.temperature, generator=cfg.generator,
-                    chunk_size=cfg.chunk_size)
+                    chunk_size=cfg.chunk_size, epochs=cfg.distill_epochs, val_fraction=cfg.distill_val,
+                    patience=cfg.distill_patience, cosine=cfg.distill_cosine and cfg.distill_epochs > 0,
+                    report=report)
+    if "epochs_run" in report:  # which (setup, method) groups distilled, for how long, how well (held out)
+        st.distill_log.append({"round": r + 1, "groups": entries, **report})
     record_test_accuracy(st.call, st.glob, setups, M, st.acc, r, cfg.predict_batch)
+
+
+def predict_each(call, stacked: fl.Params, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """Outputs [K, N, ...] of K stacked models on ``x``: one vmap on GPU; on CPU one model at a time,
+    about 4x faster there for small CNNs (vmap over conv weights becomes a grouped convolution;
+    measured: 20 digits CNNs on 720 images, 0.12 s looped vs 0.47 s vmapped)."""
+    if x.device.type != "cpu":
+        return fl.predict(call, stacked, x, batch_size, stacked=True)
+    return torch.stack([fl.predict(call, fl.index_params(stacked, k), x, batch_size) for k in range(fl.n_stacked(stacked))])
 
 
 def record_test_accuracy(call, glob: fl.Params, setups: list, M: int, acc: Tensor, r: int,
                          predict_batch: int = 1024) -> None:
     """acc[s, :, r] = test accuracy of the M global models of every setup s."""
     for s, setup in enumerate(setups):
-        out = fl.predict(call, fl.index_params(glob, slice(s * M, (s + 1) * M)), setup.test_x, predict_batch,
-                         stacked=True)
+        out = predict_each(call, fl.index_params(glob, slice(s * M, (s + 1) * M)), setup.test_x, predict_batch)
         acc[s, :, r] = fl.accuracy(out, setup.test_y).cpu()
 
 
@@ -540,18 +625,23 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
                temperature: float = 1.0, pseudo_label_mode: str = "prob", dense_steps: int | None = None,
                generator: torch.Generator | None = None, init: fl.Params | None = None,
                progress=None, chunk_size: int | str | None = "auto", predict_batch: int = 1024,
-               method_options: dict | None = None, backend: str = "inprocess", **flower_kw) -> RoundsResult:
+               distill_epochs: int = 0, distill_val: float = 0.2, distill_patience: int = 3,
+               distill_cosine: bool = True, method_options: dict | None = None, backend: str = "inprocess",
+               **flower_kw) -> RoundsResult:
     """Run ``rounds`` rounds of every method on every setup (see the module docstring). All global
     models start from ``init`` (default: the model's parameters), as in the papers. ``chunk_size``:
     models per vmap chunk in local training and distillation ("auto": see
     :func:`fedlib.federated.local_train`); lower it for big models to bound memory. ``backend="flower"``
     runs the same rounds as Flower ServerApp and ClientApps on Ray (:func:`fedlib.flower.run_rounds`;
     ``flower_kw``: ``exchange``, ``options``); the numbers agree with in-process to float tolerance.
+    ``distill_epochs`` > 0 replaces the ``distill_steps`` budget by epochs over the server data with
+    early stopping on a held-out part labelled by the teacher (:class:`ServerConfig`).
     ``method_options``: per-method settings of the data-free methods, e.g.
     ``{"fedgen": {"weight": 1.0}, "coboosting": {"steps": 40}}`` (see :mod:`fedlib.datafree`)."""
     check_choice("backend", backend, BACKENDS, fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
     cfg = ServerConfig(distill_steps, distill_lr, distill_batch, temperature, pseudo_label_mode, dense_steps, generator,
-                       chunk_size, predict_batch, method_options=dict(method_options or {}))
+                       chunk_size, predict_batch, distill_epochs, distill_val, distill_patience, distill_cosine,
+                       method_options=dict(method_options or {}))
     client = dict(local_epochs=local_epochs, lr=lr, momentum=momentum, batch_size=batch_size, mu=mu)
     if backend == "flower":
         from .flower import run_rounds as flower_rounds

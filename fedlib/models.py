@@ -104,14 +104,15 @@ class _Block(nn.Module):
 class ResNet(nn.Module):
     """ResNet-style CNN for 32x32 images: stem, three stages of ``blocks`` basic blocks at widths
     (w, 2w, 4w), strides (1, 2, 2), global pool, linear. ``width=16, blocks=3`` is ResNet-20's shape
-    (the FedGO paper trains a ResNet on CIFAR; the exact depth is our choice), with GroupNorm."""
+    (the FedGO paper trains a ResNet on CIFAR; the exact depth is our choice), with GroupNorm.
+    ``width=64, blocks=2, stages=4`` is the CIFAR ResNet-18 (:func:`resnet18`)."""
 
-    def __init__(self, in_channels: int = 3, n_classes: int = 10, width: int = 16, blocks: int = 3):
+    def __init__(self, in_channels: int = 3, n_classes: int = 10, width: int = 16, blocks: int = 3, stages: int = 3):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), norm(width, 8),
                                   nn.ReLU())
         layers, c = [], width
-        for i, c_out in enumerate((width, 2 * width, 4 * width)):
+        for i, c_out in enumerate(width * 2**j for j in range(stages)):
             for b in range(blocks):
                 layers.append(_Block(c, c_out, 2 if (b == 0 and i > 0) else 1))
                 c = c_out
@@ -266,6 +267,12 @@ def make_generator(sample_shape: tuple, **kw) -> nn.Module:
     if len(sample_shape) == 3:
         return ConvGenerator(out_channels=sample_shape[0], image_size=sample_shape[-1], **kw)
     return MLPGenerator(out_features=int(math.prod(sample_shape)), **kw)
+
+
+def resnet18(in_channels: int = 3, n_classes: int = 10) -> ResNet:
+    """The CIFAR ResNet-18 (four stages of two basic blocks at 64-512 channels; GroupNorm in place of
+    BatchNorm, the same parameter count): the FedGO paper's classifier class, for cost accounting."""
+    return ResNet(in_channels, n_classes, width=64, blocks=2, stages=4)
 
 
 def n_params(model: nn.Module) -> int:

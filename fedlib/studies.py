@@ -14,6 +14,7 @@ A notebook cell stays short when what it needs is built here once, as a dataclas
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -75,17 +76,25 @@ def teacher_study(dataset: str = "digits", *, use_stand_in: bool = False, teache
 # ---------------------------------------------------------------------------------------------
 # FedGO (notebook 01)
 
+# the three server-data scenarios of notebook 01, named by what the server actually holds
+SCENARIOS = {
+    "pre": "pre-existing server data (the real unlabeled server half)",
+    "gan_samples": "GAN samples (server data = samples of a GAN trained on the real server half: not data-free)",
+    "data_free": "data-free (server data = samples of a G trained against the clients' ensemble; no server data)",
+}
+
 
 @dataclass
 class FedGOSetups:
-    """The FedGO protocol's one-off part for every (alpha, seed): ``pre`` and ``data_free`` are the
-    two scenarios' :class:`fedlib.distill.Setup` lists (keys ``(alpha, seed)``, same order as ``keys``),
-    ``generators`` {seed: G}, ``discriminator`` (the D module), ``disc_params`` {(alpha, seed): stacked
-    D_k}, the client and server index arrays, and the seconds the GAN and the discriminators took."""
+    """The FedGO protocol's one-off part for every (K, alpha, seed) and scenario of :data:`SCENARIOS`:
+    ``setups[scenario][K]`` is the list of :class:`fedlib.distill.Setup` (keys ``(K, alpha, seed)``, in
+    the order of ``keys``; one list per client count because one run of rounds needs one K);
+    ``generators[(scenario, key)]`` the G the discriminators were trained against (the server GAN is
+    one per seed, shared by its keys), ``discriminator`` the D module, ``disc_params[(scenario, key)]``
+    the stacked D_k, ``client_indices[key]``, ``server_indices[seed]``, and the seconds each part took."""
 
     keys: list
-    pre: list
-    data_free: list
+    setups: dict
     generators: dict
     discriminator: object
     disc_params: dict
@@ -93,15 +102,28 @@ class FedGOSetups:
     server_indices: dict
     seconds: dict
 
+    def all(self, scenario: str) -> list:
+        """Every setup of ``scenario`` (all client counts)."""
+        return [s for per_k in self.setups.get(scenario, {}).values() for s in per_k]
 
-def fedgo_setups(train, test, *, n_clients: int, alphas, seeds, gan_steps: int, disc_epochs: int,
-                 disc_lr: float = 0.05, gan_lr: float = 2e-3, z_dim: int = 16, gen_width: int = 32,
-                 dense: bool = True, generator: torch.Generator | None = None, device="cpu",
-                 progress=None) -> FedGOSetups:
-    """FedGO split of ``train`` (half of each class, unlabeled, to the server) for every (alpha, seed),
-    one GAN per seed on the server data (the server half depends only on the seed), every client's
-    discriminator against it (all alphas of a seed in one vmap), and the two scenarios' setups:
-    pre-existing (the real unlabeled server data) and data-free (as many G samples instead)."""
+
+def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre", "data_free"), gan_steps: int,
+                 disc_epochs: int, disc_lr: float = 0.05, gan_lr: float = 2e-3, z_dim: int = 16,
+                 gen_width: int = 32, disc_width: int = 8, model=None, init=None, warmup_epochs: int = 1,
+                 local_lr: float = 0.05, free_steps: int = 200, free_lr: float = 1e-3, dense: bool = True,
+                 generator: torch.Generator | None = None, device="cpu", progress=None) -> FedGOSetups:
+    """FedGO split of ``train`` (half of each class, unlabeled, to the server: the same half for every
+    K and alpha of a seed) for every (K, alpha, seed), and per scenario of :data:`SCENARIOS`:
+
+    - ``pre``: one GAN per seed on the real server half (docs/methods.md §1.2 step 1), every client's
+      discriminator against it (step 2), the real server half as server data;
+    - ``gan_samples``: the same G and discriminators, server data = as many G samples;
+    - ``data_free``: no server data at all (our design): a warm-up round in which every client trains
+      ``model`` from ``init`` for ``warmup_epochs`` local epochs and uploads it, a label-conditioned G
+      trained against their ensemble (:func:`fedlib.fedgo.train_generator_data_free`, ``free_steps``),
+      every client's discriminator against that G, server data = as many G samples.
+
+    Data-free setups also get a DENSE generator (``dense``)."""
     import time
 
     from . import distill
@@ -109,52 +131,414 @@ def fedgo_setups(train, test, *, n_clients: int, alphas, seeds, gan_steps: int, 
     from . import fedgo
     from . import models as fm
 
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"unknown scenarios {unknown}; allowed: {', '.join(SCENARIOS)}")
+    if "data_free" in scenarios and model is None:
+        raise ValueError("the data-free scenario needs the classifier (model=...) for its warm-up round")
     shape = tuple(train.x.shape[1:])
+    C = train.n_classes
     train, test = train.to(device), test.to(device)
     labels = train.y.cpu().numpy()
-    out = FedGOSetups([], [], [], {}, None, {}, {}, {}, {"gan": 0.0, "discriminators": 0.0})
-    out.discriminator = D = fm.make_discriminator(shape, width=8 if len(shape) == 3 else 32).to(device)
+    out = FedGOSetups([], {s: {K: [] for K in client_counts} for s in scenarios}, {}, None, {}, {}, {},
+                      {"gan": 0.0, "discriminators": 0.0, "warmup": 0.0, "free_generator": 0.0})
+    out.discriminator = D = fm.make_discriminator(shape, width=disc_width if len(shape) == 3 else 32).to(device)
     d_init = fl.get_params(D)
+    init = init if init is not None or model is None else fl.get_params(model)
+
+    def clock(part, t0):
+        out.seconds[part] += time.perf_counter() - t0
+
     for seed in (seeds if progress is None else progress(seeds)):
-        splits = {a: fdata.fedgo_split(labels, n_clients, a, seed=seed) for a in alphas}
-        server = splits[alphas[0]][1]
-        x_server = train.x[torch.as_tensor(server, device=device)]
+        grid = [(K, a) for K in client_counts for a in alphas]
+        splits = {(K, a): fdata.fedgo_split(labels, K, a, seed=seed) for K, a in grid}
+        server = splits[grid[0]][1]
+        out.server_indices[seed] = server
+        packs = {ka: fl.pack_clients(train.x, train.y, splits[ka][0]) for ka in grid}
+        keys = [(K, a, seed) for K, a in grid]
+        for (K, a), key in zip(grid, keys):
+            out.keys.append(key)
+            out.client_indices[key] = splits[(K, a)][0]
+        if {"pre", "gan_samples"} & set(scenarios):  # the only place the server half is read
+            x_server = train.x[torch.as_tensor(server, device=device)]
+            y_server = train.y[torch.as_tensor(server, device=device)]
+            torch.manual_seed(seed)
+            G = fm.make_generator(shape, z_dim=z_dim, width=gen_width).to(device)
+            t = time.perf_counter()
+            fedgo.train_gan(x_server, G, fm.make_discriminator(shape).to(device), steps=gan_steps, lr=gan_lr,
+                            generator=generator)
+            clock("gan", t)
+            t = time.perf_counter()
+            d_all = fedgo.train_discriminators(D, G, fl.concat_clients([packs[ka] for ka in grid]), epochs=disc_epochs,
+                                               lr=disc_lr, generator=generator, init=d_init)
+            clock("discriminators", t)
+            x_gan = fedgo.sample(G, len(server), generator) if "gan_samples" in scenarios else None
+            start = 0
+            for (K, a), key in zip(grid, keys):
+                dp = fl.index_params(d_all, slice(start, start + K))
+                start += K
+                for scen, x, y in (("pre", x_server, y_server), ("gan_samples", x_gan, None)):
+                    if scen not in scenarios:
+                        continue
+                    out.generators[(scen, key)], out.disc_params[(scen, key)] = G, dp
+                    out.setups[scen][K].append(distill.Setup(
+                        packs[(K, a)], x, test.x, test.y, y, fedgo.discriminator_logits(D, dp, x),
+                        dense_generator=_dense_generator(shape, z_dim, C, gen_width, device) if scen != "pre" and dense
+                        else None, key=key))
+    if "data_free" in scenarios:
+        for K in client_counts:  # every (alpha, seed) of one client count at once
+            keys = [k for k in out.keys if k[0] == K]
+            packs = [fl.pack_clients(train.x, train.y, out.client_indices[k]) for k in keys]
+            t = time.perf_counter()
+            warm = fl.local_train(model, init, fl.concat_clients(packs), epochs=warmup_epochs, lr=local_lr,
+                                  momentum=0.9, batch_size=32, generator=generator)
+            clock("warmup", t)
+            torch.manual_seed(K)
+            G = fedgo.LabelConditioned(fm.make_generator(shape, z_dim=z_dim + C, width=gen_width), C).to(device)
+            t = time.perf_counter()
+            g_all = fedgo.train_generator_data_free(
+                G, model, {n: p.reshape(len(keys), K, *p.shape[1:]) for n, p in warm.items()}, steps=free_steps,
+                lr=free_lr, n_generators=len(keys), generator=generator)
+            clock("free_generator", t)
+            gens = [fl.set_params(copy.deepcopy(G), fl.index_params(g_all, i)) for i in range(len(keys))]
+            for part in _groups_of(range(len(keys)), K, limit=128):  # discriminators of <= 128 clients at once
+                t = time.perf_counter()
+                d_all = fedgo.train_discriminators(D, [gens[i] for i in part], fl.concat_clients([packs[i] for i in part]),
+                                                   epochs=disc_epochs, lr=disc_lr, generator=generator, init=d_init,
+                                                   generator_of=torch.arange(len(part)).repeat_interleave(K))
+                clock("discriminators", t)
+                for j, i in enumerate(part):
+                    key, dp = keys[i], fl.index_params(d_all, slice(j * K, (j + 1) * K))
+                    x_free = fedgo.sample(gens[i], len(out.server_indices[key[2]]), generator)
+                    out.generators[("data_free", key)], out.disc_params[("data_free", key)] = gens[i], dp
+                    out.setups["data_free"][K].append(distill.Setup(
+                        packs[i], x_free, test.x, test.y, None, fedgo.discriminator_logits(D, dp, x_free),
+                        dense_generator=_dense_generator(shape, z_dim, C, gen_width, device) if dense else None,
+                        key=key))
+    return out
+
+
+def _groups_of(items, size: int, limit: int) -> list:
+    """``items`` in consecutive groups of at most max(1, limit // size) (bounds the clients per vmap)."""
+    items, per = list(items), max(1, limit // size)
+    return [items[i:i + per] for i in range(0, len(items), per)]
+
+
+def _dense_generator(shape, z_dim, n_classes, width, device):
+    from . import models as fm
+
+    return fm.make_generator(shape, z_dim=z_dim + n_classes, width=width).to(device)
+
+
+KEY_NAMES = ("clients", "alpha", "seed")
+
+
+def rounds_frame(results: dict):
+    """One row per (scenario, K, alpha, seed, method, round) from ``{scenario: {K: RoundsResult}}``:
+    the results indexed by their setup keys (:meth:`fedlib.distill.RoundsResult.frame`)."""
+    import pandas as pd
+
+    frames = [res.frame(KEY_NAMES).assign(scenario=scen) for scen, per_k in results.items() for res in per_k.values()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def per_seed(frame, value: str = "accuracy", last: bool = True, **where):
+    """``value`` per seed (a Series indexed by seed, sorted) of the rows matching ``where`` (e.g.
+    scenario="pre", clients=10, alpha=0.05, method="fedgo"): at the last round, or averaged over
+    rounds (``last=False``)."""
+    f = frame
+    for k, v in where.items():
+        f = f[f[k] == v]
+    if f.empty:
+        raise KeyError(f"no rows for {where}")
+    if last:
+        f = f[f["round"] == f["round"].max()]
+    return f.groupby("seed")[value].mean().sort_index()
+
+
+def beats_every(comparisons: dict):
+    """The claim 'A beats every B' from paired comparisons ``{label: Comparison}`` (one per baseline
+    and client count), by :func:`fedlib.results.combine`: (verdict or the deciding Comparison when its
+    verdict is the combined one, so its per-seed evidence is kept; the measured text)."""
+    from .results import combine
+
+    verdict, key = combine(comparisons)
+    if verdict == "within noise":  # show a comparison that keeps it from holding, not merely the closest
+        key = min((k for k, v in comparisons.items() if v.verdict != "holds"), key=lambda k: comparisons[k].mean)
+    c = comparisons[key]
+    n_hold = sum(v.verdict == "holds" for v in comparisons.values())
+    text = f"{n_hold}/{len(comparisons)} comparisons hold; deciding ({key}): {c.measured()}"
+    return (c if c.verdict == verdict else verdict), text
+
+
+# analysis-only methods added to a frame (never baselines of a claim): FedGO with exact weights
+ANALYSIS_METHODS = ("fedgo_exact",)
+
+
+def exact_weight_setups(setups: list) -> list:
+    """Analysis only (it reads the server data's true labels): copies of pre-existing set-ups whose
+    discriminator logits are exact for label skew, l_k(x) = log pi_k,y(x) (pi_k,y: client k's share of
+    class y), so FedGO's rule gives the posterior n_k,y / n_y, the oracle weights when classes do not
+    overlap. FedGO run on them shows what the weighting could give with perfect discriminators."""
+    import dataclasses
+
+    out = []
+    for s_ in setups:
+        K, C = s_.clients.n_clients, int(s_.server_y.max()) + 1
+        counts = torch.stack([torch.bincount(s_.clients.client(k)[1], minlength=C) for k in range(K)]).float()
+        pi = counts / counts.sum(1, keepdim=True)
+        out.append(dataclasses.replace(s_, disc_logits=pi.clamp_min(1e-6).log()[:, s_.server_y]))
+    return out
+
+
+def baselines_of(frame, scenario: str, method: str = "fedgo") -> list:
+    """The methods ``method`` is compared with in ``scenario``: the scenario's other methods, plus the
+    aggregation-only ones (FedAvg, FedProx: they use no server data) from the pre-existing scenario."""
+    from .distill import aggregation_only
+
+    own = list(dict.fromkeys(frame.loc[frame.scenario == scenario, "method"]))
+    pre = set(frame.loc[frame.scenario == "pre", "method"])
+    return ([m for m in own if m != method and m not in ANALYSIS_METHODS]
+            + [m for m in aggregation_only() if m in pre and m not in own])
+
+
+def _rows_of(frame, scenario, method):
+    own = set(frame.loc[frame.scenario == scenario, "method"])
+    return scenario if method in own else "pre"
+
+
+def fedgo_comparisons(frame, scenario: str, alpha: float, client_counts, method: str = "fedgo",
+                      value: str = "accuracy", last: bool = True, vs=None) -> dict:
+    """Paired comparisons (:func:`fedlib.results.compare`, over seeds) of ``method`` with every
+    baseline (``vs``, default :func:`baselines_of`) at every client count: ``{"b, K=k": Comparison}``."""
+    from .results import compare
+
+    out = {}
+    for K in client_counts:
+        a = per_seed(frame, value, last, scenario=scenario, clients=K, alpha=alpha, method=method)
+        for b in (vs if vs is not None else baselines_of(frame, scenario, method)):
+            other = per_seed(frame, value, last, scenario=_rows_of(frame, scenario, b), clients=K, alpha=alpha,
+                             method=b).loc[a.index]
+            out[f"{b}, K={K}"] = compare(a.values, other.values, a_name=method, b_name=b)
+    return out
+
+
+def gap_to_best(frame, scenario: str, method: str = "fedgo"):
+    """Per (K, alpha, seed, round): ``method``'s accuracy minus the best baseline's (per seed), and
+    which baseline that was: the gap the 'beats every baseline' claims are about."""
+    import pandas as pd
+
+    rows = []
+    keys = ["clients", "alpha", "seed", "round"]
+    own = frame[(frame.scenario == scenario) & (frame.method == method)].set_index(keys)["accuracy"]
+    others = pd.concat([frame[(frame.scenario == _rows_of(frame, scenario, b)) & (frame.method == b)]
+                        .set_index(keys)["accuracy"].rename(b) for b in baselines_of(frame, scenario, method)], axis=1)
+    best = others.loc[own.index]
+    for idx, v in own.items():
+        rows.append({**dict(zip(keys, idx)), "gap": v - best.loc[idx].max(), "best": best.loc[idx].idxmax()})
+    return pd.DataFrame(rows)
+
+
+def data_free_sweep(train, test, model, init, *, steps_grid, client_counts, alphas, seeds, methods, run_kw: dict,
+                    pre_frame=None, fd=None, known: dict | None = None, **setup_kw):
+    """The data-free claim against the data-free G's training budget: for every number of G steps in
+    ``steps_grid``, the data-free setups (:func:`fedgo_setups`), ``methods`` for ``run_kw['rounds']``
+    rounds, and per seed FedGO's gap to the best baseline at the last round (mean over K and alpha;
+    FedAvg/FedProx taken from ``pre_frame`` when given) and ``fd(samples)`` of the G samples (mean).
+    ``known``: {steps: (frame, data-free setups)} already run (the main run), reused, not rerun.
+    Returns a DataFrame (free_steps, seed, gap, fd)."""
+    import pandas as pd
+
+    from . import distill
+
+    def rows_of(steps, frame, setups):
+        if pre_frame is not None:
+            frame = pd.concat([frame[frame.scenario == "data_free"], pre_frame[pre_frame.scenario == "pre"]],
+                              ignore_index=True)
+        frame = frame[frame.clients.isin(client_counts) & frame.alpha.isin(alphas)]
+        gap = gap_to_best(frame, "data_free")
+        gap = gap[gap["round"] == gap["round"].max()].groupby("seed")["gap"].mean()
+        for seed in seeds:
+            xs = [s_.server_x for s_ in setups if s_.key[2] == seed and s_.key[0] in client_counts]
+            yield {"free_steps": steps, "seed": seed, "gap": float(gap[seed]),
+                   "fd": float(sum(fd(x) for x in xs) / len(xs)) if fd is not None else float("nan")}
+
+    rows = [r for steps, (frame, setups) in (known or {}).items() for r in rows_of(steps, frame, setups)]
+    for steps in steps_grid:
+        if steps in (known or {}):
+            continue
+        st = fedgo_setups(train, test, client_counts=client_counts, alphas=alphas, seeds=seeds, scenarios=("data_free",),
+                          model=model, init=init, free_steps=steps, dense="dense" in methods, **setup_kw)
+        res = {"data_free": {K: distill.run_rounds(model, st.setups["data_free"][K], methods, **run_kw)
+                             for K in client_counts}}
+        rows += list(rows_of(steps, rounds_frame(res), st.all("data_free")))
+    return pd.DataFrame(rows).sort_values(["free_steps", "seed"], ignore_index=True)
+
+
+def distill_lr_search(model, setups: list, lr_grid, **run_kw):
+    """Choose the distillation learning rate on the held-out KL to the teacher (the server's own
+    validation quantity: a held-out part of the server data, labelled by the teacher only) of FedGO's
+    server models, mean over rounds and setups (use the setups of a search seed). Returns a
+    DataFrame (lr, val_kl, epochs_run) and the chosen lr."""
+    import pandas as pd
+
+    from . import distill
+
+    rows = []
+    by_k = {}
+    for s_ in setups:  # one run of rounds per client count
+        by_k.setdefault(s_.clients.n_clients, []).append(s_)
+    for lr in lr_grid:
+        log = [e for group in by_k.values()
+               for e in distill.run_rounds(model, group, ["fedgo"], distill_lr=lr, **run_kw).distill_log]
+        rows.append({"lr": lr, "val_kl": float(torch.stack([e["val_kl"].mean() for e in log]).mean()),
+                     "epochs_run": sum(e["epochs_run"] for e in log) / len(log)})
+    table = pd.DataFrame(rows)
+    return table, float(table.loc[table["val_kl"].idxmin(), "lr"])
+
+
+def discriminator_epoch_search(train, model, *, client_counts, alphas, seed: int, grid, G=None,
+                               gan_steps: int = 150, gen_width: int = 32, z_dim: int = 16, disc_width: int = 8,
+                               disc_lr: float = 0.05, local_epochs: int = 5, val_fraction: float = 0.2,
+                               generator=None, device="cpu"):
+    """Choose the discriminator epochs E_d on a validation quantity: on the search ``seed`` (not a claim
+    seed) every client holds out ``val_fraction`` of its data, trains ``model`` on the rest for
+    ``local_epochs`` epochs and D_k against the server GAN for the epochs of ``grid`` (cumulatively: each
+    value continues the previous one). Per value, three held-out quantities: each D_k's BCE
+    (:func:`fedlib.fedgo.discriminator_val_loss`), the log-loss of the FedGO weights as the posterior of
+    the source client (:func:`fedlib.fedgo.client_posterior_loss`) and the accuracy of the FedGO teacher
+    on the pooled held-out client data (labels the clients own; never test data), on which E_d is chosen.
+    Returns a DataFrame (clients, alpha, epochs, val_bce, posterior_loss, teacher_val_acc), the epochs."""
+    import numpy as np
+    import pandas as pd
+
+    from . import distill
+    from . import federated as fl
+    from . import fedgo
+    from . import models as fm
+
+    shape = tuple(train.x.shape[1:])
+    labels = train.y.cpu().numpy()
+    rng = np.random.default_rng(seed)
+    if G is None:
+        server = fdata.fedgo_split(labels, client_counts[0], alphas[0], seed=seed)[1]
         torch.manual_seed(seed)
         G = fm.make_generator(shape, z_dim=z_dim, width=gen_width).to(device)
-        t = time.perf_counter()
-        fedgo.train_gan(x_server, G, fm.make_discriminator(shape).to(device), steps=gan_steps, lr=gan_lr,
-                        generator=generator)
-        out.seconds["gan"] += time.perf_counter() - t
-        out.generators[seed] = G
-        x_free = fedgo.sample(G, len(server), generator)
-        packs = [fl.pack_clients(train.x, train.y, splits[a][0]) for a in alphas]
-        t = time.perf_counter()
-        d_all = fedgo.train_discriminators(D, G, fl.concat_clients(packs), epochs=disc_epochs, lr=disc_lr,
-                                           generator=generator, init=d_init)
-        out.seconds["discriminators"] += time.perf_counter() - t
-        for i, a in enumerate(alphas):
-            dp = fl.index_params(d_all, slice(i * n_clients, (i + 1) * n_clients))
-            key = (a, seed)
-            out.keys.append(key)
-            out.disc_params[key] = dp
-            out.client_indices[key] = splits[a][0]
-            out.server_indices[key] = server
-            out.pre.append(distill.Setup(packs[i], x_server, test.x, test.y,
-                                         train.y[torch.as_tensor(server, device=device)],
-                                         fedgo.discriminator_logits(D, dp, x_server), key=key))
-            dense_g = (fm.make_generator(shape, z_dim=z_dim + train.n_classes, width=gen_width).to(device)
-                       if dense else None)
-            out.data_free.append(distill.Setup(packs[i], x_free, test.x, test.y, None,
-                                               fedgo.discriminator_logits(D, dp, x_free), dense_generator=dense_g,
-                                               key=key))
-    return out
+        fedgo.train_gan(train.x[torch.as_tensor(server)].to(device), G, fm.make_discriminator(shape).to(device),
+                        steps=gan_steps, generator=generator)
+    D = fm.make_discriminator(shape, width=disc_width if len(shape) == 3 else 32).to(device)
+    problems = []  # (K, alpha, fit clients, held-out clients)
+    for K in client_counts:
+        for a in alphas:
+            fit_parts, val_parts = [], []
+            for p in fdata.fedgo_split(labels, K, a, seed=seed)[0]:
+                p = rng.permutation(p)
+                n_val = min(max(int(round(val_fraction * len(p))), 1), len(p) - 1)
+                val_parts.append(p[:n_val])
+                fit_parts.append(p[n_val:])
+            problems.append((K, a, fl.pack_clients(train.x, train.y, fit_parts).to(device),
+                             fl.pack_clients(train.x, train.y, val_parts).to(device)))
+    fit_all = fl.concat_clients([f for *_, f, _ in problems])
+    experts = fl.local_train(model, fl.get_params(model), fit_all, epochs=local_epochs, lr=0.05, momentum=0.9,
+                             batch_size=32, generator=generator)
+    call = fl.functional(model)
+    params, done, rows = fl.broadcast_params(fl.get_params(D), fit_all.n_clients), 0, []
+    for e in sorted(grid):
+        params = fedgo.train_discriminators(D, G, fit_all, epochs=e - done, lr=disc_lr, generator=generator,
+                                           init=params)
+        done, start = e, 0
+        for K, a, fit, val in problems:
+            mine = slice(start, start + K)
+            dp = fl.index_params(params, mine)
+            start += K
+            x = torch.cat([val.client(k)[0] for k in range(K)])
+            y = torch.cat([val.client(k)[1] for k in range(K)])
+            logits = distill.predict_each(call, fl.index_params(experts, mine), x)
+            q = distill.ensemble_targets("fedgo", logits, fit.n_k, fedgo.discriminator_logits(D, dp, x))
+            rows.append({"clients": K, "alpha": a, "epochs": e,
+                         "val_bce": float(fedgo.discriminator_val_loss(D, dp, G, val, generator).mean()),
+                         "posterior_loss": float(fedgo.client_posterior_loss(D, dp, val, fit.n_k).mean()),
+                         "teacher_val_acc": float((q.argmax(-1) == y).float().mean())})
+    table = pd.DataFrame(rows)
+    best = int(table.groupby("epochs")["teacher_val_acc"].mean().idxmax())
+    return table, best
+
+
+# FedGO's overhead at the paper's scale, computed from parameter and FLOP counts: CIFAR-10 (half of
+# the 50,000 training images on the clients), a ResNet-18 classifier, a DCGAN-class generator and
+# discriminator (docs/methods.md gives no sizes: ours, about 0.8 M and 0.4 M parameters), 100 rounds; the
+# clients, local and discriminator epochs are those of notebook 01's `paper` set (our choices).
+PAPER_SCALE = dict(shape=(3, 32, 32), n_classes=10, client_samples=25_000, n_clients=20, local_epochs=5,
+                   disc_epochs=5, rounds=100, gen_z=100, gen_width=256, disc_width=32)
+
+
+def paper_scale_costs(scale: dict = PAPER_SCALE) -> dict:
+    """:func:`fedlib.fedgo.model_costs` of the paper-class models of ``scale``."""
+    from . import fedgo
+    from . import models as fm
+
+    c, size = scale["shape"][0], scale["shape"][-1]
+    torch.manual_seed(0)
+    return fedgo.model_costs(fm.resnet18(c, scale["n_classes"]),
+                             fm.ConvGenerator(scale["gen_z"], c, size, width=scale["gen_width"]),
+                             fm.ConvDiscriminator(c, size, width=scale["disc_width"]), torch.randn(1, *scale["shape"]))
+
+
+def overhead_curve(costs: dict, *, n_clients: int, n_k, local_epochs: int, disc_epochs: int, rounds,
+                   warmup_epochs: int = 0):
+    """FedGO's overhead (:func:`fedlib.fedgo.fedgo_overhead`) for every number of ``rounds``: a DataFrame
+    (rounds, bytes_pct, flops_pct, ...)."""
+    import pandas as pd
+
+    from . import fedgo
+
+    return pd.DataFrame([{"rounds": r, **fedgo.fedgo_overhead(**costs, n_clients=n_clients, n_k=n_k, rounds=r,
+                                                              local_epochs=local_epochs, disc_epochs=disc_epochs,
+                                                              warmup_epochs=warmup_epochs)} for r in rounds])
+
+
+def overhead_study(classifier, G, D, x, *, n_k, local_epochs: int, disc_epochs: int, rounds: int,
+                   warmup_epochs: int = 0, grid=(1, 2, 5, 10, 20, 50, 100, 200, 500)) -> dict:
+    """FedGO's overhead for this run's models (``classifier``, ``G``, ``D`` on samples like ``x``, clients
+    of sizes ``n_k``) and, at CIFAR-10 scale (:data:`PAPER_SCALE`: 20 clients, 25,000 images, 5 local and
+    5 discriminator epochs), for two model sizes: a ResNet-20 (notebook 01's ``paper`` set) and the
+    paper-class ResNet-18, with their G and D. Returns {"curves": {label: DataFrame over ``grid`` rounds},
+    "this_run": {...}, "paper_scale": {...} (ResNet-18 at 100 rounds)}."""
+    from . import fedgo
+    from . import models as fm
+
+    P = PAPER_SCALE
+    c, size = P["shape"][0], P["shape"][-1]
+    ours = fedgo.model_costs(classifier, G, D, x[:8])
+    torch.manual_seed(0)
+    resnet20 = fedgo.model_costs(fm.ResNet(c, P["n_classes"], width=16), fm.ConvGenerator(16, c, size, width=64),
+                                 fm.make_discriminator(P["shape"], width=8), torch.randn(1, *P["shape"]))
+    paper = paper_scale_costs()
+    mine = dict(n_clients=len(n_k), n_k=n_k, local_epochs=local_epochs, disc_epochs=disc_epochs,
+                warmup_epochs=warmup_epochs)
+    cifar = dict(n_clients=P["n_clients"], n_k=[P["client_samples"] // P["n_clients"]] * P["n_clients"],
+                 local_epochs=P["local_epochs"], disc_epochs=P["disc_epochs"])
+    grid = sorted(set(grid) | {rounds})
+    curves = {f"ours ({fm.n_params(classifier)} parameters, E_d = {disc_epochs})": overhead_curve(ours, rounds=grid,
+                                                                                               **mine),
+              "ResNet-20, CIFAR-10 (0.27 M)": overhead_curve(resnet20, rounds=grid, **cifar),
+              "ResNet-18, CIFAR-10 (11.2 M, paper-class)": overhead_curve(paper, rounds=grid, **cifar)}
+    return {"curves": curves, "this_run": overhead_curve(ours, rounds=[rounds], **mine).iloc[0].to_dict(),
+            "paper_scale": overhead_curve(paper, rounds=[P["rounds"]], **cifar).iloc[0].to_dict(),
+            "costs": {"ours": ours, "resnet20": resnet20, "paper": paper}}
+
+
+# ---------------------------------------------------------------------------------------------
+# the 2-D toy of notebook 01
 
 
 @dataclass
 class ToyStudy:
-    """The 2-D comparison of the weighting rules (see :func:`toy_study`)."""
+    """The 2-D comparison of the weighting rules over several seeds (see :func:`toy_study`). Per-seed
+    numbers are dicts {rule: [one value per seed]}; the grids (figure) are those of the first seed."""
 
     rules: tuple
+    seeds: tuple
     x: torch.Tensor
     y: torch.Tensor
     parts: list
@@ -171,80 +555,131 @@ class ToyStudy:
     weight_tv_to_oracle: dict
     server_test_accuracy: dict
     grid_prediction: dict
-    fedavg_test_accuracy: float
+    fedavg_test_accuracy: list
+
+    def mean_table(self):
+        """Seed means of every per-seed number, one row per rule."""
+        import pandas as pd
+
+        cols = {"weight TV to oracle": self.weight_tv_to_oracle, "pseudo-label error": self.pseudo_label_error,
+                "disagreement with oracle teacher": self.disagreement_with_oracle,
+                "distilled server acc": self.server_test_accuracy}
+        return pd.DataFrame({c: {r: sum(v[r]) / len(v[r]) for r in v} for c, v in cols.items()})
+
+    def weights_on_points(self, n_points: int = 5, rules=("oracle", "fedgo", "uniform")):
+        """The teaching table: each rule's weight of every client at a handful of server points of the
+        first seed (the points where the oracle is most sure of one client, spread over clients)."""
+        import pandas as pd
+
+        w = self.weights_server
+        top, owner = w["oracle"].max(0)
+        pick = []
+        for k in range(w["oracle"].shape[0]):  # one confident point per client first, then the next ones
+            idx = torch.nonzero(owner == k).squeeze(1)
+            if len(idx):
+                pick.append(int(idx[top[idx].argmax()]))
+        pick = (pick + [i for i in top.argsort(descending=True).tolist() if i not in pick])[:n_points]
+        rows = {}
+        for i in pick:
+            x = self.server_x[i]
+            rows[f"({x[0]:+.1f}, {x[1]:+.1f}) class {int(self.server_y[i])}"] = {
+                (r, f"client {k}"): float(w[r][k, i]) for r in rules for k in range(w[r].shape[0])}
+        return pd.DataFrame(rows).T.round(2)
 
 
 def toy_study(mixture: str = "ring", *, n_clients: int = 4, alpha: float = 0.1, n_train: int = 2000,
               n_server: int = 1000, local_epochs: int = 20, disc_epochs: int = 30, distill_steps: int = 300,
               rules=("uniform", "entropy", "variance", "dafkd", "fedgo", "oracle"), grid_size: int = 80,
-              seed: int = 0) -> ToyStudy:
-    """The toy 2-D comparison of the weightings (docs/methods.md §1.2, the paper's toy figure): mixture
-    data labelled by component, Dirichlet(alpha) over the clients; clients train 2-D MLPs for one round;
-    the server has unlabeled mixture samples; G is a known broad Gaussian
-    (:class:`fedlib.fedgo.GaussianSource`); every client trains its discriminator; the oracle uses the
-    exact client densities p_k(x) = sum_c pi_kc N(x; mu_c, s^2 I) (pi_kc the client's class
-    proportions). Weights on the server data and on a grid, pseudo-label errors (vs the true label and
-    vs the oracle ensemble), each rule's mean TV distance from the oracle's weights, and each rule's
-    distilled server model's predictions on the grid and accuracy."""
+              seeds=(0,)) -> ToyStudy:
+    """The toy 2-D comparison of the weightings (docs/methods.md §1.2, the paper's toy figure), one
+    problem per seed, all seeds in one vmap: mixture data labelled by component, Dirichlet(alpha) over
+    the clients; clients train 2-D MLPs for one round; the server has unlabeled mixture samples; G is
+    a known broad Gaussian (:class:`fedlib.fedgo.GaussianSource`); every client trains its
+    discriminator; the oracle uses the exact client densities p_k(x) = sum_c pi_kc N(x; mu_c, s^2 I)
+    (pi_kc the client's class proportions). Per seed: each rule's mean TV distance from the oracle's
+    weights, pseudo-label errors (vs the true label and vs the oracle ensemble), and its distilled server
+    model's test accuracy; for the first seed, weights and predictions on a grid."""
     from . import distill
     from . import federated as fl
     from . import fedgo
     from . import models as fm
     from . import weighting as W
 
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    seeds = tuple(seeds)
     gm = fdata.mixture(mixture)
     C = gm.n_components
-    x, y = gm.sample(n_train, g)
-    parts = fdata.dirichlet_partition(y.numpy(), n_clients, alpha, seed=seed, min_size=5)
-    clients = fl.pack_clients(x, y, parts)
+    torch.manual_seed(seeds[0])
     clf = fm.MLP(2, C, hidden=32)
     w0 = fl.get_params(clf)
-    local = fl.local_train(clf, w0, clients, epochs=local_epochs, lr=0.05, momentum=0.9, batch_size=32, generator=g)
+    call = fl.functional(clf)
     G = fedgo.GaussianSource(2, scale=3.0)
     D = fm.MLPDiscriminator(2, hidden=32)
+    g = torch.Generator().manual_seed(seeds[0])
+    data = []
+    for seed in seeds:
+        gs = torch.Generator().manual_seed(seed)
+        x, y = gm.sample(n_train, gs)
+        parts = fdata.dirichlet_partition(y.numpy(), n_clients, alpha, seed=seed, min_size=5)
+        xs, ys = gm.sample(n_server, gs)
+        xt, yt = gm.sample(2000, gs)
+        pi = torch.tensor(fdata.label_distribution(y.numpy(), parts, C), dtype=torch.float32)
+        data.append(dict(x=x, y=y, parts=parts, clients=fl.pack_clients(x, y, parts), xs=xs, ys=ys, xt=xt, yt=yt,
+                         pi=pi / pi.sum(1, keepdim=True)))
+    clients = fl.concat_clients([d["clients"] for d in data])
+    local = fl.local_train(clf, w0, clients, epochs=local_epochs, lr=0.05, momentum=0.9, batch_size=32, generator=g)
     d_params = fedgo.train_discriminators(D, G, clients, epochs=disc_epochs, lr=0.05, generator=g)
-    xs, ys = gm.sample(n_server, g)
     lim = float(gm.means.abs().max()) + 1.0
     r = torch.linspace(-lim, lim, grid_size)
     grid = torch.cartesian_prod(r, r).flip(1)  # rows = y, cols = x
-    pi = torch.tensor(fdata.label_distribution(y.numpy(), parts, C), dtype=torch.float32)
-    pi = pi / pi.sum(1, keepdim=True)
-    n_k = clients.n_k
-    call = fl.functional(clf)
+    K = n_clients
 
-    def weights_at(pts):
-        logits = fl.predict(call, local, pts, stacked=True)
-        disc = fedgo.discriminator_logits(D, d_params, pts)
+    def weights_at(i, pts):
+        mine = slice(i * K, (i + 1) * K)
+        logits = fl.predict(call, fl.index_params(local, mine), pts, stacked=True)
+        disc = fedgo.discriminator_logits(D, fl.index_params(d_params, mine), pts)
         comp = gm.component_log_prob(pts)  # [N, C]
-        log_p = torch.logsumexp(comp[None] + pi.clamp_min(1e-12).log()[:, None, :], -1)  # [K, N]
+        log_p = torch.logsumexp(comp[None] + data[i]["pi"].clamp_min(1e-12).log()[:, None, :], -1)  # [K, N]
+        n_k = data[i]["clients"].n_k
         return logits, {rule: W.compute_weights(rule, logits, n_k=n_k, disc_logits=disc, log_densities=log_p)
                         for rule in rules}
 
-    logits, w_server = weights_at(xs)
-    _, w_grid = weights_at(grid)
-    q = {rule: distill.pseudo_labels(logits, w_server[rule]) for rule in rules}
-    oracle_label = q["oracle"].argmax(-1) if "oracle" in q else None
-    fedavg_params = fl.fedavg(local, n_k)
-    targets = torch.stack([q[rule] for rule in rules])
-    server = distill.kl_distill_params(clf, fl.broadcast_params(fedavg_params, len(rules)), xs, targets,
-                                       steps=distill_steps, lr=3e-3, batch_size=128, generator=g)
-    xt, yt = gm.sample(2000, g)
-    test_acc = fl.accuracy(fl.predict(call, server, xt, stacked=True), yt)
-    grid_pred = fl.predict(call, server, grid, stacked=True).argmax(-1)
+    per = {k: {rule: [] for rule in rules} for k in ("tv", "err", "dis")}
+    targets, starts, w_first, fedavg_acc = [], [], None, []
+    for i, d in enumerate(data):
+        logits, w = weights_at(i, d["xs"])
+        w_first = w_first or w
+        q = {rule: distill.pseudo_labels(logits, w[rule]) for rule in rules}
+        oracle_label = q["oracle"].argmax(-1) if "oracle" in q else None
+        for rule in rules:
+            per["err"][rule].append(float((q[rule].argmax(-1) != d["ys"]).float().mean()))
+            if oracle_label is not None:
+                per["dis"][rule].append(float((q[rule].argmax(-1) != oracle_label).float().mean()))
+                per["tv"][rule].append(float(W.weight_distance(w[rule], w["oracle"])))
+        avg = fl.fedavg(fl.index_params(local, slice(i * K, (i + 1) * K)), d["clients"].n_k)
+        fedavg_acc.append(float(fl.accuracy(fl.predict(call, avg, d["xt"]), d["yt"])))
+        starts.append(fl.broadcast_params(avg, len(rules)))
+        targets += [q[rule] for rule in rules]
+    start = {n: torch.cat([s_[n] for s_ in starts]) for n in w0}
+    xs_all = torch.stack([d["xs"] for d in data for _ in rules])
+    server = distill.kl_distill_params(clf, start, xs_all, torch.stack(targets), steps=distill_steps, lr=3e-3,
+                                       batch_size=128, generator=g, per_model_x=True)
+    R = len(rules)
+    acc = {rule: [] for rule in rules}
+    for i, d in enumerate(data):
+        a = fl.accuracy(fl.predict(call, fl.index_params(server, slice(i * R, (i + 1) * R)), d["xt"], stacked=True),
+                        d["yt"])
+        for j, rule in enumerate(rules):
+            acc[rule].append(float(a[j]))
+    _, w_grid = weights_at(0, grid)
+    grid_pred = fl.predict(call, fl.index_params(server, slice(0, R)), grid, stacked=True).argmax(-1)
+    d0 = data[0]
     return ToyStudy(
-        rules=tuple(rules), x=x, y=y, parts=parts, server_x=xs, server_y=ys, grid=grid,
-        grid_extent=(-lim, lim, -lim, lim), grid_size=grid_size, weights_grid=w_grid, weights_server=w_server,
-        n_classes=C,
-        pseudo_label_error={rule: float((q[rule].argmax(-1) != ys).float().mean()) for rule in rules},
-        disagreement_with_oracle={rule: float((q[rule].argmax(-1) != oracle_label).float().mean())
-                                  for rule in rules} if oracle_label is not None else {},
-        weight_tv_to_oracle={rule: float(W.weight_distance(w_server[rule], w_server["oracle"]))
-                             for rule in rules} if "oracle" in rules else {},
-        server_test_accuracy={rule: float(a) for rule, a in zip(rules, test_acc)},
-        grid_prediction={rule: p for rule, p in zip(rules, grid_pred)},
-        fedavg_test_accuracy=float(fl.accuracy(fl.predict(call, fedavg_params, xt), yt)))
+        rules=tuple(rules), seeds=seeds, x=d0["x"], y=d0["y"], parts=d0["parts"], server_x=d0["xs"],
+        server_y=d0["ys"], grid=grid, grid_extent=(-lim, lim, -lim, lim), grid_size=grid_size, weights_grid=w_grid,
+        weights_server=w_first, n_classes=C, pseudo_label_error=per["err"],
+        disagreement_with_oracle=per["dis"] if "oracle" in rules else {},
+        weight_tv_to_oracle=per["tv"] if "oracle" in rules else {}, server_test_accuracy=acc,
+        grid_prediction={rule: p for rule, p in zip(rules, grid_pred)}, fedavg_test_accuracy=fedavg_acc)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Ensemble weighting rules for server-side distillation (papers.md section 1.1 - 1.2).
+"""Ensemble weighting rules for server-side distillation (docs/methods.md §1.1 - 1.2).
 
 Every rule is a pure function of tensors returning weights ``a`` of shape [K, N] (client k's weight
 at server sample n), non-negative, each column summing to 1 over the K clients. The pseudo-label is

@@ -16,33 +16,39 @@
 # %% [markdown]
 # # 01 · FedGO: which clients should the server's teacher listen to?
 #
-# **The setting** (papers.md §1.1). K clients train a shared model locally; the server averages them
-# (FedAvg) and then *distils* an ensemble of the client models into the average, on unlabeled server
-# data. The ensemble's pseudo-label is `q(y|x) = Σ_k a_k(x) softmax(f_k(x))`; the methods differ only in
-# the weights `a_k(x)`: uniform (FedDF), entropy, variance, domain-aware (DaFKD), ...
+# **The setting** (docs/methods.md §1.1). K clients train a shared model locally; the server averages
+# them (FedAvg) and then *distils* an ensemble of the client models into the average, on unlabeled
+# server data. The ensemble's pseudo-label is `q(y|x) = Σ_k a_k(x) softmax(f_k(x))`; the methods differ
+# only in the weights `a_k(x)`: uniform (FedDF), entropy, variance, domain-aware (DaFKD), ...
 #
-# **The paper's claim** (FedGO, Jang, Park & Lee, ICML 2025; papers.md §1.2). The best ensemble weighs
-# client k at x by the posterior that x came from client k, `n_k p_k(x) / Σ_j n_j p_j(x)`. A
+# **The paper's claims** (FedGO, Jang, Park & Lee, ICML 2025; docs/methods.md §1.2). The best ensemble
+# weighs client k at x by the posterior that x came from client k, `n_k p_k(x) / Σ_j n_j p_j(x)`. A
 # discriminator `D_k` trained to tell client k's data from samples of a shared generator `G` has odds
-# `D_k/(1-D_k) = p_k/p_G`, so `a_k = softmax_k(l_k + log n_k)` (l_k = D_k's logit) estimates it. Claims:
-# (a) FedGO beats every baseline under strong heterogeneity (α = 0.05, 0.1); (b) its teacher (the
-# weighted ensemble) is more accurate than the uniform one; (c) the one-off extra cost (G sent down
-# once, each D_k sent up once, a few discriminator epochs) is negligible.
+# `D_k/(1-D_k) = p_k/p_G`, so `a_k = softmax_k(l_k + log n_k)` (l_k = D_k's logit) estimates it.
+# (a) FedGO beats every baseline under strong heterogeneity (α = 0.05, 0.1), with a pre-existing server
+# dataset and data-free; (b) its teacher (the weighted ensemble) is more accurate than the uniform one;
+# (c) the one-off extra cost (G sent down once, each D_k up once, a few discriminator epochs) is
+# negligible.
 #
-# **How this notebook tests it.** (1) A 2-D toy where the client densities are known exactly, so the
-# oracle weights exist; (2) the main table on the real 8×8 digits with the FedGO split (half of each
-# class unlabeled at the server, the other half split by Dirichlet(α) over 10 clients), 3 seeds, with a
-# pre-existing server dataset and data-free (server data = samples of the server's GAN); (3) teacher
-# quality; (4) overhead; (5) an explorer; (6) the claims table.
+# **How this notebook tests them.** §1 the rule on a handful of points; §2 a 2-D toy where the oracle
+# weights are known (3 seeds); §3 the protocol on the real 8×8 digits (half of each class unlabeled at
+# the server, the rest split by Dirichlet(α)) with its hyper-parameters *searched* on validation
+# quantities of a search seed, never on test accuracy; §4 the main table for **two client counts
+# (10 and 20) × 3 seeds**, in three server-data scenarios named by what the server holds; §5 why a better
+# teacher does (or does not) give a better server model; §6 data-free, with its budget sweep; §7 the
+# overhead, measured here and computed at the paper's model sizes; §8 an explorer; §9 the claims, each
+# decided by the noise rule over seeds (`fedlib.results`), with a verdict and its reason.
 #
-# **Our scale, stated honestly.** The paper uses CIFAR-10/100 and ImageNet-100 with ResNets for 100
-# rounds. Here: digits (1437 training images → ~720 on clients, ~720 unlabeled at the server, 360 test),
-# a 3.9k-parameter GroupNorm CNN, a few rounds of one local epoch, a 2-layer conv GAN. All methods of
-# one round — and all α and seeds — train as **one vectorised computation** (`torch.func.vmap`): every
-# method keeps its own global model, but their clients' local training is the same computation on
-# different parameters. Choices papers.md leaves open (ours): SGD(0.05, momentum 0.9) locally, Adam(1e-3)
-# for distillation on probability-averaged pseudo-labels at T = 1, FedProx μ = 0.01, discriminators
-# trained with SGD for `disc_epochs` epochs, DENSE's generator conditioned on a one-hot label.
+# **Our scale, stated honestly.** The paper uses CIFAR-10/100 and ImageNet-100 with ResNet-18s for 100
+# rounds. Here: digits (1437 training images → ~720 on the clients, ~720 unlabeled at the server, 360
+# test), a 3.9k-parameter GroupNorm CNN, a few rounds of one local epoch, a 2-layer conv GAN. All
+# methods, α, client counts and seeds of one round train as **one vectorised computation**
+# (`torch.func.vmap`). Our choices where docs/methods.md is silent: SGD(0.05, momentum 0.9) locally;
+# server distillation by Adam for a few *epochs* over the server data every round, cosine learning
+# rate, keeping the epoch whose held-out KL to the teacher is lowest (a fifth of the server data held
+# out, labelled only by the teacher); probability-averaged pseudo-labels at T = 1; FedProx μ = 0.01;
+# discriminators trained with SGD; DENSE's generator conditioned on a one-hot label; and the truly
+# data-free G of §6.
 
 # %% tags=["parameters"]
 dataset = "digits"  # digits | fashion_mnist | mnist | cifar10 | cifar100 (stand-in data when absent) [one of digits, fashion_mnist, mnist, cifar10, cifar100]
@@ -50,371 +56,469 @@ max_train = 0  # keep a stratified subset of this many training images; 0 keeps 
 max_test = 0  # keep a stratified subset of this many test images; 0 keeps all [min 0]
 classifier = "small_cnn"  # small_cnn (8x8 / 28x28) | resnet (32x32) [one of small_cnn, resnet]
 width = 8  # classifier width (small_cnn channels; resnet base width) [min 1]
-n_clients = 10  # K [min 1; max train_size(dataset, max_train) // 8]
-alphas = [0.05, 0.1, 1.0]  # Dirichlet concentrations of the client split [non-empty; each > 0]
-seeds = [0, 1, 2]  # one federated problem per (alpha, seed) [non-empty; distinct; each min 0]
+client_counts = [10, 20]  # K, one federated problem per client count (claims must hold at every one) [non-empty; distinct; each min 1; each max train_size(dataset, max_train) // 8]
+alphas = [0.05, 0.1]  # Dirichlet concentrations of the client split [non-empty; distinct; each > 0]
+seeds = [0, 1, 2]  # one federated problem per (K, alpha, seed); claims are decided over these [non-empty; distinct; each min 0]
+search_seed = 100  # the seed of every hyper-parameter search (never a claim seed) [min 0]
 rounds = 5  # communication rounds [min 1]
 local_epochs = 1  # E, local epochs per round [min 1]
 lr = 0.05  # local SGD learning rate (momentum 0.9) [> 0]
 batch_size = 32  # local mini-batch size [min 1]
 mu = 0.01  # FedProx proximal coefficient [min 0]
-distill_steps = 20  # server distillation steps per round (Adam) [min 0]
-distill_lr = 0.001  # server distillation learning rate [> 0]
+distill_epochs = 3  # server distillation epochs over the server data per round; 0 uses distill_steps [min 0]
+distill_steps = 20  # server distillation steps per round when distill_epochs is 0 (the old fixed budget) [min 0]
+distill_lr_grid = [0.003]  # server distillation learning rates searched on the held-out KL (one value: no search; the long set's search chose 0.003) [non-empty; each > 0]
+distill_val = 0.2  # fraction of the server data held out (labelled by the teacher only) to keep the best epoch [min 0; < 1]
 distill_batch = 64  # server distillation batch size [min 1]
 temperature = 1.0  # distillation temperature [> 0]
 methods = ["fedavg", "fedprox", "feddf", "entropy", "variance", "dafkd", "fedgo"]  # pre-existing server data [non-empty; distinct; each in method_names()]
-data_free_methods = ["feddf", "entropy", "variance", "dafkd", "fedgo", "fedka", "dense"]  # data-free scenario [distinct; each in method_names()]
-scenario = "both"  # pre | data_free | both [one of pre, data_free, both]
-gan_steps = 150  # server GAN training steps (once) [min 0]
-gan_width = 16  # server generator width (channels of its 4x4 map) [min 1]
-disc_epochs = 3  # E_d, client discriminator epochs (once) [min 1]
+data_free_methods = ["feddf", "entropy", "variance", "dafkd", "fedgo", "fedka", "dense"]  # GAN-sample and data-free scenarios [distinct; each in method_names()]
+scenarios = ["pre", "data_free"]  # pre (real server half) | gan_samples (samples of a GAN trained on it) | data_free (no server data) [non-empty; distinct; each one of pre, gan_samples, data_free]
+gan_steps = 150  # server GAN training steps (once per seed) [min 0]
+gan_width_grid = [32]  # server generator widths searched with the discriminator epochs (one value: no search; the long set's search chose 32) [non-empty; each min 1]
+disc_epoch_grid = [3, 10, 30]  # E_d, client discriminator epochs searched on the teacher's held-out accuracy (the long grid goes to 60) [non-empty; distinct; each min 1]
+free_gen_steps = 50  # data-free G: steps against the warm-up ensemble (the long set sweeps it) [min 1]
+warmup_epochs = 1  # data-free G: local epochs of the warm-up round whose ensemble G is trained against [min 1]
 dense_steps = 10  # DENSE generator/student steps per round [min 0]
+sweep_free_steps = []  # data-free sweep: G training budgets (empty: no sweep; the long set sweeps) [each min 1]
 toy_mixture = "ring"  # 2-D mixture of the toy figure (ring | grid) [one of ring, grid]
 toy_clients = 4  # clients of the toy figure [min 1; max 50]
 toy_alpha = 0.1  # Dirichlet alpha of the toy figure [> 0]
+toy_seeds = [0, 1, 2]  # toy problems; the weights-vs-oracle claim is decided over these [non-empty; distinct; each min 0]
 toy_epochs = 20  # local epochs of the toy clients (one round) [min 1]
 toy_disc_epochs = 30  # discriminator epochs of the toy clients [min 1]
 toy_distill_steps = 300  # distillation steps of the toy server models [min 0]
 device = "auto"  # auto | cpu | cuda [one of auto, cpu, cuda]
 client_chunk = 0  # models per vmap chunk, to bound memory for big models; 0 means auto: 128 on CPU, all on GPU [min 0]
-cpu_threads = 1  # torch CPU threads; 1 is fastest for these tiny models on a shared 2-core CPU; 0 keeps torch's [min 0]
 backend = "inprocess"  # inprocess (vectorised, this process) | flower (the same rounds as Flower ServerApp and ClientApps on Ray) [one of inprocess, flower]
 
 # %%
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from fedlib import data as fdata
-from fedlib import distill, fedgo, studies
+from fedlib import distill, fedgo, metrics, models, plots, studies
 from fedlib import federated as fl
-from fedlib import models
-from fedlib.plots import savefig, use_style
-from fedlib.results import Run
-from fedlib.utils import check_choice, resolve_device, seed_everything
+from fedlib.plots import image_grid, savefig, use_style
+from fedlib.results import Run, compare, save_explorer
+from fedlib.utils import resolve_device, seed_everything
 
 use_style()
-check_choice("scenario", scenario, ("pre", "data_free", "both"))
 dev = resolve_device(device)
-if cpu_threads:
-    torch.set_num_threads(cpu_threads)
 g = seed_everything(seeds[0])
 run = Run.start("01_fedgo_weighting", globals(), seed=seeds)
 t_start = time.perf_counter()
 
 # %% [markdown]
-# ## 1 · The toy figure: weights, pseudo-labels and decision boundaries on 2-D data
-# A mixture's components are the classes; a Dirichlet(α) split gives each client a few of them, so the
-# client densities `p_k(x) = Σ_c π_kc N(x; μ_c, s²I)` are known exactly and so are the oracle weights.
-# Clients train 2-D MLPs for one round; the server's unlabeled data are fresh mixture samples; `G` is
-# a given broad Gaussian (the protocol allows an off-the-shelf G), against which every client trains its
-# discriminator. Top row: the weight of client 0 under each rule (its data in white). Bottom row: the
-# server model distilled from each rule's pseudo-labels.
+# ## 1 · The rule on a handful of points
+# Four clients on a 2-D mixture whose components are the classes; each client holds a few of them
+# (Dirichlet(α) split), so the client densities `p_k(x)` are known exactly and so is the **oracle**
+# weighting `n_k p_k(x) / Σ_j n_j p_j(x)`. FedGO only sees its discriminators' logits `l_k(x)`:
+# `a_k = softmax_k(l_k(x) + log n_k)`. Below, at five server points, each client's weight under the
+# oracle, FedGO and the uniform rule (FedDF): FedGO puts the weight where the oracle does.
 
 # %%
 toy = studies.toy_study(toy_mixture, n_clients=toy_clients, alpha=toy_alpha, local_epochs=toy_epochs,
-                  disc_epochs=toy_disc_epochs, distill_steps=toy_distill_steps, seed=seeds[0])
-rules = toy.rules
-fig, axes = plt.subplots(2, len(rules), figsize=(2.3 * len(rules), 4.8), sharex=True, sharey=True)
-gs, ext = toy.grid_size, toy.grid_extent
-own = toy.x[torch.as_tensor(toy.parts[0])]
-for j, rule in enumerate(rules):
-    axes[0, j].imshow(toy.weights_grid[rule][0].reshape(gs, gs), origin="lower", extent=ext, vmin=0, vmax=1)
-    axes[0, j].scatter(own[:, 0], own[:, 1], s=1, c="w", alpha=0.3)
-    axes[0, j].set_title(f"{rule}\nTV to oracle {toy.weight_tv_to_oracle[rule]:.2f}")
-    axes[1, j].imshow(toy.grid_prediction[rule].reshape(gs, gs), origin="lower", extent=ext, cmap="tab10",
-                      vmin=0, vmax=9, alpha=0.6)
-    axes[1, j].scatter(toy.server_x[:, 0], toy.server_x[:, 1], c=toy.server_y, cmap="tab10", vmin=0,
-                       vmax=9, s=1)
-    axes[1, j].set_title(f"server acc {toy.server_test_accuracy[rule]:.3f}")
-    for ax in axes[:, j]:
-        ax.grid(False)
-axes[0, 0].set_ylabel("weight of client 0")
-axes[1, 0].set_ylabel("distilled server model")
-fig.suptitle(f"{toy_mixture} mixture, {toy_clients} clients, Dirichlet({toy_alpha}); FedAvg alone: "
-             f"{toy.fedavg_test_accuracy:.3f}", y=1.02)
-savefig(fig, "01_toy_weights")
-toy_table = pd.DataFrame({"weight TV to oracle": toy.weight_tv_to_oracle,
-                          "pseudo-label error": toy.pseudo_label_error,
-                          "disagreement with oracle teacher": toy.disagreement_with_oracle,
-                          "distilled server acc": toy.server_test_accuracy}).round(4)
-run.metrics["toy"] = toy_table.to_dict()
+                        disc_epochs=toy_disc_epochs, distill_steps=toy_distill_steps, seeds=toy_seeds)
+toy.weights_on_points(5)
+
+# %% [markdown]
+# ## 2 · The toy figure, over three seeds
+# Top row: the weight of client 0 under each rule (its data in white); bottom row: the server model
+# distilled from each rule's pseudo-labels (first seed). The table gives seed means over all toy seeds.
+
+# %%
+fig = plots.toy_weights_figure(toy, f"{toy_mixture} mixture, {toy_clients} clients, Dirichlet({toy_alpha}); "
+                               f"FedAvg alone: {toy.fedavg_test_accuracy[0]:.3f}")
+_ = savefig(fig, "01_toy_weights")
+toy_table = toy.mean_table().round(4)
+run.metrics["toy"] = {"per_seed_tv_to_oracle": toy.weight_tv_to_oracle, "mean": toy_table.to_dict()}
 toy_table
 
 # %% [markdown]
-# ## 2 · Data, split and the FedGO protocol's one-off part
-# The server trains a GAN on its unlabeled half (once per seed), sends G to the clients, and every
-# client trains its discriminator against G samples (all clients of all α of a seed in one vmap).
+# ## 3 · Data, split and the FedGO protocol's one-off part
+# The server holds half of every class, unlabeled (the same half for every K and α of a seed). Three
+# scenarios, named by what the server actually holds:
+#
+# * **pre** — the real unlabeled server half; the server trains a GAN on it and sends G to the clients;
+# * **gan_samples** — the same G; the server distils on G samples instead of its data. *This is not
+#   data-free*: G was trained on the real server half (what earlier versions of this notebook called
+#   "data-free");
+# * **data_free** — no server data at all (our design, stated here): a warm-up round in which every
+#   client trains the initial model locally and uploads it; the server trains a label-conditioned G
+#   against their ensemble alone (DENSE's teacher, cross-entropy to the drawn label plus a mode-seeking
+#   term, `fedlib.fedgo.train_generator_data_free`); the clients train their discriminators against
+#   that G; the server distils on its samples. (Notebook 05 adds a federated diffusion generator.)
+#
+# **Searched, not guessed.** The discriminator epochs E_d (and, in the `long` set, G's width) are
+# chosen on the search seed only: every client holds out a fifth of its data; the quantity is the
+# accuracy of the FedGO teacher on the pooled held-out client data (labels the clients own; no test
+# data). Two label-free proper scores are shown beside it: each D_k's held-out cross-entropy and the
+# log-loss of the weights as the posterior of the source client. Both prefer *few* epochs
+# (overconfident discriminators are penalised), while the teacher needs *well-ranked* logits.
 
 # %%
 train, test = fdata.load_train_test(dataset, stand_in_n=(max_train or 2000, max_test or 2000))
 train, test = train.stratified(max_train), test.stratified(max_test)
 shape = tuple(train.x.shape[1:])
 clf = models.make_classifier(classifier, shape, train.n_classes, width=width).to(dev)
-setups = studies.fedgo_setups(train, test, n_clients=n_clients, alphas=alphas, seeds=seeds, gan_steps=gan_steps,
-                        disc_epochs=disc_epochs, gen_width=gan_width, dense="dense" in data_free_methods,
-                        generator=g, device=dev)
-G0 = setups.generators[seeds[0]]
-a0 = setups.client_indices[(alphas[0], seeds[0])]
-server0 = setups.server_indices[(alphas[0], seeds[0])]
+init = fl.get_params(clf)
+search = []
+for w in gan_width_grid:
+    table, _ = studies.discriminator_epoch_search(train, clf, client_counts=client_counts, alphas=alphas,
+                                                  seed=search_seed, grid=disc_epoch_grid, gan_steps=gan_steps,
+                                                  gen_width=w, generator=g, device=dev)
+    search.append(table.assign(gen_width=w))
+search = pd.concat(search, ignore_index=True)
+best = search.groupby(["gen_width", "epochs"])["teacher_val_acc"].mean().idxmax()
+gan_width, disc_epochs = int(best[0]), int(best[1])
+run.metrics["search_discriminators"] = {"table": search.to_dict("list"), "gan_width": gan_width,
+                                        "disc_epochs": disc_epochs}
+print(f"chosen on the search seed: generator width {gan_width}, discriminator epochs {disc_epochs}")
 
 # %%
-# NBVAL_CHECK_OUTPUT
+fig = plots.fedgo_search_figure(search[search.gen_width == gan_width], "epochs",
+                          {"teacher_val_acc": "FedGO teacher, held-out accuracy ↑", "val_bce": "D_k held-out BCE ↓",
+                           "posterior_loss": "source-client log-loss ↓"}, chosen=disc_epochs)
+_ = savefig(fig, "01_search_discriminators")
+
+# %%
+setups = studies.fedgo_setups(train, test, client_counts=client_counts, alphas=alphas, seeds=seeds,
+                              scenarios=scenarios, gan_steps=gan_steps, disc_epochs=disc_epochs, gen_width=gan_width,
+                              model=clf, init=init, warmup_epochs=warmup_epochs, local_lr=lr,
+                              free_steps=free_gen_steps, dense="dense" in data_free_methods, generator=g,
+                              device=dev)
+key0 = setups.keys[0]
+server0 = setups.server_indices[seeds[0]]
+
+# %% tags=["nbval-check-output"]
 print(f"{dataset}: train {len(train)}, test {len(test)}, sample shape {shape}, classes {train.n_classes}")
-print(f"server (unlabeled) {len(server0)}, on clients {sum(len(i) for i in a0)}")
-print(f"classifier {classifier}: {models.n_params(clf)} parameters; generator {models.n_params(G0)}; "
-      f"discriminator {models.n_params(setups.discriminator)}")
-print(f"problems (alpha, seed): {len(setups.keys)}")
-
-# %%
-fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
-real = train.x[torch.as_tensor(server0[:32])].cpu()
-from fedlib.plots import image_grid  # noqa: E402
-
-image_grid(real, nrow=8, ax=axes[0], title="server data (real, unlabeled)")
-image_grid(fedgo.sample(G0, 32, torch.Generator().manual_seed(0)).cpu(), nrow=8, ax=axes[1],
-           title=f"G samples ({gan_steps} GAN steps): data-free server data")
-savefig(fig, "01_generator_samples")
-sizes = pd.DataFrame({f"alpha={a}": [len(i) for i in setups.client_indices[(a, seeds[0])]] for a in alphas},
-                     index=[f"client {k}" for k in range(n_clients)]).T
-sizes
+print(f"server (unlabeled) {len(server0)}, on clients {sum(len(i) for i in setups.client_indices[key0])}")
+print(f"classifier {classifier}: {models.n_params(clf)} parameters; discriminator "
+      f"{models.n_params(setups.discriminator)}")
+print(f"problems (K, alpha, seed): {len(setups.keys)}; scenarios: {', '.join(scenarios)}")
 
 # %% [markdown]
-# ## 3 · The main table: server test accuracy after the last round
-# Every method starts from the same initial model. FedAvg and FedProx only average; the others
-# distil their teacher into the average every round. "Central" trains one model on all client data
-# (the union; the same for every α) for `rounds × local_epochs` epochs: an upper reference.
+# What each scenario's server distils on (first seed). The number under each panel is the Fréchet
+# distance of 720 such samples to the real server half in the feature space of fedlib's digits
+# classifier (`fedlib.metrics`; not comparable to published FID): how far the server data is from
+# the data the clients hold.
+
+# %%
+feat = metrics.feature_extractor(train, test, device=dev)
+ref = metrics.gaussian_stats(metrics.extract_features(feat, train.x[torch.as_tensor(server0)]))
+shown = {"pre": train.x[torch.as_tensor(server0)]}
+shown.update({s: setups.setups[s][key0[0]][0].server_x for s in scenarios if s != "pre"})
+server_fd = {s: max(0.0, metrics.classifier_fd(feat, x, ref)) for s, x in shown.items()}  # 0 up to rounding for pre
+fig, axes = plt.subplots(1, len(shown), figsize=(3.5 * len(shown), 3.4), squeeze=False)
+for ax, (s, x) in zip(axes[0], shown.items()):
+    image_grid(x[:32].cpu(), nrow=8, ax=ax, title=f"{s}\nFD to the real server half {server_fd[s]:.2f}")
+_ = savefig(fig, "01_server_data")
+run.metrics["server_data_fd"] = server_fd
+
+# %% [markdown]
+# ## 4 · The main table: server test accuracy after the last round
+# Every method starts from the same initial model. FedAvg and FedProx only average (they use no server
+# data, so they are the same in every scenario); the others distil their teacher into the average
+# every round. "Central" trains one model on all client data for `rounds × local_epochs` epochs: an
+# upper reference. Results are indexed by their setup keys (scenario, K, α, seed, method, round).
+
+# %%
+common = dict(backend=backend, rounds=rounds, local_epochs=local_epochs, lr=lr, batch_size=batch_size, mu=mu,
+              distill_epochs=distill_epochs, distill_steps=distill_steps, distill_val=distill_val,
+              distill_batch=distill_batch, temperature=temperature, dense_steps=dense_steps, generator=g, init=init,
+              chunk_size=client_chunk or "auto", predict_batch=256 if client_chunk else 1024)
+lr_table, distill_lr = None, distill_lr_grid[0]
+if len(distill_lr_grid) > 1 and distill_epochs:  # FedGO on the search seed, each lr; the held-out KL decides
+    search_setups = studies.fedgo_setups(train, test, client_counts=client_counts, alphas=alphas, seeds=[search_seed],
+                                         scenarios=["pre"], gan_steps=gan_steps, disc_epochs=disc_epochs,
+                                         gen_width=gan_width, generator=g, device=dev).all("pre")
+    lr_table, distill_lr = studies.distill_lr_search(clf, search_setups, distill_lr_grid, **common)
+run.metrics["search_distill_lr"] = {"table": None if lr_table is None else lr_table.to_dict("list"), "lr": distill_lr}
+print(f"distillation lr {distill_lr}" + ("" if lr_table is None else f", chosen on the held-out KL:\n{lr_table}"))
 
 # %%
 t0 = time.perf_counter()
-# the same rounds, seeds and partitions on either backend; Flower only changes who runs them
-common = dict(backend=backend, rounds=rounds, local_epochs=local_epochs, lr=lr, batch_size=batch_size, mu=mu,
-              distill_steps=distill_steps, distill_lr=distill_lr, distill_batch=distill_batch,
-              temperature=temperature, dense_steps=dense_steps, generator=g, init=fl.get_params(clf), progress=tqdm,
-              chunk_size=client_chunk or "auto", predict_batch=256 if client_chunk else 1024)
-results = {}
-if scenario in ("pre", "both"):
-    results["pre-existing"] = distill.run_rounds(clf, setups.pre, methods, **common)
-if scenario in ("data_free", "both"):
-    results["data-free"] = distill.run_rounds(clf, setups.data_free, data_free_methods, **common)
+results = {s: {K: distill.run_rounds(clf, setups.setups[s][K], methods if s == "pre" else data_free_methods,
+                                     distill_lr=distill_lr, progress=tqdm, **common) for K in client_counts}
+           for s in scenarios}
 seconds_rounds = time.perf_counter() - t0
-union = [torch.as_tensor(np.concatenate(setups.client_indices[(alphas[0], s)])) for s in seeds]
+frame = studies.rounds_frame(results)
+union = [torch.as_tensor(sum((list(i) for i in setups.client_indices[(client_counts[0], alphas[0], seed)]), []))
+         for seed in seeds]  # all client data of a seed (the same for every K and alpha)
 central = distill.central_training(clf, [train.x[i.to(dev)] for i in union], [train.y[i.to(dev)] for i in union],
-                             epochs=rounds * local_epochs, lr=lr, batch_size=batch_size, generator=g,
-                             init=fl.get_params(clf), chunk_size=client_chunk or "auto")
+                                   epochs=rounds * local_epochs, lr=lr, batch_size=batch_size, generator=g, init=init,
+                                   chunk_size=client_chunk or "auto")
 central_acc = fl.accuracy(fl.predict(fl.functional(clf), central, test.x, stacked=True), test.y).cpu()
 print(f"federated rounds: {seconds_rounds:.1f} s; central accuracy {central_acc.mean():.3f} ± {central_acc.std():.3f}")
 
+# %% [markdown]
+# **Analysis only: FedGO with exact weights** (`fedgo_exact`). Under label skew the exact posterior is
+# `n_k,y / n_y` at a sample of class y; the same FedGO rule on discriminator logits `log π_k,y(x)`
+# built from the server data's true labels (which no real server has) shows what the weighting could
+# give with perfect discriminators. It separates the weighting rule from its estimation at our scale;
+# it is never a baseline of a claim.
+
 # %%
-def acc_cube(res):
-    """[alpha, seed, method, round] from the problem-major [S, M, R] tensor."""
-    return res.accuracy.reshape(len(seeds), len(alphas), len(res.methods), rounds).transpose(0, 1)
+if "pre" in scenarios and "fedgo" in methods:
+    exact = {K: distill.run_rounds(clf, studies.exact_weight_setups(setups.setups["pre"][K]), ["fedgo"],
+                                   distill_lr=distill_lr, **common) for K in client_counts}
+    frame = pd.concat([frame, studies.rounds_frame({"pre": exact}).assign(method="fedgo_exact")], ignore_index=True)
 
-
-rows = {}
-for scen, res in results.items():
-    cube = acc_cube(res)[..., -1]  # [alpha, seed, method]
-    for j, m in enumerate(res.methods):
-        rows[(scen, m)] = {f"alpha={a}": f"{cube[i, :, j].mean():.3f} ± {cube[i, :, j].std():.3f}"
-                           for i, a in enumerate(alphas)}
-rows[("reference", "central")] = {f"alpha={a}": f"{central_acc.mean():.3f} ± {central_acc.std():.3f}" for a in alphas}
-main_table = pd.DataFrame(rows).T
-main_table.index.names = ["server data", "method"]
-run.metrics["accuracy"] = {f"{s}/{m}": v for (s, m), v in rows.items()}
-run.metrics["accuracy_mean"] = {scen: {m: {str(a): float(acc_cube(res)[i, :, j, -1].mean()) for i, a in enumerate(alphas)}
-                                       for j, m in enumerate(res.methods)} for scen, res in results.items()}
+# %%
+last = frame[frame["round"] == rounds]
+main_table = last.groupby(["scenario", "method", "clients", "alpha"])["accuracy"].agg(["mean", "std"]).unstack(
+    ["clients", "alpha"])
+run.metrics["accuracy_last_round"] = {" / ".join(map(str, k)): v for k, v in
+                                      last.groupby(["scenario", "clients", "alpha", "method"])["accuracy"]
+                                      .mean().items()}
 run.metrics["central_accuracy"] = central_acc.tolist()
-main_table
+main_table.round(3)
 
 # %%
-colour = {m: f"C{i}" for i, m in enumerate(distill.METHODS)}
-fig, axes = plt.subplots(len(results), len(alphas), figsize=(3.4 * len(alphas), 2.9 * len(results)),
-                         squeeze=False, sharey=True, constrained_layout=True)
-for r_i, (scen, res) in enumerate(results.items()):
-    cube = acc_cube(res)
-    for i, a in enumerate(alphas):
-        ax = axes[r_i, i]
-        for j, m in enumerate(res.methods):
-            ax.plot(range(1, rounds + 1), cube[i, :, j].mean(0), marker="o", ms=3, label=m, color=colour[m],
-                    lw=2.4 if m == "fedgo" else 1.2)
-        if scen == "data-free" and "pre-existing" in results:  # FedAvg/FedProx use no server data
-            pre = results["pre-existing"]
-            for m in distill.aggregation_only():
-                if m in pre.methods:
-                    ax.plot(range(1, rounds + 1), acc_cube(pre)[i, :, pre.methods.index(m)].mean(0), ls="--",
-                            color=colour[m], lw=1, label=f"{m} (no server data)")
-        ax.axhline(float(central_acc.mean()), color="k", ls=":", lw=1, label="central")
-        ax.set_title(f"{scen}, α={a}")
-        ax.set_xlabel("round")
-    axes[r_i, 0].set_ylabel("server test accuracy")
-    axes[r_i, -1].legend(fontsize=6, loc="lower right")
-savefig(fig, "01_accuracy_rounds")
+fig = plots.accuracy_rounds_figure(frame, float(central_acc.mean()))
+_ = savefig(fig, "01_accuracy_rounds")
 
 # %% [markdown]
-# ## 4 · Teacher quality
-# Left: accuracy of each rule's weighted ensemble (the pseudo-labels) on the server data, against the
-# true labels the server never sees, averaged over rounds and seeds. Right: on the 2-D toy, the mean
-# total-variation distance of each rule's weights from the oracle's (0 = the optimal ensemble).
+# ## 5 · A better teacher, a better server model?
+# Each point is one (K, α, seed) at the last round: the teacher's accuracy on the server data (true
+# labels the server never sees) against the distilled server model's test accuracy. With epochs of
+# distillation and the best held-out epoch kept, the points sit on the diagonal: **the server model is
+# as good as its teacher, no better**. So the old puzzle (a teacher twice as accurate as the uniform
+# one, yet no better server model than FedAvg) is about the teacher's *absolute* accuracy: a
+# distilling method beats FedAvg only while its teacher beats FedAvg's model (dashed). FedGO's teacher
+# is bounded by its discriminators: the E_d search of §3 moved it most (held-out teacher accuracy from
+# ~0.8 at 3 epochs to ~0.87-0.89 at 30-60), and `fedgo_exact` (exact weights, ~0.99 teacher) shows the
+# headroom the weighting rule itself has. FedAvg, in turn, keeps improving with rounds on digits: in the
+# `long` set (15 rounds) it reaches ~0.93-0.94, near central training, and passes FedGO's teacher.
 
 # %%
-teacher = {}
-if "pre-existing" in results:
-    res = results["pre-existing"]
-    tc = res.teacher_accuracy.reshape(len(seeds), len(alphas), len(res.methods), rounds).transpose(0, 1)
-    for j, m in enumerate(res.methods):
-        if m in distill.aggregation_only():
-            continue
-        teacher[m] = {f"alpha={a}": float(tc[i, :, j].mean()) for i, a in enumerate(alphas)}
-teacher_table = pd.DataFrame(teacher).T.round(3)
-run.metrics["teacher_accuracy"] = teacher
-fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-teacher_table.plot.bar(ax=axes[0], rot=0)
-axes[0].set_ylabel("teacher accuracy on server data")
-axes[0].set_ylim(0, 1)
-pd.Series(toy.weight_tv_to_oracle).plot.bar(ax=axes[1], rot=0, color="C2")
-axes[1].set_ylabel("TV distance to oracle weights (toy)")
-savefig(fig, "01_teacher_quality")
-teacher_table
+if "pre" in results:
+    fig = plots.teacher_student_figure(frame, "pre")
+    _ = savefig(fig, "01_teacher_student")
+    teacher_table = (frame[(frame.scenario == "pre") & frame.teacher_accuracy.notna()]
+                     .groupby(["method", "clients", "alpha"])["teacher_accuracy"].mean().unstack(["clients", "alpha"]))
+    run.metrics["teacher_accuracy_mean_over_rounds"] = {str(k): v for k, v in teacher_table.stack([0, 1]).items()}
+    display(teacher_table.round(3))
+log = [e for per_k in results.values() for res in per_k.values() for e in res.distill_log]
+if log:
+    print(f"distillation ran {sum(e['epochs_run'] for e in log) / len(log):.1f} epochs per round on average; "
+          f"best held-out epoch {torch.cat([e['best_epoch'] for e in log]).float().mean():.1f}")
 
 # %% [markdown]
-# ## 5 · Overhead of FedGO
+# ## 6 · Data-free: how close must G's samples be to the clients' data?
+# FedGO's weights are the discriminators' odds `p_k/p_G` *at the server samples*. On real data (or on
+# samples of a GAN trained on real data) these odds compare clients where clients have data; at
+# samples of a generator that never saw data, they are extrapolations of discriminators to inputs
+# neither they nor any client saw. Our classifiers use GroupNorm, so the batch-norm statistics that
+# DENSE-style data-free generators match to look like the data do not exist here. Left: FedGO's gap to
+# the best baseline (per seed: its accuracy minus the best other method's) at every round, per
+# scenario (seed bands). Second figure (the `long` set): the gap against the data-free G's training
+# budget (the main run's budget is one of the points), with the Fréchet distance of its samples to the
+# real server half.
+
+# %%
+gaps = pd.concat([studies.gap_to_best(frame, s).assign(scenario=s) for s in scenarios], ignore_index=True)
+hetero = gaps[gaps.alpha.isin([a for a in alphas if a <= 0.1] or alphas)]
+per_round = hetero.groupby(["scenario", "seed", "round"], as_index=False)["gap"].mean()
+fig = plots.gap_sweep_figure(per_round, "round", group="scenario", paper=0.0, paper_label="paper: FedGO ahead (> 0)",
+                             title="FedGO minus the best baseline (α ≤ 0.1, every K)")
+_ = savefig(fig, "01_gap_rounds")
+run.metrics["gap_by_round"] = per_round.groupby(["scenario", "round"])["gap"].mean().to_dict()
+
+# %%
+sweep = None
+if sweep_free_steps and "data_free" in scenarios:
+    sweep = studies.data_free_sweep(
+        train, test, clf, init, steps_grid=sweep_free_steps, client_counts=client_counts[:1], alphas=alphas,
+        seeds=seeds, methods=data_free_methods, run_kw=dict(common, distill_lr=distill_lr), pre_frame=frame,
+        fd=lambda x: metrics.classifier_fd(feat, x, ref), known={free_gen_steps: (frame, setups.all("data_free"))},
+        gan_steps=gan_steps, disc_epochs=disc_epochs, gen_width=gan_width, warmup_epochs=warmup_epochs, generator=g,
+        device=dev)
+    fig = plots.gap_sweep_figure(sweep, "free_steps", paper=0.0, paper_label="paper: FedGO ahead (> 0)", log_x=True,
+                                 xlabel="data-free G training steps",
+                                 title=f"data-free, K={client_counts[0]}: gap after {rounds} rounds")
+    _ = savefig(fig, "01_data_free_sweep")
+    run.metrics["data_free_sweep"] = sweep.groupby("free_steps")[["gap", "fd"]].mean().to_dict()
+    display(sweep.groupby("free_steps")[["gap", "fd"]].agg(["mean", "std"]).round(3))
+
+# %% [markdown]
+# ## 7 · Overhead of FedGO
 # Bytes: G down to each client once plus each D_k up once, against the classifier down and up every
-# round. Client compute in FLOPs (counted by `torch.utils.flop_counter`): `disc_epochs` epochs of
-# discriminator training (a real and a G sample per step, plus drawing the G sample) against
-# `rounds × local_epochs` epochs of local training. Also shown: the same models over the paper's
-# 100 rounds.
+# round. Client compute in FLOPs (`torch.utils.flop_counter`): E_d epochs of discriminator training (a
+# real and a G sample per step, plus drawing the G sample) against `rounds × local_epochs` epochs of
+# local training. (Data-free adds the warm-up round: one local epoch and one upload per client, which a
+# deployment would reuse as round 1.) The curves extend our run to more rounds and put larger models
+# beside ours, at CIFAR-10 scale (25,000 client images, 20 clients, 5 local and 5 discriminator epochs,
+# our `paper` set's choices): the ResNet-20 of our `paper` set and the paper's ResNet-18 (11.2 M
+# parameters) with a DCGAN-class G and D. Those points are computed from parameter and FLOP counts,
+# not run; the paper's own E_d is not in docs/methods.md.
 
 # %%
-x1 = train.x[:8]
-Dm = setups.discriminator
-with torch.no_grad():
-    from torch.utils.flop_counter import FlopCounterMode
+G0 = next(iter(setups.generators.values()))
+over = studies.overhead_study(clf, G0, setups.discriminator, train.x, n_k=[len(i) for i in setups.client_indices[key0]],
+                              local_epochs=local_epochs, disc_epochs=disc_epochs, rounds=rounds)
+overhead, at_paper, ours, paper_costs = over["this_run"], over["paper_scale"], over["costs"]["ours"], over["costs"]["paper"]
+fig = plots.overhead_figure(over["curves"], marks={
+    f"this run ({rounds} rounds)": (rounds, overhead["bytes_pct"], overhead["flops_pct"]),
+    "paper scale (100 rounds)": (100, at_paper["bytes_pct"], at_paper["flops_pct"])})
+_ = savefig(fig, "01_overhead")
+run.metrics["overhead"] = {"this_run": overhead, "paper_scale": at_paper, "seconds": setups.seconds}
 
-    with FlopCounterMode(display=False) as fc:
-        G0(torch.randn(8, G0.z_dim, device=dev))
-gen_fwd = fc.get_total_flops() / 8
-n_k = [len(i) for i in a0]
-over_args = dict(classifier_bytes=fl.state_bytes(clf), generator_bytes=fl.state_bytes(G0),
-                 discriminator_bytes=fl.state_bytes(Dm), n_clients=n_clients, n_k=n_k, local_epochs=local_epochs,
-                 disc_epochs=disc_epochs, clf_flops=fl.train_flops_per_sample(clf, x1),
-                 disc_flops=fl.train_flops_per_sample(Dm, x1), gen_forward_flops=gen_fwd)
-overhead = fedgo.fedgo_overhead(rounds=rounds, **over_args)
-overhead_100 = fedgo.fedgo_overhead(rounds=100, **over_args)
-ledger = fl.CommLedger()
-ledger.log(fl.SETUP, "down", "generator", fl.state_bytes(G0), copies=n_clients)
-ledger.log(fl.SETUP, "up", "discriminator", fl.state_bytes(Dm), copies=n_clients)
-for r in range(rounds):
-    ledger.log(r, "down", "model", fl.state_bytes(clf), copies=n_clients)
-    ledger.log(r, "up", "model", fl.state_bytes(clf), copies=n_clients)
-run.metrics["overhead"] = {"this_run": overhead, "at_100_rounds": overhead_100,
-                           "seconds": {**setups.seconds, "rounds_all_methods": seconds_rounds}}
-overhead_table = pd.DataFrame({f"this run ({rounds} rounds)": overhead, "same models, 100 rounds": overhead_100})
-
-# %%
-# NBVAL_CHECK_OUTPUT
-print("bytes per round (setup = -1):", ledger.per_round())
-print(overhead_table.loc[["extra_bytes", "training_bytes", "bytes_pct"]].round(2).to_string())
-
-# %%
-overhead_table.round(2)
+# %% tags=["nbval-check-output"]
+print(f"classifier {ours['classifier_bytes']} B, G {ours['generator_bytes']} B, D {ours['discriminator_bytes']} B")
+print(f"paper-class: classifier {paper_costs['classifier_bytes']} B, G {paper_costs['generator_bytes']} B, "
+      f"D {paper_costs['discriminator_bytes']} B")
+print(f"paper scale, 100 rounds: bytes {at_paper['bytes_pct']:.3f} %, client FLOPs {at_paper['flops_pct']:.3f} %")
 
 # %% [markdown]
-# ## 6 · Explorer
-# Pick a server-data scenario, α and method; the slider moves the round. Curves are seed means with a
-# ±1 std band (stored results; nothing is recomputed).
+# ## 8 · Explorer
+# Pick a scenario, a client count, α and the quantity; the curves are seed means with ±1 std bands of
+# what the run stored (`explorer.pt` beside `metrics.json`), so the explorer needs only the next two
+# cells of a committed notebook, not a re-run.
 
 # %%
-store = {scen: {"methods": res.methods, "acc": acc_cube(res).numpy()} for scen, res in results.items()}
+_ = save_explorer("01_fedgo_weighting", {"frame": {c: frame[c].tolist() for c in frame.columns},
+                                         "central": float(central_acc.mean())})
+
+# %% tags=["explorer-setup"]
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from fedlib import plots
+from fedlib.results import load_explorer
+
+# %% tags=["explorer"]
+store = load_explorer("01_fedgo_weighting")
+stored = pd.DataFrame(store["frame"])
 
 
-def explore(scenario_name=next(iter(store)), alpha=alphas[0], method="fedgo", round_=rounds):
-    s = store[scenario_name]
-    if method not in s["methods"]:
-        print(f"{method} was not run in scenario {scenario_name}; choose one of {s['methods']}")
-        return
-    i, j = alphas.index(alpha), s["methods"].index(method)
-    curve = s["acc"][i, :, j]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    xr = np.arange(1, rounds + 1)
-    ax.plot(xr, curve.mean(0), marker="o")
-    ax.fill_between(xr, curve.mean(0) - curve.std(0), curve.mean(0) + curve.std(0), alpha=0.2)
-    ax.axvline(round_, color="k", ls=":")
-    ax.set_title(f"{method}, {scenario_name}, α={alpha}: round {round_} accuracy {curve[:, round_ - 1].mean():.3f}")
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
+def show_rounds(scenario=stored.scenario[0], clients=int(stored.clients[0]), alpha=float(stored.alpha[0]),
+                value="accuracy"):
+    f = stored[(stored.scenario == scenario) & (stored.clients == clients) & (stored.alpha == alpha)]
+    plots.accuracy_rounds_figure(f, store["central"], value=value)
     plt.show()
 
 
-try:
-    import ipywidgets as widgets
+widgets.interact(show_rounds, scenario=sorted(set(stored.scenario)), clients=sorted(set(stored.clients)),
+                 alpha=sorted(set(stored.alpha)), value=["accuracy", "teacher_accuracy"]);
 
-    all_methods = sorted({m for s in store.values() for m in s["methods"]})
-    widgets.interact(explore, scenario_name=list(store), alpha=alphas, method=all_methods,
-                     round_=widgets.IntSlider(min=1, max=rounds, value=rounds))
-except ImportError:
-    explore()
+# %%
+show_rounds()  # the explorer's default view, for readers of the static notebook
 
 # %% [markdown]
-# ## 7 · Claims
-# Computed from this run's numbers. FedGO "beats every baseline" means its seed-mean accuracy after
-# the last round is above every other method's (FedAvg, FedProx and the other weightings; in the
-# data-free scenario also FedKA and DENSE). Claims that
-# may honestly fail at this scale are not required; the required one is a sanity check of the library
-# (the vectorised client round equals the sequential reference).
+# ## 9 · Claims
+# Every comparative claim is decided by the noise rule over the seeds (paired per seed: it holds when
+# the mean difference exceeds 2 standard errors). "FedGO beats every baseline" is the combination of
+# one comparison per baseline **and per client count**: it holds only if every one holds, fails if
+# any fails. In the GAN-sample and data-free scenarios FedAvg and FedProx are baselines too (they need
+# no server data). With one client every weighting is the same: those claims are "not applicable".
+# The required claim is a sanity check of the library.
 
 # %%
 xc, yc = train.x[:200], train.y[:200]
 check = fl.pack_clients(xc, yc, fdata.dirichlet_partition(yc.cpu().numpy(), 4, 0.5, seed=0))
 kw = dict(epochs=1, lr=lr, momentum=0.9, batch_size=batch_size, mu=mu)
-vec = fl.local_train(clf, fl.get_params(clf), check, generator=torch.Generator().manual_seed(0), **kw)
-seq = fl.local_train(clf, fl.get_params(clf), check, generator=torch.Generator().manual_seed(0), vectorised=False, **kw)
-max_diff = max((vec[n] - seq[n]).abs().max().item() for n in vec)
+vec = fl.local_train(clf, init, check, generator=torch.Generator().manual_seed(0), **kw)
+seq = fl.local_train(clf, init, check, generator=torch.Generator().manual_seed(0), vectorised=False, **kw)
 # relative L2 error: ~1e-7 for the digits CNN; the paper-scale ResNet under torch's deterministic CPU
-# kernels (seed_everything) drifts to ~1e-4 by float reassociation alone, hence the 1e-3 bound
+# kernels drifts to ~1e-4 by float reassociation alone, hence the 1e-3 bound
 rel_err = (sum(((vec[n] - seq[n]) ** 2).sum() for n in vec) / sum((seq[n] ** 2).sum() for n in seq)).sqrt().item()
 run.claim("vectorised client round equals the sequential reference", "(library sanity)",
-          f"max |diff| = {max_diff:.1e}, relative L2 error {rel_err:.1e}", rel_err < 1e-3, required=True)
-
-for scen, res in results.items():
-    mean = {m: acc_cube(res)[:, :, j, -1].mean(1) for j, m in enumerate(res.methods)}  # [alpha]
-    if scen == "data-free" and "pre-existing" in results:  # FedAvg/FedProx are baselines here too
-        pre = results["pre-existing"]
-        mean.update({m: acc_cube(pre)[:, :, pre.methods.index(m), -1].mean(1) for m in distill.aggregation_only()
-                     if m in pre.methods})
-    if "fedgo" not in mean:
-        continue
-    for i, a in enumerate(alphas):
-        if a not in (0.05, 0.1):
-            continue
-        best_other = max((m for m in mean if m != "fedgo"), key=lambda m: float(mean[m][i]))
-        gap = float(mean["fedgo"][i] - mean[best_other][i])
-        run.claim(f"FedGO beats every baseline, {scen} server data, alpha={a}",
-                  "yes (CIFAR-10/100, ImageNet-100, 100 rounds)",
-                  f"FedGO {float(mean['fedgo'][i]):.3f} vs best other ({best_other}) {float(mean[best_other][i]):.3f}",
-                  gap > 0, note=f"digits, {rounds} rounds, {len(seeds)} seeds; gap {gap:+.3f}")
-
-if "fedgo" in teacher and "feddf" in teacher:
-    hetero = [f"alpha={a}" for a in alphas if a in (0.05, 0.1)] or [f"alpha={a}" for a in alphas]
-    fg = np.mean([teacher["fedgo"][k] for k in hetero])
-    un = np.mean([teacher["feddf"][k] for k in hetero])
-    run.claim("FedGO's teacher is more accurate than the uniform (FedDF) teacher", "yes",
-              f"{fg:.3f} vs {un:.3f} on the server data ({', '.join(hetero)})", fg > un,
-              note="mean over rounds and seeds")
-run.claim("FedGO's weights are closer to the oracle's than uniform weights (2-D toy)", "yes (toy figure)",
-          f"TV {toy.weight_tv_to_oracle['fedgo']:.3f} vs {toy.weight_tv_to_oracle['uniform']:.3f}",
-          toy.weight_tv_to_oracle["fedgo"] < toy.weight_tv_to_oracle["uniform"])
-ok = overhead["bytes_pct"] < 5 and overhead["flops_pct"] < 5
-run.claim("FedGO's extra communication and client compute are negligible (< 5 %)", "negligible",
-          f"bytes {overhead['bytes_pct']:.1f} %, client FLOPs {overhead['flops_pct']:.1f} % "
-          f"(100 rounds: {overhead_100['bytes_pct']:.1f} %, {overhead_100['flops_pct']:.1f} %)", ok,
-          note="this run is only a few rounds of a tiny classifier; the one-off cost shrinks with rounds "
-               "and classifier size")
-run.metrics["wall_time_s"] = time.perf_counter() - t_start
-run.claims_frame()
+          f"relative L2 error {rel_err:.1e}", rel_err < 1e-3, required=True)
+multi = [K for K in client_counts if K > 1]
+hetero_alphas = [a for a in alphas if a in (0.05, 0.1)]
+scale = f"digits, {rounds} rounds, K in {multi}, {len(seeds)} seeds"
 
 # %%
+def why(s, a):
+    """The measured reason behind a scenario's verdict: the teacher against FedAvg (pre), or how far
+    the server's samples are from the data and where FedGO's gap goes over the rounds."""
+    gap = per_round[per_round.scenario == s].groupby("round")["gap"].mean()
+    text = f"gap to the best baseline {gap.iloc[0]:+.3f} after round 1, {gap.iloc[-1]:+.3f} after round {rounds}"
+    if s == "pre":
+        t = studies.per_seed(frame, "teacher_accuracy", scenario=s, clients=multi[-1], alpha=a, method="fedgo").mean()
+        return f"{text}; FedGO teacher {t:.3f} on the server data (K={multi[-1]}), its student follows it (§5)"
+    return f"{text}; server samples at FD {server_fd[s]:.2f} from the real server half vs {server_fd['pre']:.2f} (§3, §6)"
+
+
+for s in scenarios:
+    for a in hetero_alphas:
+        name = f"FedGO beats every baseline, {s} server data, alpha={a}"
+        if not multi:
+            run.claim(name, "yes (CIFAR-10/100, ImageNet-100, 100 rounds)", "one client: every weighting is the same",
+                      None)
+            continue
+        verdict, text = studies.beats_every(studies.fedgo_comparisons(frame, s, a, multi))
+        run.claim(name, "yes (CIFAR-10/100, ImageNet-100, 100 rounds)", text, verdict,
+                  note=f"{scale}; {studies.SCENARIOS[s]}; {why(s, a)}")
+
+# %%
+if "pre" in scenarios and {"fedgo", "feddf"} <= set(methods) and multi:
+    comps = {f"K={K}, alpha={a}": compare(*(studies.per_seed(frame, "teacher_accuracy", False, scenario="pre",
+                                                              clients=K, alpha=a, method=m).values
+                                            for m in ("fedgo", "feddf")), a_name="FedGO teacher", b_name="uniform")
+             for K in multi for a in (hetero_alphas or alphas)}
+    verdict, text = studies.beats_every(comps)
+    run.claim("FedGO's teacher is more accurate than the uniform (FedDF) teacher", "yes", text, verdict,
+              note="accuracy on the server data, mean over rounds, paired per seed; at every K and alpha")
+else:
+    run.claim("FedGO's teacher is more accurate than the uniform (FedDF) teacher", "yes",
+              "one client: every weighting is the same" if not multi else "not measured (needs the pre scenario, "
+              "fedgo and feddf)", None)
+tv = toy.weight_tv_to_oracle
+_ = run.claim("FedGO's weights are closer to the oracle's than uniform weights (2-D toy)", "yes (toy figure)", None,
+              compare(tv["fedgo"], tv["uniform"], a_name="FedGO TV", b_name="uniform TV", higher_is_better=False)
+              if toy_clients > 1 else None, note=f"{len(toy_seeds)} toy seeds, mean TV distance to the oracle weights")
+
+# %%
+run.claim("FedGO's extra communication and client compute are negligible (< 5 %), this run", "negligible",
+          f"bytes {overhead['bytes_pct']:.1f} %, client FLOPs {overhead['flops_pct']:.1f} %",
+          bool(overhead["bytes_pct"] < 5 and overhead["flops_pct"] < 5),
+          note=f"{rounds} rounds of a {models.n_params(clf)}-parameter classifier against E_d = {disc_epochs} "
+               "discriminator epochs: the one-off cost shrinks with rounds and classifier size (§7)")
+run.claim("FedGO's extra communication and client compute are negligible (< 5 %), paper scale", "negligible",
+          f"bytes {at_paper['bytes_pct']:.3f} %, client FLOPs {at_paper['flops_pct']:.3f} %",
+          bool(at_paper["bytes_pct"] < 5 and at_paper["flops_pct"] < 5),
+          note="computed from parameter and FLOP counts (ResNet-18, DCGAN-class G and D, 100 rounds, E_d = 5), "
+               "not run")
+run.metrics["wall_time_s"] = time.perf_counter() - t_start
 run.finish()
+run.claims_table()
+
+# %% [markdown]
+# ### The verdicts and their reasons
+# Each claim's note above carries its measured reason; across the parameter sets (`quick`: 5 rounds;
+# `long`: 15 rounds, searches over G's width, E_d and the distillation lr, the data-free budget sweep):
+#
+# * **Pre-existing server data.** FedGO leads early (gap figure of §6) by the margin of its teacher over
+#   FedAvg's model. At 5 rounds it is ahead of most comparisons but within noise of the strongest at
+#   some client count (DaFKD's seed spread at α = 0.05, FedAvg at α = 0.1). With more rounds FedAvg
+#   approaches central training on digits and passes FedGO's teacher; since the distilled model equals
+#   its teacher (§5), FedGO falls behind (`long`, from about round 8: the claim does not hold there).
+#   Not a defect of the rule: with exact weights (`fedgo_exact`) the same protocol has a ~0.99 teacher
+#   and a server model at central training's accuracy. What is missing is *discriminator quality*
+#   (~36-72 images per client; the E_d and G-width searches end at the edges of their grids, still
+#   improving) and a task on which FedAvg stays far from central training (CIFAR-scale heterogeneity,
+#   100 rounds, a ResNet-18).
+# * **GAN samples** (G trained on the real server half, `long` only): below zero at every round.
+# * **Data-free** (no server data): below zero at both scales (within noise where one seed's FedGO
+#   collapses). The gap narrows with rounds and with the data-free G's training budget (§6 sweep),
+#   while its samples stay far from the data (Fréchet distance ~10 against ~2.7 for the GAN): the
+#   discriminators' odds are read off the data. Missing: generator realism (DENSE pulls G towards the
+#   data with the clients' batch-norm statistics, which GroupNorm models do not have) and budget.
+# * **Teacher accuracy** and **weights vs the oracle** hold at every client count, α and seed.
+# * **Overhead**: not negligible at our scale (E_d = 30 epochs of discriminator training against 5 × 1
+#   local epochs of a 3.9k-parameter classifier), negligible at the paper's scale by the same accounting
+#   (§7): the one-off cost is amortised by rounds and by the classifier's size.
+#
+# Checked against docs/methods.md §1.2 point by point, with a test each (`tests/test_fedgo.py`): the
+# discriminators' labels (real 1, G 0: their logit is log p_k − log p_G), which samples they see (their
+# own data and as many G samples, padding masked), the weights' normalisation (over clients, with n_k;
+# p_G cancels), and that the data-free scenario never reads the server half.
+

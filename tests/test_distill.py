@@ -133,3 +133,65 @@ def test_run_rounds_small_end_to_end():
     assert torch.isnan(res.teacher_accuracy[:, :2]).all() and torch.isfinite(res.teacher_accuracy[:, 2:]).all()
     with pytest.raises(ValueError, match="unknown method 'fedsgd'"):
         D.run_rounds(clf, [setup], ["fedsgd"], rounds=1)
+
+
+def _teacher_problem():
+    torch.manual_seed(0)
+    model = models.MLP(2, 3, hidden=16)
+    x = torch.randn(300, 2)
+    return model, x, torch.softmax(3 * x @ torch.randn(2, 3), -1)
+
+
+def test_epoch_distillation_keeps_the_best_held_out_epoch_and_stops_early():
+    """The epoch budget: each model keeps the epoch whose KL to the teacher on the held-out part of the
+    server data is lowest (the FedAvg start included), and stops once none improved for `patience`."""
+    model, x, targets = _teacher_problem()
+    call, w0 = fl.functional(model), fl.get_params(model)
+    report = {}
+    w = D.kl_distill_params(model, w0, x, targets, epochs=8, lr=1e-2, val_fraction=0.2, cosine=True,
+                            generator=torch.Generator().manual_seed(0), report=report)
+    assert report["epochs_run"] == 8 and 1 <= int(report["best_epoch"][0]) <= 8
+    assert D.kl_to_targets(call(w, x), targets).mean() < 0.5 * D.kl_to_targets(call(w0, x), targets).mean()
+    # a diverging learning rate never beats the start on held-out data: the start is kept, and with
+    # patience 2 the loop stops after two epochs
+    report = {}
+    bad = D.kl_distill_params(model, w0, x, targets, epochs=10, lr=1e3, val_fraction=0.2, patience=2,
+                              generator=torch.Generator().manual_seed(0), report=report)
+    assert report["epochs_run"] == 2 and int(report["best_epoch"][0]) == 0
+    assert all(torch.equal(bad[n], w0[n]) for n in w0)
+    with pytest.raises(ValueError, match="exactly one distillation budget"):
+        D.kl_distill_params(model, w0, x, targets, steps=5, epochs=5)
+
+
+def test_epoch_distillation_vectorises_over_models_with_their_own_best_epochs():
+    model, x, targets = _teacher_problem()
+    w0 = fl.get_params(model)
+    t2 = torch.stack([targets, targets.flip(0)])
+    both = D.kl_distill_params(model, fl.broadcast_params(w0, 2), x, t2, epochs=3, val_fraction=0.25,
+                               generator=torch.Generator().manual_seed(1))
+    alone = D.kl_distill_params(model, w0, x, t2[1], epochs=3, val_fraction=0.25,
+                                generator=torch.Generator().manual_seed(1))
+    assert max((both[n][1] - alone[n]).abs().max().item() for n in alone) < 1e-5
+
+
+def test_cosine_schedule_and_predict_each():
+    assert D._lr_at(0.1, 1, 10, True) == pytest.approx(0.1) and D._lr_at(0.1, 10, 10, True) < 0.01
+    assert D._lr_at(0.1, 7, 10, False) == 0.1
+    clf = models.SmallCNN(1, 10, width=4)
+    stacked = fl.broadcast_params(fl.get_params(clf), 3)
+    stacked = {n: p + 0.01 * torch.randn_like(p) for n, p in stacked.items()}
+    x = torch.randn(50, 1, 8, 8)
+    call = fl.functional(clf)
+    assert torch.allclose(D.predict_each(call, stacked, x, 16), fl.predict(call, stacked, x, stacked=True), atol=1e-5)
+
+
+def test_run_rounds_epoch_budget_logs_the_distillation():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 1, 8, 8), torch.randint(0, 3, (120,))
+    clients = fl.pack_clients(x, y, [torch.arange(0, 30), torch.arange(30, 80)])
+    setup = D.Setup(clients, x[80:], x[:20], y[:20], y[80:], disc_logits=torch.randn(2, 40))
+    res = D.run_rounds(models.SmallCNN(1, 3, width=4), [setup], ["fedavg", "feddf", "fedgo"], rounds=2,
+                       distill_epochs=2, distill_val=0.25, generator=g)
+    assert [e["round"] for e in res.distill_log] == [1, 2] and res.distill_log[0]["groups"] == [1, 2]
+    assert all(e["epochs_run"] <= 2 and e["val_kl"].shape == (2,) for e in res.distill_log)
+    assert torch.isfinite(res.accuracy).all()

@@ -56,7 +56,7 @@ BAD_INPUT = [
     (["reproduce", "02", "-p", "alpha=-1"], "alpha=-1.0 is not allowed (it is not greater than 0)"),
     (["reproduce", "02", "-p", "bits=[3]"], "bits=[3] is not allowed (3 is not one of 2, 4, 8, 16, 32)"),
     (["reproduce", "03", "-p", "ld3_nfes=[0]"], "ld3_nfes=[0] is not allowed (0 is not at least 2)"),
-    (["reproduce", "01", "-p", "n_clients=1000"], "n_clients=1000 is not allowed (it is not at most 179"),
+    (["reproduce", "01", "-p", "client_counts=[10, 1000]"], "client_counts=[10, 1000] is not allowed (1000 is not at most 179"),
     (["reproduce", "02", "-p", "n_evals=99"], "n_evals=99 is not allowed (it is not at most 15 (rounds = 15))"),
     (["reproduce", "01", "-p", "methods=['nope']"], "'nope' is not one of fedavg, fedprox"),
     (["reproduce", "04", "-p", "samplers=['heun']"], "'heun' is not one of euler"),
