@@ -43,7 +43,7 @@ reproduce: venv
 # pytest run, two workers; each notebook, and the browser test, stays on one worker.
 test: venv
 	rm -rf $(TESTOUT) && mkdir -p $(TESTOUT)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_DIR=$(TESTOUT)/run FEDLIB_CACHE=$(TESTOUT)/cache \
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_ROOT=$(TESTOUT)/run FEDLIB_CACHE=$(TESTOUT)/cache \
 	FEDLIB_TEST_OUTPUT=$(TESTOUT) MPLBACKEND=Agg $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=15 -m "not slow" \
 	  --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 \
 	  tests notebooks
@@ -53,7 +53,7 @@ unit: venv
 
 nbval: venv
 	rm -rf $(TESTOUT) && mkdir -p $(TESTOUT)
-	OMP_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_DIR=$(TESTOUT)/run FEDLIB_CACHE=$(TESTOUT)/cache MPLBACKEND=Agg \
+	OMP_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_ROOT=$(TESTOUT)/run FEDLIB_CACHE=$(TESTOUT)/cache MPLBACKEND=Agg \
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 notebooks
 

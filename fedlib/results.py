@@ -274,9 +274,20 @@ def provenance(device: str | None = None) -> dict:
     }
 
 
+def _run_path(notebook: str) -> Path:
+    # $FEDLIB_RUN_ROOT/<notebook> lets several notebooks run at once (nbval on two workers) without
+    # writing one another's metrics.json and explorer data into one folder
+    if "FEDLIB_RUN_DIR" in os.environ:
+        return Path(os.environ["FEDLIB_RUN_DIR"])
+    if "FEDLIB_RUN_ROOT" in os.environ:
+        return Path(os.environ["FEDLIB_RUN_ROOT"]) / notebook
+    return REPO_ROOT / "results" / "interactive" / notebook
+
+
 def run_dir(notebook: str) -> Path:
-    """``$FEDLIB_RUN_DIR`` (the runner sets it) or ``results/interactive/<notebook>``."""
-    path = Path(os.environ.get("FEDLIB_RUN_DIR", REPO_ROOT / "results" / "interactive" / notebook))
+    """``$FEDLIB_RUN_DIR`` (the runner sets it), ``$FEDLIB_RUN_ROOT/<notebook>`` or
+    ``results/interactive/<notebook>``."""
+    path = _run_path(notebook)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -440,7 +451,7 @@ def load_explorer(notebook: str, scale: str = "quick") -> dict:
     ``results/interactive/<notebook>``) when there is one, else the committed ``results/<scale>/<notebook>``."""
     import torch
 
-    here = Path(os.environ.get("FEDLIB_RUN_DIR", REPO_ROOT / "results" / "interactive" / notebook)) / EXPLORER_FILE
+    here = _run_path(notebook) / EXPLORER_FILE
     committed = REPO_ROOT / "results" / scale / notebook / EXPLORER_FILE
     for path in (here, committed):
         if path.exists():
