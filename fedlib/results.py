@@ -47,7 +47,7 @@ VERDICTS = ("holds", "does not hold", "within noise", "not applicable")
 # what produced a result: a later commit touching one of these makes committed results stale
 INPUT_PATHS = ("fedlib", "notebooks/*.py", "notebooks/params", "constraints.txt")
 _PACKAGES = ("fedlib", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "matplotlib",
-             "papermill", "flwr", "diffusers", "torchmetrics")
+             "papermill", "flwr", "diffusers", "torchmetrics", "seaborn")
 
 # ---------------------------------------------------------------------------------------------
 # The noise rule: how every comparative claim in fedlib is decided
