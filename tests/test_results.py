@@ -120,3 +120,16 @@ def test_provenance_counts_only_inputs_as_dirty():
         assert not path.startswith("notebooks/") or path.endswith(".py") or "/params/" in path, path
     assert prov["git_dirty"] == bool(prov["dirty_paths"])
     assert prov["threads"] >= 1 and len(prov["git_commit"]) == 40
+
+
+def test_run_root_gives_each_notebook_its_own_folder(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("FEDLIB_RUN_DIR", raising=False)
+    monkeypatch.setenv("FEDLIB_RUN_ROOT", str(tmp_path))
+    assert R.run_dir("09_a") == tmp_path / "09_a" and R.run_dir("09_b") == tmp_path / "09_b"
+    R.save_explorer("09_a", {"x": torch.ones(2)})
+    assert (tmp_path / "09_a" / R.EXPLORER_FILE).exists() and not (tmp_path / "09_b" / R.EXPLORER_FILE).exists()
+    assert torch.equal(R.load_explorer("09_a")["x"], torch.ones(2))
+    monkeypatch.setenv("FEDLIB_RUN_DIR", str(tmp_path / "one"))  # the runner's own folder wins
+    assert R.run_dir("09_a") == tmp_path / "one"
