@@ -188,6 +188,13 @@ def _kernel_manager():
     from jupyter_client.manager import AsyncKernelManager
 
     class LoggedKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            # Unix sockets named after the kernel's connection file, not TCP ports picked free and bound
+            # later: two processes starting kernels at once (the tests' runner calls beside nbval, Ray)
+            # can pick the same port, and the runner then waits for ever on a reply another kernel got
+            kw.setdefault("transport", "ipc")
+            super().__init__(**kw)
+
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             log = os.environ.get("FEDLIB_KERNEL_LOG")
             if log:
