@@ -242,6 +242,7 @@ def dmd2_explorer_figure(data: dict, model: str, step: int):
     else:
         axes[2].set_axis_off()
         axes[2].set_title(f"{model}: not run on digits", fontsize=8)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
