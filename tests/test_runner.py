@@ -42,7 +42,7 @@ BAD_INPUT = [
     (["reproduce", "00", "-p", "seed=0.5"], "must be int"),
     (["reproduce", "00", "-p", "alphas=['a']"], "must be list"),
     (["reproduce", "00", "-p", "novalue"], "must look like KEY=VALUE"),
-    (["reproduce", "00", "--scale", "huge"], "unknown scale 'huge'; allowed: fashion_mnist, paper, quick, smoke"),
+    (["reproduce", "00", "--scale", "huge"], "unknown scale 'huge'; allowed: fashion_mnist, paper, paper_smoke, quick, smoke"),
     (["reproduce", "00", "--device", "tpu"], "unknown device 'tpu'; allowed: auto, cpu, cuda"),
     # the declared rules: value, what is allowed, an example, in one line
     (["reproduce", "03", "--scale", "smoke", "-p", "shrink_datasets=['grid']"],
