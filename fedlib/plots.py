@@ -457,6 +457,18 @@ def ld3_explorer_view(ex: dict, dataset: str, solver: str, grid: str, nfe: int):
 # notebook 01 (FedGO)
 
 
+def method_colours(methods) -> dict:
+    """One colour per method, the same in every figure and distinct for up to 20 methods (the registry
+    has more than matplotlib's 10 default colours): registered methods take their registry position in
+    tab20, others follow."""
+    from .distill import methods as registered
+
+    known = list(registered())
+    order = known + [m for m in methods if m not in known]
+    cmap = plt.get_cmap("tab20")
+    return {m: cmap(order.index(m) % 20) for m in methods}
+
+
 def _band(ax, x, values, label=None, color=None, lw=1.2, **kw):
     """Seed mean of ``values`` [seeds, len(x)] as a line, +-1 std as a band."""
     values = np.asarray(values, dtype=float)
@@ -498,8 +510,7 @@ def accuracy_rounds_figure(frame, central: float | None = None, value: str = "ac
     cols = max(sum(p[0] == s for p in panels) for s in scen)
     fig, axes = plt.subplots(len(scen), cols, figsize=(3.0 * cols, 2.7 * len(scen)), squeeze=False, sharey=True,
                              constrained_layout=True)
-    methods = list(dict.fromkeys(frame["method"]))
-    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    colour = method_colours(dict.fromkeys(frame["method"]))
     for r, s in enumerate(scen):
         mine = [p for p in panels if p[0] == s]
         for c, (_, K, a) in enumerate(mine):
@@ -519,18 +530,39 @@ def accuracy_rounds_figure(frame, central: float | None = None, value: str = "ac
     return fig
 
 
+def oneshot_figure(frame, value: str = "accuracy"):
+    """One-shot results: per (K, alpha) panel, each method's ``value`` after its single round as a bar
+    (seed mean, +-1 sd) with the seeds as dots (seaborn). ``frame``: :func:`fedlib.studies.rounds_frame`."""
+    import seaborn as sns
+
+    panels = list(frame.groupby(["clients", "alpha"], sort=False).groups)  # keeps K an integer
+    colour = method_colours(dict.fromkeys(frame["method"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 2.8), squeeze=False, sharey=True,
+                             constrained_layout=True)
+    for ax, (K, a) in zip(axes[0], panels):
+        f = frame[(frame.clients == K) & (frame.alpha == a) & (frame["round"] == frame["round"].max())]
+        sns.barplot(data=f, x="method", y=value, hue="method", palette=colour, errorbar="sd", ax=ax, legend=False)
+        sns.stripplot(data=f, x="method", y=value, color="k", size=3, ax=ax)
+        ax.set_title(f"one round, K={K}, α={a}", fontsize=8)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        ax.set_xlabel("")
+    axes[0, 0].set_ylabel(f"server model test {value}")
+    return fig
+
+
 def teacher_student_figure(frame, scenario: str = "pre", baselines=("fedavg", "fedprox")):
     """Each distilling method's teacher accuracy on the server data (x) against its server model's test
     accuracy (y) at the last round, one point per (K, alpha, seed); dashed: the seed-mean accuracy of the
     aggregation-only baselines. Points on the diagonal: the server model is as good as its teacher."""
     f = frame[(frame.scenario == scenario) & (frame["round"] == frame["round"].max())]
     fig, ax = plt.subplots(figsize=(4.6, 4.0))
-    for i, m in enumerate(dict.fromkeys(f["method"])):
+    colour = method_colours(dict.fromkeys(f["method"]))
+    for m in colour:
         g = f[f.method == m]
         if g["teacher_accuracy"].notna().any():
-            ax.scatter(g["teacher_accuracy"], g["accuracy"], s=14, label=m, color=f"C{i % 10}")
+            ax.scatter(g["teacher_accuracy"], g["accuracy"], s=14, label=m, color=colour[m])
         elif m in baselines:
-            ax.axhline(g["accuracy"].mean(), color=f"C{i % 10}", ls="--", lw=1, label=f"{m} (no teacher)")
+            ax.axhline(g["accuracy"].mean(), color=colour[m], ls="--", lw=1, label=f"{m} (no teacher)")
     ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls=":")
     ax.set(xlabel="teacher accuracy on the server data (last round)", ylabel="server model test accuracy",
            xlim=(0, 1.02), ylim=(0, 1.02), title=f"{scenario}: a better teacher, a better server model?")

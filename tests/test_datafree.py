@@ -265,3 +265,13 @@ def test_unknown_option_is_refused(problem):
     with pytest.raises(ValueError, match=r"unknown fedftg options \['beta'\]; allowed: steps, student_steps"):
         D.run_rounds(problem["model"], [problem["setup"]], ["fedftg"], rounds=1, method_options={"fedftg": {"beta": 1}},
                      **KW)
+
+
+def test_every_registered_method_keeps_one_distinct_colour_in_every_figure():
+    from fedlib import distill, plots
+
+    everyone = list(distill.methods())
+    assert len(everyone) > 10, "the reason for a 20-colour palette"
+    full = plots.method_colours(everyone)
+    assert len(set(full.values())) == len(everyone)
+    assert plots.method_colours(["fedgen", "fedgo"]) == {m: full[m] for m in ("fedgen", "fedgo")}
