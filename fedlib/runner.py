@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,7 +194,15 @@ def _kernel_manager():
             # later: two processes starting kernels at once (the tests' runner calls beside nbval, Ray)
             # can pick the same port, and the runner then waits for ever on a reply another kernel got
             kw.setdefault("transport", "ipc")
+            # ... in a folder of their own: the default name ("kernel-ipc-<n>", relative to each process's
+            # folder) is the same for every kernel started in one folder, which collides just the same
+            kw.setdefault("ip", str(Path(tempfile.mkdtemp(prefix="fedlib-kernel-")) / "ipc"))
             super().__init__(**kw)
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)  # removes the socket files
+            if not restart:
+                shutil.rmtree(Path(self.ip).parent, ignore_errors=True)
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             log = os.environ.get("FEDLIB_KERNEL_LOG")

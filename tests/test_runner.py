@@ -291,3 +291,18 @@ def test_metrics_schema_and_report(tmp_path, monkeypatch):
     assert "| 07_x | c | 1 | 2 | not applicable |" in table
     assert "| 07_x | d | p | m | does not hold at this scale |" in table
     assert validate_metrics({"schema": "x"})  # problems are reported
+
+
+def test_runs_started_at_once_in_one_folder_each_talk_to_their_own_kernel(tmp_path):
+    """Four runner processes start kernels at the same moment from one folder: each must finish (a
+    shared socket name or port made one client wait for ever on a reply that another kernel got)."""
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    _tiny_notebook(nbdir, GOOD.format(name="10_fast") + "\nimport time\ntime.sleep(1)", "10_fast")
+    procs = [subprocess.Popen([sys.executable, "-m", "fedlib", "reproduce", "--out", str(tmp_path / f"r{i}")],
+                              cwd=nbdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "FEDLIB_NOTEBOOKS_DIR": str(nbdir)}) for i in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-2000:] + err[-2000:]
+    assert not list(nbdir.glob("kernel-*")), "no socket files left in the notebooks' folder"
