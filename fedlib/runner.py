@@ -467,11 +467,12 @@ def main(argv: list[str] | None = None) -> int:
             print(list_notebooks(args.names))
             return 0
         if args.command == "report":
-            print(report(args.scale, args.readme, Path(args.out)))
+            print(report(args.scale, args.readme, Path(args.out).resolve()))
             return 0
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads}: allowed: an integer >= 1; e.g. --threads 1")
-        return reproduce(args.names, args.scale, args.param, args.device, Path(args.out), args.update_notebooks,
+        # absolute: papermill runs each notebook from the notebooks' folder, where a relative --out means nothing
+        return reproduce(args.names, args.scale, args.param, args.device, Path(args.out).resolve(), args.update_notebooks,
                          args.threads)
     except UsageError as err:
         for line in str(err).splitlines():

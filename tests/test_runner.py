@@ -306,3 +306,13 @@ def test_runs_started_at_once_in_one_folder_each_talk_to_their_own_kernel(tmp_pa
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, out[-2000:] + err[-2000:]
     assert not list(nbdir.glob("kernel-*")), "no socket files left in the notebooks' folder"
+
+
+def test_a_relative_out_folder_is_taken_from_where_the_command_runs(tmp_path):
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    _tiny_notebook(nbdir, GOOD.format(name="10_fast"), "10_fast")
+    done = subprocess.run([sys.executable, "-m", "fedlib", "reproduce", "--out", "rel"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "FEDLIB_NOTEBOOKS_DIR": str(nbdir)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "rel" / "quick" / "10_fast" / "metrics.json").exists()
