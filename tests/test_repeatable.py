@@ -20,6 +20,18 @@ REPO = Path(__file__).resolve().parent.parent
 TIMING = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?\s?(?:ms|s|min|h|samples/s|it/s|/s)\b")
 
 
+def run_runner(args: list, timeout: int = 300, cwd=REPO, env=None):
+    """``python -m fedlib <args>``, once more if the first try hangs: papermill now and then never
+    returns from a notebook's ``widgets.interact`` cell although the kernel is idle (seen on notebooks 00
+    and 02; nteract/papermill#723). A known bug of the runner's stack, open in the closing notes; the
+    retry keeps it from failing runs that are otherwise fine, and a second hang still fails."""
+    cmd = [sys.executable, "-m", "fedlib", *args]
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def claims(out: Path, name: str) -> list:
     doc = json.loads((out / "smoke" / name / "metrics.json").read_text())
     return [(c["name"], TIMING.sub("<time>", c["measured"]), c["verdict"]) for c in doc["claims"]]
@@ -34,8 +46,7 @@ def test_the_timing_mask_hides_times_and_nothing_else():
 def test_the_same_command_twice_gives_the_same_claims(name, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        done = subprocess.run([sys.executable, "-m", "fedlib", "reproduce", name, "--scale", "smoke", "--out", str(out)],
-                              cwd=REPO, capture_output=True, text=True, timeout=900)
+        done = run_runner(["reproduce", name, "--scale", "smoke", "--out", str(out)])
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     first, second = (claims(out, name) for out in outs)
     assert first and first == second

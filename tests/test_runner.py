@@ -22,8 +22,9 @@ NO_GPU = not P.cuda_available()
 
 
 def cli(*args, cwd=REPO, env=None):
-    return subprocess.run([sys.executable, "-m", "fedlib", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})})
+    from test_repeatable import run_runner  # one retry if papermill hangs at a widget cell (see there)
+
+    return run_runner(list(args), timeout=300, cwd=cwd, env={**os.environ, **(env or {})})
 
 
 def test_list_shows_every_notebook_with_parameters_types_defaults_help_and_rules():
