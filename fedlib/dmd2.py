@@ -296,6 +296,41 @@ def generate(generator: Denoiser, times: torch.Tensor, n: int, shape=None, seed:
     return torch.cat(out)
 
 
+class SamplerGenerator(nn.Module):
+    """A diffusion model and its sampling grid as a plain generator ``z -> x`` (``z_dim`` Gaussian inputs,
+    the prior noise x_T = sigma_T z): what a protocol that only knows generators (FedGO's server G,
+    :mod:`fedlib.fedgo`) can sample from. ``solver`` None runs a DMD2 student (:func:`sample_student` on
+    ``times``); a sampler name runs the teacher's ODE on ``times`` (e.g. an LD3 grid, with its
+    ``network_times``). Samples are clamped to [-1, 1] (the data range). ``vmappable`` is False: the
+    solvers branch on values, so callers run it outside ``torch.func.vmap``."""
+
+    vmappable = False
+
+    def __init__(self, denoiser: Denoiser, times, shape, solver: str | None = None, network_times=None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.register_buffer("times", torch.as_tensor(times, dtype=torch.float64).clone())
+        self.register_buffer("network_times", None if network_times is None else
+                             torch.as_tensor(network_times, dtype=torch.float64).clone())
+        self.shape, self.solver = tuple(shape), solver
+        self.z_dim = math.prod(self.shape)
+        self.nfe = len(self.times) if solver is None else None  # set by the first call for an ODE solver
+
+    @torch.no_grad()
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        from .diffusion.samplers import solve
+
+        process = self.denoiser.process
+        sigma_T = float(process.sigma(torch.tensor(process.t_max, dtype=torch.float64)))
+        x_T = sigma_T * z.reshape(-1, *self.shape)
+        if self.solver is None:
+            x, nfe = sample_student(self.denoiser, x_T, self.times)
+        else:
+            x, nfe = solve(self.denoiser, x_T, self.times, self.solver, self.network_times)
+        self.nfe = nfe
+        return x.clamp(-1, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Several seeds in one network (2-D): one weight per seed in every linear layer
 

@@ -71,8 +71,8 @@ def discriminator_loss(G: nn.Module | list):
             pick = batch["y"][:1]  # a 1-element index: a 0-d one would be read with .item(), which vmap refuses
             return call_g({n: p.index_select(0, pick)[0] for n, p in stacked.items()}, batch["z"])
     else:
-        def sample_of(batch):
-            return G(batch["z"])
+        def sample_of(batch):  # a G that cannot run under vmap sends its samples in the batch (generator_noise)
+            return batch["fake"] if "fake" in batch else G(batch["z"])
 
     def loss(call, params, batch) -> Tensor:
         with torch.no_grad():
@@ -85,11 +85,18 @@ def discriminator_loss(G: nn.Module | list):
 
 def generator_noise(G: nn.Module):
     """An ``extras_fn`` for :func:`fedlib.federated.local_train` drawing the noise of one G sample per
-    real sample from the client's own generator (outside vmap; G itself runs in the loss)."""
+    real sample from the client's own generator (outside vmap; G itself runs in the loss). A G with
+    ``vmappable = False`` (a diffusion sampler, :class:`fedlib.dmd2.SamplerGenerator`: its solvers branch
+    on values) is run here instead, outside vmap, and its samples travel in the batch as ``fake``."""
     device = next(G.parameters()).device
+    outside = not getattr(G, "vmappable", True)
 
     def extras(x, y, g):
-        return {"z": torch.randn(len(x), G.z_dim, generator=g).to(device)}
+        z = torch.randn(len(x), G.z_dim, generator=g).to(device)
+        if outside:
+            with torch.no_grad():
+                return {"fake": G(z)}
+        return {"z": z}
 
     return extras
 

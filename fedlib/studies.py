@@ -111,7 +111,8 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
                  disc_epochs: int, disc_lr: float = 0.05, gan_lr: float = 2e-3, z_dim: int = 16,
                  gen_width: int = 32, disc_width: int = 8, model=None, init=None, warmup_epochs: int = 1,
                  local_lr: float = 0.05, free_steps: int = 200, free_lr: float = 1e-3, dense: bool = True,
-                 generator: torch.Generator | None = None, device="cpu", progress=None) -> FedGOSetups:
+                 generator: torch.Generator | None = None, device="cpu", progress=None,
+                 server_generators: dict | None = None) -> FedGOSetups:
     """FedGO split of ``train`` (half of each class, unlabeled, to the server: the same half for every
     K and alpha of a seed) for every (K, alpha, seed), and per scenario of :data:`SCENARIOS`:
 
@@ -123,7 +124,12 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
       trained against their ensemble (:func:`fedlib.fedgo.train_generator_data_free`, ``free_steps``),
       every client's discriminator against that G, server data = as many G samples.
 
-    Data-free setups also get a DENSE generator (``dense``)."""
+    Data-free setups also get a DENSE generator (``dense``).
+
+    ``server_generators`` ({scenario name: {seed: G}}) adds one scenario per name whose server G is
+    given (e.g. notebook 05's one-step generator distilled from a federated diffusion model): every
+    client's discriminator against that seed's G, server data = as many G samples, no DENSE generator.
+    Nothing of the server half is read for them: they are data-free when their G is."""
     import time
 
     from . import distill
@@ -134,13 +140,20 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         raise ValueError(f"unknown scenarios {unknown}; allowed: {', '.join(SCENARIOS)}")
+    given = dict(server_generators or {})
+    clash = [s for s in given if s in SCENARIOS]
+    if clash:
+        raise ValueError(f"server_generators names {clash} clash with the built-in scenarios; pick other names")
+    missing = [(s, seed) for s, per_seed in given.items() for seed in seeds if seed not in per_seed]
+    if missing:
+        raise ValueError(f"server_generators lack a G for (scenario, seed) {missing}: give one G per seed")
     if "data_free" in scenarios and model is None:
         raise ValueError("the data-free scenario needs the classifier (model=...) for its warm-up round")
     shape = tuple(train.x.shape[1:])
     C = train.n_classes
     train, test = train.to(device), test.to(device)
     labels = train.y.cpu().numpy()
-    out = FedGOSetups([], {s: {K: [] for K in client_counts} for s in scenarios}, {}, None, {}, {}, {},
+    out = FedGOSetups([], {s: {K: [] for K in client_counts} for s in [*scenarios, *given]}, {}, None, {}, {}, {},
                       {"gan": 0.0, "discriminators": 0.0, "warmup": 0.0, "free_generator": 0.0})
     out.discriminator = D = fm.make_discriminator(shape, width=disc_width if len(shape) == 3 else 32).to(device)
     d_init = fl.get_params(D)
@@ -185,6 +198,20 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
                         packs[(K, a)], x, test.x, test.y, y, fedgo.discriminator_logits(D, dp, x),
                         dense_generator=_dense_generator(shape, z_dim, C, gen_width, device) if scen != "pre" and dense
                         else None, key=key))
+        for scen, per_seed in given.items():  # given generators: the clients' data against G, G samples
+            G = per_seed[seed]
+            t = time.perf_counter()
+            d_all = fedgo.train_discriminators(D, G, fl.concat_clients([packs[ka] for ka in grid]), epochs=disc_epochs,
+                                               lr=disc_lr, generator=generator, init=d_init)
+            clock("discriminators", t)
+            x_g = fedgo.sample(G, len(server), generator)
+            start = 0
+            for (K, a), key in zip(grid, keys):
+                dp = fl.index_params(d_all, slice(start, start + K))
+                start += K
+                out.generators[(scen, key)], out.disc_params[(scen, key)] = G, dp
+                out.setups[scen][K].append(distill.Setup(packs[(K, a)], x_g, test.x, test.y, None,
+                                                         fedgo.discriminator_logits(D, dp, x_g), key=key))
     if "data_free" in scenarios:
         for K in client_counts:  # every (alpha, seed) of one client count at once
             keys = [k for k in out.keys if k[0] == K]

@@ -300,8 +300,9 @@ pts = hist.groupby(["variant", "partition", "round"], sort=False).agg(
     fd=("fd", "mean"), fd_sd=("fd", "std"), n=("seed", "nunique"), up=("bytes_up", "mean"), down=("bytes_down", "mean")).reset_index()
 _ = save_explorer("02_feddm", {
     "seed": seeds[0], "rounds": eval_rounds, "partitions": ["iid", *[p for p in partitions if p != "iid"]],
-    "variants": [v.name for v in variants if v.kind in ("vanilla", "prox")] + ["quant"] * bool(quant) + ["central"],
-    "bits": list(quant), "quant_names": {str(b): n for b, n in quant.items()}, "floor": fd_train_vs_test,
+    # one list of variants, the quantised ones by name ("quant 8-bit"): bits matter only to them
+    "variants": [v.name for v in variants if v.kind in ("vanilla", "prox")] + list(quant.values()) + ["central"],
+    "floor": fd_train_vs_test,
     "grids": {f"{g.variant.name} | {g.partition}": plots.to_uint8(torch.stack(kept[g.label])[:, :n_show])
               for g in groups if g.seed == seeds[0]},
     "points": [{"variant": r.variant, "partition": r.partition, "round": int(r.round), "fd": r.fd,
@@ -319,18 +320,18 @@ from fedlib.results import load_explorer
 store = load_explorer("02_feddm")
 
 
-def explore(variant=store["variants"][0], bits=(store["bits"] or [32])[0], partition=store["partitions"][-1],
-            round_=store["rounds"][-1]):
-    plots.feddm_view(store, variant, bits, partition, round_)
+def explore(variant=store["variants"][0], partition=store["partitions"][-1], round_=store["rounds"][-1]):
+    plots.feddm_view(store, variant, partition, round_)
     plt.show()
 
 
-widgets.interact(explore, variant=store["variants"], bits=store["bits"] or [32], partition=store["partitions"],
-                 round_=widgets.SelectionSlider(options=store["rounds"], value=store["rounds"][-1], description="round"));
+# interactive, not interact: papermill now and then never returned from an interact cell (nteract/papermill#723)
+widgets.interactive(explore, variant=store["variants"], partition=store["partitions"],
+                    round_=widgets.SelectionSlider(options=store["rounds"], value=store["rounds"][-1], description="round"))
 
 # %%
 # the explorer's default view, for readers of the static notebook: 8-bit FedDM on the non-IID clients
-fig = plots.feddm_view(store, "quant" if bits else "vanilla", (bits or [32])[0], noniid, eval_rounds[-1])
+fig = plots.feddm_view(store, next(iter(quant.values()), "vanilla"), noniid, eval_rounds[-1])
 _ = savefig(fig, "02_feddm_explorer_view")
 
 # %% [markdown]

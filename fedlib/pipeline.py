@@ -1,0 +1,272 @@
+"""The four papers as one pipeline (notebook 05): each stage is the library's own, and each caches its output.
+
+FedGO's data-free scenario needs a generator on the server. The pipeline makes one without any raw data
+leaving a client:
+
+1. :func:`federated_diffusion`: FedDM (quantised uplink, :mod:`fedlib.feddm`) trains an unconditional
+   diffusion model on the clients' data only (the client partition FedGO uses), bytes counted;
+2. :func:`learn_grids`: LD3 (:mod:`fedlib.ld3`) learns a few-step time grid for it, from the model's own
+   samples only (pairs of prior noise and the model's many-step solution);
+3. :func:`distil_one_step`: DMD2 (:mod:`fedlib.dmd2`) distils it into a one-step generator, from the
+   model's own samples only (no GAN term: it would need real data on the server);
+4. FedGO (:func:`fedlib.studies.fedgo_setups` with ``server_generators``, :func:`fedlib.distill.run_rounds`)
+   with that generator as the server's G (:class:`fedlib.dmd2.SamplerGenerator`).
+
+Every stage's output is cached under ``cache_dir("pipeline", stage)`` by a key of everything it was built
+from (:func:`cached`; the upstream stage's key included), so re-runs and the explorer reload in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import dmd2, feddm, ld3
+from . import federated as fl
+from .diffusion import schedule as hand_schedule
+from .diffusion import solve
+from .diffusion.denoiser import Denoiser, frozen
+from .utils import atomic_torch_save, cache_dir, load_cache_entry
+
+VERSION = 1  # bump when a stage's code changes what a key produces
+
+
+def key_of(**parts) -> str:
+    """A short stable hash of ``parts`` (JSON, sorted keys; tensors and arrays by their bytes)."""
+    def enc(v):
+        if isinstance(v, torch.Tensor):
+            return hashlib.sha1(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        if isinstance(v, np.ndarray):
+            return hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest()
+        if isinstance(v, dict):
+            return {str(k): enc(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [enc(x) for x in v]
+        return v
+
+    text = json.dumps({"version": VERSION, **enc(parts)}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def plain(obj):
+    """``obj`` with numpy scalars and arrays turned into Python numbers and tensors (what
+    ``torch.load(weights_only=True)`` reads back), through dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        return {(k.item() if isinstance(k, np.generic) else k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    return obj
+
+
+def cached(stage: str, key: str, build) -> tuple[dict, bool]:
+    """``(entry, was_cached)``: the stage's entry (a dict of tensors, numbers, strings, lists) from
+    ``cache_dir("pipeline", stage)/<key>.pt``, or ``build()`` saved there (atomically) with the seconds
+    it took under ``"seconds"``. An unreadable entry is reported, removed and rebuilt."""
+    path = cache_dir("pipeline", stage) / f"{key}.pt"
+    hit = load_cache_entry(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    if hit is not None:
+        return hit, True
+    t0 = time.perf_counter()
+    entry = plain(dict(build()))
+    entry["seconds"] = time.perf_counter() - t0
+    atomic_torch_save(entry, path)
+    return entry, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: FedDM-quant on the clients' data
+
+
+@dataclass
+class DiffusionStage:
+    """One federated diffusion model per seed (frozen), what each sent, how long it took."""
+
+    denoisers: dict            # {seed: Denoiser}
+    bytes_up: dict             # {seed: bytes the clients sent}
+    bytes_down: dict           # {seed: bytes the server sent}
+    model_bytes: int           # float32 bytes of one model
+    seconds: float             # wall time of the build (of the cached build when cached)
+    key: str
+    cached: bool
+    indices_read: dict = field(default_factory=dict)  # {seed: sorted indices into x the stage trained on}
+
+
+def federated_diffusion(x: torch.Tensor, client_indices: dict, *, rounds: int, local_steps: int, batch_size: int,
+                        lr: float, bits: int = 8, channels: int = 8, channel_mults=(1, 2), momentum: float = 0.9,
+                        device="cpu", progress: bool = True) -> DiffusionStage:
+    """FedDM with ``bits``-bit uplink updates (32: float32 models, FedDM vanilla) on the clients of each
+    seed (``client_indices[seed]``: one index array per client, into ``x``), all seeds in one vmap
+    (:func:`fedlib.feddm.run_feddm`). Unconditional EDM-preconditioned U-Net, seeded initialisation.
+    Only the rows of ``x`` in ``client_indices`` are read (``indices_read``)."""
+    seeds = sorted(client_indices)
+    read = {s: np.unique(np.concatenate([np.asarray(i) for i in client_indices[s]])) for s in seeds}
+    in_ch = x.shape[1]
+    cfg = dict(rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, bits=bits, channels=channels,
+               channel_mults=list(channel_mults), momentum=momentum)
+    key = key_of(stage="feddm", cfg=cfg, data={s: x[torch.as_tensor(read[s])] for s in seeds},
+                 parts={s: [np.asarray(i) for i in client_indices[s]] for s in seeds})
+
+    def new(seed):
+        return feddm.make_denoiser(in_ch, channels, channel_mults, process="edm", prediction="edm", seed=seed)
+
+    def build():
+        den = new(seeds[0]).to(device)
+        init = {s: {n: p.to(device) for n, p in feddm.params_of(new(s)).items()} for s in seeds}
+        variant = [v for v in feddm.make_variants(mu=(), bits=(bits,) if bits < 32 else (), central=False)
+                   if v.kind == ("quant" if bits < 32 else "vanilla")]
+        xs = x.to(device)
+        ys = torch.zeros(len(x), dtype=torch.long, device=device)  # unconditional: labels never read
+        groups = feddm.build_groups(den, xs, ys, {"fedgo": [client_indices[s] for s in seeds]}, variant, seeds, init)
+        feddm.run_feddm(den, groups, rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
+                        seed=seeds[0], progress=progress)
+        return {"params": {g.seed: {n: p.cpu() for n, p in g.params.items()} for g in groups},
+                "up": {g.seed: g.ledger.total("up") for g in groups},
+                "down": {g.seed: g.ledger.total("down") for g in groups}}
+
+    entry, hit = cached("feddm", key, build)
+    dens = {}
+    for s in seeds:
+        d = new(s)
+        fl.set_params(d.net, {n: p.to(torch.float32) for n, p in entry["params"][s].items()})
+        dens[s] = frozen(d).to(device)
+    model_bytes = fl.state_bytes(entry["params"][seeds[0]])
+    return DiffusionStage(dens, dict(entry["up"]), dict(entry["down"]), model_bytes, float(entry["seconds"]), key,
+                          hit, read)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: LD3 on the federated model's own samples
+
+
+def learn_grids(teacher: Denoiser, tag: str, nfes, *, shape, solver: str = "dpm_solver_pp_2m", n_train: int = 24,
+                n_val: int = 48, teacher_solver: str = "unipc", teacher_nfe: int = 20, seed: int = 0,
+                **ld3_kw) -> tuple[dict, float, bool]:
+    """``({nfe: LearnedSchedule}, seconds, cached)``: LD3 grids of ``solver`` for ``teacher`` (cached by
+    :func:`fedlib.ld3.load_or_learn` under a model name made of ``tag`` and these settings), learned from
+    pairs of prior noise and the teacher's own ``teacher_nfe``-step solution: no data at all."""
+    device = next(teacher.parameters()).device
+    name = f"pipeline-{tag}-" + key_of(n_train=n_train, n_val=n_val, teacher=[teacher_solver, teacher_nfe], seed=seed,
+                                       kw=ld3_kw)
+    t0 = time.perf_counter()
+    pairs = {}
+
+    def pairs_of(which):  # drawn only when a grid has to be learned
+        if which not in pairs:
+            n, off = (n_train, 100) if which == "train" else (n_val, 200)
+            pairs[which] = ld3.teacher_pairs(teacher, n, shape, solver=teacher_solver, nfe=teacher_nfe,
+                                             seed=1000 * seed + off, device=device)
+        return pairs[which]
+
+    out, hit = {}, True
+    for nfe in nfes:
+        path = ld3.schedule_path(name, solver, nfe)
+        s = load_cache_entry(path, ld3.LearnedSchedule.load)
+        if s is None:
+            hit = False
+            s = ld3.load_or_learn(teacher, solver, nfe, pairs_of("train"), pairs_of("val"), model_name=name, seed=seed,
+                                  **ld3_kw)
+        out[nfe] = s
+    return out, time.perf_counter() - t0, hit
+
+
+@torch.no_grad()
+def grid_rows(teacher: Denoiser, learned, solver: str, x_T: torch.Tensor, x_ref: torch.Tensor, metric,
+              schedules=None) -> list[dict]:
+    """One row per grid at ``learned.nfe`` steps (every hand-made schedule and LD3's) on held-out noise
+    ``x_T``: ``teacher_distance`` (mean squared distance to ``x_ref``, the teacher's many-step solution
+    from the same noise: what LD3 optimises) and ``metric(samples)`` (e.g. a Fréchet distance)."""
+    from .diffusion.schedules import SCHEDULES
+
+    nfe = learned.nfe
+    grids = {name: (hand_schedule(name, teacher.process, nfe), None) for name in (schedules or SCHEDULES)}
+    grids["ld3"] = learned.tensors()
+    rows = []
+    for name, (times, tn) in grids.items():
+        x, _ = solve(teacher, x_T, times.to(x_T.device), solver, None if tn is None else tn.to(x_T.device))
+        rows.append({"grid": name, "nfe": nfe, "teacher_distance": float(((x - x_ref) ** 2).flatten(1).mean(1).mean()),
+                     "metric": float(metric(x.clamp(-1, 1)))})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: DMD2 on the federated model's own samples
+
+
+def distil_one_step(teacher: Denoiser, tag: str, *, shape, steps: int, batch_size: int = 32, lr: float = 5e-4,
+                    ttur_ratio: int = 5, n_data: int = 512, data_nfe: int = 20, data_solver: str = "dpm_solver_pp_2m",
+                    seed: int = 0, trace_points: int = 0, trace_samples: int = 256,
+                    progress: bool = True) -> tuple[Denoiser, dict, bool]:
+    """``(generator, info, cached)``: DMD2 distils ``teacher`` into a one-step generator (the paper's TTUR;
+    no GAN term, which would need real data; ``data`` = ``n_data`` of the teacher's own ``data_nfe``-step
+    samples, which the one-step DM loss does not read beyond their shape). ``info``: seconds, DM-loss
+    curve, ``diverged`` and ``trace``: with ``trace_points`` > 0, ``trace_samples`` one-step samples of one
+    fixed noise at about that many evenly spaced generator updates (the last included), as
+    ``[{"step", "samples"}]``, so that quality against the DMD2 budget is measured within one run."""
+    device = next(teacher.parameters()).device
+    cfg = dmd2.DMD2Config(steps=steps, batch_size=batch_size, lr=lr, ttur_ratio=ttur_ratio, gan_critic_weight=0.0,
+                          gan_generator_weight=0.0, n_student_steps=1, seed=seed,
+                          checkpoint_every=max(1, steps // 4),
+                          eval_every=max(1, steps // trace_points) if trace_points > 0 else 0)
+    key = key_of(stage="dmd2", teacher=tag, cfg=dmd2.config_dict(cfg), n_data=n_data, data=[data_solver, data_nfe],
+                 trace_samples=trace_samples if trace_points > 0 else 0)
+    # one fixed noise for every point of the trace: the curve then moves with the generator only
+    z_trace = torch.randn((trace_samples, *shape), generator=torch.Generator().manual_seed(20_000 + seed))
+
+    def trace(generator, times):
+        return {"samples": dmd2.SamplerGenerator(generator, times, shape)(z_trace.to(device)).cpu()}
+
+    def build():
+        g = torch.Generator().manual_seed(10_000 + seed)
+        x_T = teacher.process.prior((n_data, *shape), generator=g, device=device)
+        times = hand_schedule("edm", teacher.process, data_nfe).to(device)
+        with torch.no_grad():
+            data = solve(teacher, x_T, times, data_solver, batch_size=256)[0].clamp(-1, 1)
+        res = dmd2.train_dmd2(teacher, data, cfg, eval_fn=trace if trace_points > 0 else None, progress=progress,
+                              desc=f"DMD2 seed {seed}", device=device)
+        return {"params": {n: p.detach().cpu() for n, p in fl.get_params(res.generator.net).items()},
+                "times": res.times.detach().cpu(), "loss_dm": [float(v) for v in res.history["loss_dm"]],
+                "diverged": res.diverged or "", "trace": res.history["eval"]}
+
+    entry, hit = cached("dmd2", key, build)
+    gen = copy.deepcopy(teacher)
+    fl.set_params(gen.net, {n: p.to(device) for n, p in entry["params"].items()})
+    gen = frozen(gen).to(device)
+    gen.sample_shape = tuple(shape)
+    info = {"seconds": float(entry["seconds"]), "loss_dm": list(entry["loss_dm"]), "diverged": entry["diverged"] or None,
+            "times": entry["times"], "key": key, "trace": list(entry.get("trace", []))}
+    return gen, info, hit
+
+
+# ---------------------------------------------------------------------------------------------
+# Costs
+
+
+@torch.no_grad()
+def samples_per_second(G, n: int = 512, repeats: int = 3, seed: int = 0) -> float:
+    """Samples per second of the generator ``G`` (z -> x), best of ``repeats`` timed runs of ``n`` samples
+    (one warm-up run first)."""
+    from . import fedgo
+
+    g = torch.Generator().manual_seed(seed)
+    fedgo.sample(G, min(n, 16), g)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fedgo.sample(G, n, g)
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def reads_no_server_data(indices_read, server_indices) -> bool:
+    """True when none of the training rows a stage read (``indices_read``) is a server row."""
+    return not bool(np.intersect1d(np.asarray(indices_read), np.asarray(server_indices)).size)
