@@ -15,12 +15,3 @@ def _patient_cell_init(self, *args, **kwargs):
 
 nbval.plugin.IPyNbCell.__init__ = _patient_cell_init
 
-
-def pytest_collection_finish(session):
-    # nbval's own kernels on TCP again (notebooks/conftest.py moves them to Unix sockets): with Unix
-    # sockets notebook 04's ablation cell, which streams progress bars for half a minute, never got its
-    # last output under nbval; the hangs the sockets were meant to cure came from papermill, not ports
-    import nbval.kernel
-    from jupyter_client.manager import KernelManager
-
-    nbval.kernel.KernelManager = KernelManager

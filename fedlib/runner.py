@@ -367,15 +367,17 @@ def _update_committed(name: str, executed: Path, target: Path) -> None:
 
 
 def collect(scale: str = "quick", out_root: Path = RESULTS_DIR) -> tuple[list[dict], list[str]]:
-    """(records of the notebooks with valid results at ``scale``, one line per notebook missing or
-    incomplete). UsageError when ``scale`` has no results folder at all."""
+    """(records of the notebooks with valid results at ``scale``, one line per notebook that has the
+    parameter set ``scale`` but whose results are missing or incomplete). UsageError when ``scale`` has no results folder at all."""
     folder = Path(out_root) / scale
     if not folder.is_dir():
         have = sorted(p.name for p in Path(out_root).iterdir() if p.is_dir()) if Path(out_root).is_dir() else []
         raise UsageError(f"no results for scale {scale!r} in {out_root}; allowed: {', '.join(have) or '(none yet)'}; "
                          f"e.g. `python -m fedlib reproduce --scale {scale}` first")
     records, problems = [], []
-    names = sorted(set(notebooks()) | {p.parent.name for p in folder.glob("*/metrics.json")})
+    # a notebook without this parameter set (no `long` for 00) is not missing from it
+    expected = {n for n in notebooks() if scale in parameter_sets(n)}
+    names = sorted(expected | {p.parent.name for p in folder.glob("*/metrics.json")})
     for name in names:
         path = folder / name / "metrics.json"
         if not path.exists():

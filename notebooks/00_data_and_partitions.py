@@ -185,7 +185,8 @@ def show_partition(partition=store["partitions"][0], alpha=store["alphas"][0]):
     plt.show()
 
 
-widgets.interact(show_partition, partition=store["partitions"], alpha=store["alphas"]);
+# interactive, not interact: papermill now and then never returned from an interact cell (nteract/papermill#723)
+widgets.interactive(show_partition, partition=store["partitions"], alpha=store["alphas"])
 
 # %%
 show_partition("fedgo split (client half)", 0.1)  # the explorer's view for readers of the static notebook

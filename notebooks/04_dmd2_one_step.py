@@ -350,7 +350,7 @@ _ = save_explorer("04_dmd2_one_step", {
     "image_samples": {**({f"teacher NFE {r['nfe']}": to_uint8(r["samples"]) for r in img_teacher_rows if r["best"]}
                          if run_images else {}), **{k: to_uint8(v) for k, v in (img_samples if run_images else {}).items()}}})
 
-# %%
+# %% tags=["explorer-setup"]
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 

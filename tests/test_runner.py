@@ -278,6 +278,20 @@ def test_report_names_missing_and_incomplete_notebooks_and_refuses_nothing(tiny,
     assert "nothing to report at scale 'quick'" in capsys.readouterr().err
 
 
+def test_report_of_a_set_names_only_the_notebooks_that_have_it(tiny, tmp_path, capsys):
+    for name in ("10_a", "11_b", "12_c"):
+        _tiny_notebook(tiny, GOOD.format(name=name), name)
+    for name in ("10_a", "11_b"):  # 12_c has no `long` set: it is not missing from `long`
+        (tiny / "params").mkdir(exist_ok=True)
+        (tiny / "params" / f"{name}.yaml").write_text("long:\n  x: 2\n")
+    out = tmp_path / "results"
+    assert runner.main(["reproduce", "10_a", "--scale", "long", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert runner.main(["report", "--scale", "long", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "11_b: missing" in err and "12_c" not in err
+
+
 def test_metrics_schema_and_report(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDLIB_RUN_DIR", str(tmp_path / "quick" / "07_x"))
     run = Run("07_x", params={"seed": 3})
