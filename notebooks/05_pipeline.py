@@ -457,8 +457,9 @@ run.claims_table()
 # * **FedGO with the pipeline's G against FedGO with the server GAN**: within noise at both scales (the
 #   pipeline's mean the higher): at this scale the pipeline cannot be told apart from the paper's
 #   setting, and it reads no server data. The federated teacher on its LD3 grid beats the GAN beyond
-#   the spread at both scales; of the two pipeline generators it has the lower Fréchet distance and
-#   gives the higher FedGO accuracy at both scales: a better G, a better FedGO.
+#   the spread in the quick set; with five seeds (`long`) its lead shrinks to just under two standard
+#   errors: within noise by the rule. Of the two pipeline generators it has the lower Fréchet distance
+#   and gives the higher FedGO accuracy at both scales: a better G, a better FedGO.
 # * **FedGO against FedDF and FedAvg** with the same G: not beyond the seed spread of FedAvg at either
 #   scale; with 8 rounds (`long`) FedAvg's mean is the highest of all. This is notebook 01's data-free
 #   finding again: on 8x8 digits FedAvg approaches central training within a few rounds, while the

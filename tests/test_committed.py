@@ -31,6 +31,20 @@ def test_every_notebook_has_committed_quick_results():
     assert names <= have, f"no committed results/quick for {sorted(names - have)}: run `make notebooks`"
 
 
+def inputs_of(name: str) -> list[str]:
+    """What one notebook's results depend on: the library and the pins (INPUT_PATHS less the notebooks),
+    and its own source and parameter sets; another notebook's prose or parameters cannot change them."""
+    shared = [p for p in INPUT_PATHS if not p.startswith("notebooks")]
+    return [*shared, f"notebooks/{name}.py", f"notebooks/params/{name}.yaml"]
+
+
+def test_every_input_file_is_an_input_of_some_notebook():
+    tracked = set(git("ls-files", "--", *INPUT_PATHS).stdout.split())
+    covered = set(git("ls-files", "--", *{p for n in runner.notebooks() for p in inputs_of(n)}).stdout.split())
+    assert tracked and tracked == covered, f"inputs no notebook's provenance check sees: {sorted(tracked - covered)}"
+    assert "notebooks/01_fedgo_weighting.py" not in inputs_of("05_pipeline") and "fedlib" in inputs_of("05_pipeline")
+
+
 @pytest.mark.parametrize("path", COMMITTED)
 def test_committed_results_come_from_a_clean_tree_with_no_later_input_change(path):
     doc = json.loads((REPO / path).read_text())
@@ -39,7 +53,7 @@ def test_committed_results_come_from_a_clean_tree_with_no_later_input_change(pat
     assert prov["git_dirty"] is False, f"{path} was made from a dirty tree ({prov.get('dirty_paths')}); regenerate it"
     commit = prov["git_commit"]
     assert git("cat-file", "-e", f"{commit}^{{commit}}").returncode == 0, f"{path}: commit {commit} is not in history"
-    later = git("log", "--format=%h %s", f"{commit}..HEAD", "--", *INPUT_PATHS).stdout.strip()
+    later = git("log", "--format=%h %s", f"{commit}..HEAD", "--", *inputs_of(Path(path).parent.name)).stdout.strip()
     assert not later, f"{path} was made at {commit[:9]}, but later commits change its inputs:\n{later}\n" \
                       "regenerate the committed results (make notebooks) from a clean tree"
 
