@@ -214,6 +214,14 @@ def test_a_second_run_into_the_same_results_folder_is_refused(tiny, tmp_path, ca
     assert runner.main(["reproduce", "--out", str(out)]) == 0, "the lock is released with its holder"
 
 
+def _sigint_as_in_a_terminal():
+    """The runner's Ctrl-C as a terminal delivers it. A test run started in the background by a shell
+    without job control (`make test &`, `(bash .ci/run &)`) inherits SIGINT *ignored*, and Python then
+    leaves it ignored (no KeyboardInterrupt): the runner rightly sat through the signal and this test
+    timed out in two such runs. A terminal's foreground job has SIGINT at its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_with_one_line_and_the_summary_of_what_finished(tmp_path):
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
@@ -222,7 +230,8 @@ def test_ctrl_c_ends_with_one_line_and_the_summary_of_what_finished(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.Popen([sys.executable, "-m", "fedlib", "reproduce", "--out", str(out)], cwd=nbdir,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "FEDLIB_NOTEBOOKS_DIR": str(nbdir)})
+                            env={**os.environ, "FEDLIB_NOTEBOOKS_DIR": str(nbdir)},
+                            preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.time() + 120
     while not (nbdir / "started").exists() and time.time() < deadline:
         time.sleep(0.2)
