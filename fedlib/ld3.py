@@ -46,7 +46,7 @@ import torch
 from .diffusion.samplers import solve
 from .diffusion.schedules import SCHEDULES
 from .diffusion.schedules import schedule as hand_schedule
-from .utils import atomic_write, cache_dir, check_choice, load_cache_entry
+from .utils import atomic_write, cache_dir, check_choice, load_or_build
 
 LOSSES = ("l2", "features", "lpips")
 LD3_SOLVERS = ("euler", "ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "ipndm", "unipc", "unipc_bh1")
@@ -355,13 +355,17 @@ def load_or_learn(denoiser, solver: str, nfe: int, train_pairs, val_pairs, model
     """Reload the saved schedule of (model, solver, NFE) or learn and save it (also when the saved
     file cannot be read: it is reported, removed and learned again)."""
     path = schedule_path(model_name, solver, nfe)
-    s = None if retrain else load_cache_entry(path, LearnedSchedule.load)
-    if s is not None:
-        s.history["cached"] = True
+
+    def learn():
+        s = learned_timesteps(denoiser, solver, nfe, train_pairs, val_pairs, model_name=model_name, **kw)
+        s.save(path)
         return s
-    s = learned_timesteps(denoiser, solver, nfe, train_pairs, val_pairs, model_name=model_name, **kw)
-    s.save(path)
-    s.history["cached"] = False
+
+    if retrain:
+        s, was_cached = learn(), False
+    else:
+        s, was_cached = load_or_build(path, LearnedSchedule.load, learn)
+    s.history["cached"] = was_cached
     return s
 
 

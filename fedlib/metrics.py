@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import atomic_torch_save, cache_dir, load_cache_entry, resolve_device
+from .utils import atomic_torch_save, cache_dir, load_or_build, resolve_device
 
 # ---------------------------------------------------------------------------------------------
 # Frechet distance
@@ -113,8 +113,7 @@ def feature_extractor(train, test=None, steps: int = 600, batch_size: int = 128,
         cached.test_accuracy = float(state["test_accuracy"])
         return cached
 
-    net = load_cache_entry(path, load)
-    if net is None:
+    def build():
         net = untrained()  # not load()'s model: a failed load may have filled it half-way
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -139,6 +138,9 @@ def feature_extractor(train, test=None, steps: int = 600, batch_size: int = 128,
             net.test_accuracy = classifier_accuracy(net, test)
         atomic_torch_save({"net": {k: v.cpu() for k, v in net.state_dict().items()},
                            "test_accuracy": torch.tensor(net.test_accuracy)}, path)
+        return net
+
+    net, _ = load_or_build(path, load, build)
     net = net.to(device).eval()
     for p in net.parameters():
         p.requires_grad_(False)

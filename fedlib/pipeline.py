@@ -32,7 +32,7 @@ from . import federated as fl
 from .diffusion import schedule as hand_schedule
 from .diffusion import solve
 from .diffusion.denoiser import Denoiser, frozen
-from .utils import atomic_torch_save, cache_dir, load_cache_entry
+from .utils import atomic_torch_save, cache_dir, load_cache_entry, load_or_build
 
 VERSION = 1  # bump when a stage's code changes what a key produces
 
@@ -73,14 +73,15 @@ def cached(stage: str, key: str, build) -> tuple[dict, bool]:
     ``cache_dir("pipeline", stage)/<key>.pt``, or ``build()`` saved there (atomically) with the seconds
     it took under ``"seconds"``. An unreadable entry is reported, removed and rebuilt."""
     path = cache_dir("pipeline", stage) / f"{key}.pt"
-    hit = load_cache_entry(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-    if hit is not None:
-        return hit, True
-    t0 = time.perf_counter()
-    entry = plain(dict(build()))
-    entry["seconds"] = time.perf_counter() - t0
-    atomic_torch_save(entry, path)
-    return entry, False
+
+    def timed_build():
+        t0 = time.perf_counter()
+        entry = plain(dict(build()))
+        entry["seconds"] = time.perf_counter() - t0
+        atomic_torch_save(entry, path)
+        return entry
+
+    return load_or_build(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), timed_build)
 
 
 # ---------------------------------------------------------------------------------------------

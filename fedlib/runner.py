@@ -227,39 +227,276 @@ def clean_notebook(path: Path) -> None:
     nbformat.write(nb, path)
 
 
-def execute(name: str, params: dict, scale: str, out_root: Path = RESULTS_DIR,
-            available: dict[str, Path] | None = None, threads: int = 1) -> dict:
-    """Run one notebook; never raises for a notebook failure (returns a record instead); Ctrl-C
-    becomes :class:`Interrupted` carrying the record."""
-    import papermill
+# ---------------------------------------------------------------------------------------------
+# Time limits and lost requests
+#
+# Every cell runs under a time limit, so that no run waits for ever. And the runner tells a *lost*
+# request from a *slow* cell: the kernel answers every execute_request it receives at once on IOPub
+# (``status: busy``, then ``execute_input``), whatever the cell then does. A request with no such
+# message for LOST_AFTER_S never reached the kernel (seen with ipykernel 7: the kernel idle, the
+# client in nbclient's poll for the reply, the cell never run). Re-sending it into the same kernel
+# could run the cell twice (the protocol cannot tell a late request from a duplicate), so the runner
+# runs the whole notebook again, once, in a fresh kernel, and records that it did and why. A cell that
+# started and is merely slow is never retried: it fails at its limit with one line saying how to raise it.
 
+# seconds per cell: by scale, and for the explorers (which load stored results and must stay quick)
+CELL_LIMITS_S = {"smoke": 300, "quick": 900}
+SET_CELL_LIMIT_S = 4 * 3600  # long, paper and the other sets: hours of training in one cell
+EXPLORER_CELL_LIMIT_S = 300
+LOST_AFTER_S = float(os.environ.get("FEDLIB_LOST_REQUEST_S", 60))  # no IOPub reply by then: never received
+CELL_TIMEOUT_ENV = "FEDLIB_CELL_TIMEOUT"
+
+
+class RequestLost(Exception):
+    """The kernel never received a cell's execute_request."""
+
+
+def cell_limit(tags, scale: str, override: float | None = None) -> float:
+    """The time limit of one cell in seconds: ``override`` (``--cell-timeout`` / ``$FEDLIB_CELL_TIMEOUT``)
+    when given, else by the cell's tags and the scale."""
+    if override:
+        return float(override)
+    tags = set(tags or ())
+    if tags & {"explorer", "explorer-setup"} and "parameters" not in tags:
+        return float(EXPLORER_CELL_LIMIT_S)
+    return float(CELL_LIMITS_S.get(scale, SET_CELL_LIMIT_S))
+
+
+def _first_line(source: str) -> str:
+    line = next((ln.strip() for ln in (source or "").splitlines() if ln.strip()), "")
+    return line if len(line) <= 80 else line[:77] + "..."
+
+
+def _log(watch: dict, text: str) -> None:
+    """One line of the runner's side of the conversation into the notebook's kernel.log, beside the
+    kernel's own debug log: what was sent, what was heard, and when."""
+    path = watch.get("log")
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(f"[runner {time.strftime('%H:%M:%S')}] {text}\n")
+        except OSError:
+            pass
+
+
+_ENGINE = None
+
+
+def _engine_name() -> str:
+    """Register (once) the papermill engine whose notebook client keeps the per-cell time limits and
+    watches each request for a sign of life; papermill's own engine otherwise."""
+    global _ENGINE
+    if _ENGINE is not None:
+        return _ENGINE
+    import asyncio
+
+    from nbclient.exceptions import DeadKernelError
+    from nbclient.util import ensure_async, run_sync
+    from papermill.clientwrap import PapermillNotebookClient
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class WatchedClient(PapermillNotebookClient):
+        def __init__(self, nb_man, watch: dict, **kw):
+            super().__init__(nb_man, **kw)
+            self.watch = watch
+
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            try:  # the kernel's own versions, read inside it (a silent request: no execution count used)
+                probe = {"ipykernel": "__import__('ipykernel').__version__",
+                         "ipython": "__import__('IPython').__version__"}
+                reply = await ensure_async(kc.execute("", silent=True, store_history=False, user_expressions=probe,
+                                                      reply=True, timeout=30))
+                got = reply["content"].get("user_expressions", {})
+                self.watch["kernel"] = ", ".join(f"{k} {v.get('data', {}).get('text/plain', '?').strip(chr(39))}"
+                                                 for k, v in got.items())
+                _log(self.watch, f"kernel: {self.watch['kernel']}")
+            except Exception as err:  # noqa: BLE001 - a diagnostic only
+                _log(self.watch, f"kernel_info failed: {type(err).__name__}: {err}")
+            return kc
+
+        async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
+            w = self.watch
+            runs = cell.cell_type == "code" and cell.source.strip()
+            if runs:
+                w.update(cell=cell_index, source=cell.source, heard=False, sent=time.monotonic())
+                _log(w, f"cell {cell_index}: execute_request sent ({_first_line(cell.source)!r})")
+            dog = asyncio.ensure_future(self._watchdog(cell_index)) if runs else None
+            try:
+                out = await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+                if runs:
+                    _log(w, f"cell {cell_index}: reply after {time.monotonic() - w['sent']:.1f} s")
+                return out
+            except DeadKernelError:
+                if w.get("lost") == cell_index:
+                    # nbclient leaves its kernel-alive poll of this cell running when the reply poll is
+                    # cancelled; it would outlive the kernel and fail on the closed client
+                    for task in asyncio.all_tasks():
+                        if getattr(task.get_coro(), "__name__", "") == "_async_poll_kernel_alive":
+                            task.cancel()
+                    raise RequestLost(cell_index) from None
+                raise
+            finally:
+                if dog is not None:
+                    dog.cancel()
+
+        # papermill and nbclient call the blocking names, which the base class bound to its own coroutines
+        execute_cell = run_sync(async_execute_cell)
+        start_new_kernel_client = run_sync(async_start_new_kernel_client)
+
+        async def _watchdog(self, cell_index):
+            await asyncio.sleep(LOST_AFTER_S)
+            if not self.watch["heard"]:
+                self.watch["lost"] = cell_index
+                _log(self.watch, f"cell {cell_index}: nothing heard on IOPub for {LOST_AFTER_S:.0f} s: "
+                                 "the request never reached the kernel")
+                task = getattr(self, "task_poll_for_reply", None)
+                if task is not None:
+                    task.cancel()  # nbclient turns this into DeadKernelError; async_execute_cell says why
+
+        def process_message(self, msg, cell, cell_index):
+            w = self.watch
+            if not w.get("heard"):  # only messages answering the current request arrive here
+                w["heard"] = True
+                _log(w, f"cell {cell_index}: kernel {msg['msg_type']} "
+                        f"{msg['content'].get('execution_state', '')} after {time.monotonic() - w['sent']:.2f} s")
+            return super().process_message(msg, cell, cell_index)
+
+    class WatchedEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
+                                     stderr_file=None, start_timeout=60, execution_timeout=None, watch=None,
+                                     **kwargs):
+            kwargs.pop("input_path", None)
+            return WatchedClient(nb_man, watch=watch if watch is not None else {}, timeout=execution_timeout,
+                                 startup_timeout=start_timeout, kernel_name=kernel_name, log_output=log_output,
+                                 stdout_file=stdout_file, stderr_file=stderr_file, **kwargs).execute()
+
+    papermill_engines.register("fedlib-watched", WatchedEngine)
+    _ENGINE = "fedlib-watched"
+    return _ENGINE
+
+
+def _attempt(name: str, params: dict, scale: str, out_dir: Path, source: Path, cell_timeout: float | None) -> tuple[str | None, str | None, dict]:
+    """One papermill run of a notebook in a fresh kernel: (error or None, ``"lost"`` / ``"timeout"`` /
+    ``"interrupted"`` / None, what the watch saw). KeyboardInterrupt is reported, not raised."""
+    import papermill
+    from nbclient.exceptions import CellTimeoutError
+
+    output = out_dir / f"{name}.ipynb"
+    watch = {"log": str(out_dir / "kernel.log")}
+    kind = None
+    try:
+        papermill.execute_notebook(str(source), str(output), parameters=params, kernel_name=KERNEL,
+                                   cwd=str(source.parent), progress_bar=False, report_mode=False,
+                                   kernel_manager_class=_kernel_manager(), engine_name=_engine_name(),
+                                   watch=watch, execution_timeout=cell_limit((), scale, cell_timeout),
+                                   timeout_func=lambda cell: cell_limit(cell.metadata.get("tags"), scale, cell_timeout),
+                                   extra_arguments=["--debug"])  # the kernel logs every request it handles
+        return None, None, watch
+    except KeyboardInterrupt:
+        return "interrupted (Ctrl-C)", "interrupted", watch
+    except RequestLost:
+        kind = "lost"
+    except CellTimeoutError:
+        kind = "timeout" if watch.get("heard") else "lost"
+    except Exception as err:  # the partial notebook stays in out_dir
+        ename = getattr(err, "ename", type(err).__name__)
+        evalue = getattr(err, "evalue", str(err))
+        return f"{ename}: {evalue}".strip(), "interrupted" if ename == "KeyboardInterrupt" else None, watch
+    cell, line = watch.get("cell"), _first_line(watch.get("source", ""))
+    if kind == "lost":
+        return (f"the request for cell {cell} ({line!r}) never reached the kernel (nothing on IOPub for "
+                f"{LOST_AFTER_S:.0f} s)"), kind, watch
+    limit = cell_limit(_cell_tags(output, cell), scale, cell_timeout)
+    return (f"cell {cell} ({line!r}) ran past its {limit:.0f} s limit; raise it with --cell-timeout SECONDS "
+            f"or {CELL_TIMEOUT_ENV}=SECONDS (partial output: {output})"), kind, watch
+
+
+def _cell_tags(notebook: Path, index) -> list:
+    try:
+        import nbformat
+
+        return nbformat.read(notebook, as_version=4).cells[index].metadata.get("tags", [])
+    except Exception:  # noqa: BLE001 - the default limit then
+        return []
+
+
+def _cache_warnings(notebook: Path) -> list[str]:
+    """The CacheWarning lines the notebook printed (a damaged cache entry rebuilt): said on the terminal
+    too, not only inside the notebook."""
+    try:
+        import nbformat
+
+        nb = nbformat.read(notebook, as_version=4)
+    except Exception:  # noqa: BLE001
+        return []
+    lines = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                lines += [ln.strip() for ln in out.get("text", "").splitlines() if "CacheWarning" in ln]
+    return lines
+
+
+def _cell_seconds(notebook: Path, top: int = 8) -> list[dict]:
+    """The slowest cells of an executed notebook (papermill's per-cell durations): where its time went."""
+    try:
+        import nbformat
+
+        nb = nbformat.read(notebook, as_version=4)
+    except Exception:  # noqa: BLE001
+        return []
+    cells = [{"cell": i, "first_line": _first_line(c.source), "seconds": round(float(c.metadata["papermill"]["duration"]), 1)}
+             for i, c in enumerate(nb.cells)
+             if c.cell_type == "code" and (c.metadata.get("papermill") or {}).get("duration") is not None]
+    return sorted(cells, key=lambda c: -c["seconds"])[:top]
+
+
+RUNNING_MARKER = "RUNNING"
+
+
+def execute(name: str, params: dict, scale: str, out_root: Path = RESULTS_DIR,
+            available: dict[str, Path] | None = None, threads: int = 1, cell_timeout: float | None = None,
+            say=print) -> dict:
+    """Run one notebook; never raises for a notebook failure (returns a record instead); Ctrl-C
+    becomes :class:`Interrupted` carrying the record. A request that never reached the kernel is
+    recovered by one more run of the whole notebook in a fresh kernel (``record["retries"]``)."""
     available = available if available is not None else notebooks()
     out_dir = out_root / scale / name
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    (out_dir / "figures").mkdir(parents=True)
     output = out_dir / f"{name}.ipynb"
     record = {"notebook": name, "scale": scale, "params": params, "output": str(output), "ok": False,
-              "error": None, "metrics": None, "claims": []}
+              "error": None, "metrics": None, "claims": [], "retries": 0, "retry_reason": None}
     start = time.time()
-    interrupted = False
-    with _env(FEDLIB_RUN_DIR=out_dir, FEDLIB_FIGURES_DIR=out_dir / "figures", FEDLIB_SCALE=scale,
-              FEDLIB_KERNEL_LOG=out_dir / "kernel.log", **kernel_env(threads)):
-        try:
-            papermill.execute_notebook(str(available[name]), str(output), parameters=params,
-                                       kernel_name=KERNEL, cwd=str(available[name].parent),
-                                       progress_bar=False, report_mode=False,
-                                       kernel_manager_class=_kernel_manager())
-            record["ok"] = True
-        except KeyboardInterrupt:
-            interrupted = True
-            record["error"] = "interrupted (Ctrl-C)"
-        except Exception as err:  # the partial notebook stays in out_dir
-            ename = getattr(err, "ename", type(err).__name__)
-            evalue = getattr(err, "evalue", str(err))
-            record["error"] = f"{ename}: {evalue}".strip()
-            interrupted = ename == "KeyboardInterrupt"  # SIGINT reached the kernel's cell first
+    first_log = None
+    for attempt in (1, 2):
+        if attempt == 2:  # the first try's conversation is the evidence of the loss: kept beside the second's
+            first_log = (out_dir / "kernel.log").read_bytes() if (out_dir / "kernel.log").exists() else b""
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        (out_dir / "figures").mkdir(parents=True)
+        if first_log is not None:
+            (out_dir / "kernel-try1.log").write_bytes(first_log)
+        # present while the notebook runs: a folder that still has it after the run was killed is incomplete
+        write_atomic(out_dir / RUNNING_MARKER, json.dumps({"pid": os.getpid(), "attempt": attempt,
+                                                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        with _env(FEDLIB_RUN_DIR=out_dir, FEDLIB_FIGURES_DIR=out_dir / "figures", FEDLIB_SCALE=scale,
+                  FEDLIB_KERNEL_LOG=out_dir / "kernel.log", **kernel_env(threads)):
+            error, kind, watch = _attempt(name, params, scale, out_dir, available[name], cell_timeout)
+        record["kernel"] = watch.get("kernel")
+        if kind != "lost" or attempt == 2:
+            break
+        record["retries"], record["retry_reason"] = 1, error
+        say(f"{name}: {error}; running the notebook once more in a fresh kernel (the first try's kernel "
+            f"log: {out_dir / 'kernel-try1.log'})")
+    if kind == "lost" and record["retries"]:
+        error = f"{error}, on both tries"
+    record["error"] = error
+    record["ok"] = error is None
+    interrupted = kind == "interrupted"
     record["wall_time_s"] = round(time.time() - start, 1)
+    for line in _cache_warnings(output):
+        say(f"{name}: {line}")
     metrics_path = out_dir / "metrics.json"
     if metrics_path.exists() and not interrupted:
         try:
@@ -270,11 +507,18 @@ def execute(name: str, params: dict, scale: str, out_root: Path = RESULTS_DIR,
         if problems:
             record["ok"] = False
             record["error"] = (record["error"] or "") + f" metrics.json invalid: {'; '.join(problems)}"
+        else:  # how the run went, beside what it measured: retries, limits, where the time went
+            doc["runner"] = {"retries": record["retries"], "retry_reason": record["retry_reason"],
+                             "cell_limit_s": cell_limit((), scale, cell_timeout), "kernel": record["kernel"],
+                             "wall_time_s": record["wall_time_s"], "slowest_cells": _cell_seconds(output)}
+            write_atomic(metrics_path, json.dumps(doc, indent=2) + "\n")
         record["metrics"] = str(metrics_path)
         record["claims"] = doc.get("claims", [])
     elif record["ok"]:
         record["ok"] = False
         record["error"] = "the notebook finished without writing metrics.json (call run.finish())"
+    if not interrupted:
+        (out_dir / RUNNING_MARKER).unlink(missing_ok=True)
     if interrupted:
         raise Interrupted(record)
     return record
@@ -316,39 +560,201 @@ def _write_or_explain(path: Path, text: str) -> None:
         raise OSError(err.errno, f"cannot write {path}: {why}; free space or choose another --out") from None
 
 
+def default_jobs() -> int:
+    """Notebooks run at once by default: one per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def expected_seconds(name: str, scale: str, out_root: Path) -> float:
+    """How long a notebook took last time at this scale (the committed results, else the last run in
+    ``out_root``): the longest start first, so that the last to finish is not a long one started late."""
+    for root in (RESULTS_DIR, out_root):
+        try:
+            doc = json.loads((Path(root) / scale / name / "metrics.json").read_text())
+            return float(doc["provenance"]["wall_time_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return float("inf")  # never measured: could be the longest
+
+
+def _child(conn, name, params, scale, out_root, available, threads, cell_timeout):
+    """A worker process of ``reproduce --jobs``: runs one notebook, sends back its record. One Ctrl-C
+    ends the notebook (its partial output kept); a second one, forwarded by the parent, is ignored so
+    that the clean-up finishes."""
+    import signal
+
+    hits = []
+
+    def on_sigint(signum, frame):
+        if not hits:
+            hits.append(signum)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    say = lambda text: conn.send(("say", text))  # noqa: E731 - the parent prints, above its progress bar
+    try:
+        conn.send(("done", execute(name, params, scale, out_root, available, threads, cell_timeout, say=say)))
+    except Interrupted as stop:
+        conn.send(("interrupted", stop.args[0]))
+    except BaseException as err:  # noqa: BLE001 - reported as this notebook's failure, not a hang
+        conn.send(("done", {"notebook": name, "scale": scale, "params": params, "ok": False, "claims": [],
+                            "error": f"the runner failed: {type(err).__name__}: {err}", "retries": 0}))
+    finally:
+        conn.close()
+
+
+def _run_parallel(plan, scale, out_root, available, threads, cell_timeout, jobs, on_record, bar):
+    """Run ``plan`` with up to ``jobs`` notebooks at once, each in a forked worker process (its kernel
+    keeps ``threads`` threads, so the numbers are those of a sequential run). Calls ``on_record`` as each
+    finishes; returns the record of an interrupted notebook or None. Every wait is bounded."""
+    import multiprocessing as mp
+    import signal
+    from multiprocessing.connection import wait
+
+    ctx = mp.get_context("fork")  # the worker inherits the parsed plan and settings as they are
+    todo = sorted(plan, key=lambda item: -expected_seconds(item[0], scale, out_root))
+    live, interrupted = {}, None
+
+    def start(name, params):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(child, name, params, scale, out_root, available, threads,
+                                                cell_timeout), daemon=False)
+        proc.start()
+        child.close()
+        live[parent] = (name, proc)
+
+    def receive(conn):
+        nonlocal interrupted
+        name, proc = live[conn]
+        try:
+            kind, payload = conn.recv()
+        except EOFError:  # the worker died without a word (killed, out of memory)
+            proc.join(timeout=10)
+            del live[conn]
+            on_record({"notebook": name, "scale": scale, "ok": False, "claims": [], "retries": 0,
+                       "error": f"its worker process died (exit code {proc.exitcode})"})
+            return
+        if kind == "say":
+            tqdm_write(payload)
+            return
+        proc.join(timeout=60)
+        del live[conn]
+        if kind == "interrupted":
+            interrupted = payload
+        on_record(payload, interrupted=kind == "interrupted")
+
+    try:
+        while todo or live:
+            while todo and len(live) < jobs and interrupted is None:
+                name, params = todo.pop(0)
+                bar.set_postfix_str(name)
+                start(name, params)
+            if not live:
+                break
+            for conn in wait(list(live), timeout=1.0):
+                receive(conn)
+    except KeyboardInterrupt:
+        for conn, (name, proc) in list(live.items()):  # a SIGINT sent to the runner alone reaches them too
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGINT)
+        deadline = time.time() + 120
+        while live and time.time() < deadline:
+            for conn in wait(list(live), timeout=1.0):
+                receive(conn)
+        for conn, (name, proc) in list(live.items()):  # bounded: a worker that did not stop is ended
+            proc.kill()
+            proc.join(timeout=10)
+            on_record({"notebook": name, "scale": scale, "ok": False, "claims": [], "retries": 0,
+                       "error": "interrupted (Ctrl-C); its worker did not stop in 120 s and was killed"},
+                      interrupted=True)
+            interrupted = interrupted or {"notebook": name}
+        if interrupted is None:
+            interrupted = {"notebook": "?"}
+    return interrupted
+
+
+def tqdm_write(text: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(text)
+
+
 def reproduce(names, scale="quick", overrides=(), device=None, out_root: Path = RESULTS_DIR,
-              update_notebooks: bool = False, threads: int = 1) -> int:
+              update_notebooks: bool = False, threads: int = 1, jobs: int | None = None,
+              cell_timeout: float | None = None) -> int:
     from tqdm.auto import tqdm
 
     available = notebooks()
     plan = build_plan(list(names), scale, list(overrides), device, available)
     folder = check_out_dir(out_root, scale)
+    jobs = max(1, min(jobs or default_jobs(), len(plan)))
+    order = [name for name, _ in plan]
+    # the summary names every planned notebook from the start and is rewritten as each one ends, so a
+    # killed run leaves a summary that says what finished, what was running and what never started
+    status = {name: {"notebook": name, "scale": scale, "ok": False, "status": "pending", "claims": []} for name in order}
+    summary_path = folder / "summary.json"
+    summary_failed = []
+
+    def write_summary(final: bool = False):
+        text = json.dumps([status[n] for n in order], indent=2) + "\n"
+        if final:
+            _write_or_explain(summary_path, text)
+            return
+        try:
+            write_atomic(summary_path, text)
+        except OSError as err:
+            if not summary_failed:
+                summary_failed.append(err)
+                tqdm.write(f"warning: cannot update {summary_path} ({err.strerror or err}); the run goes on")
+
     records, interrupted = [], None
     with results_lock(folder):
-        bar = tqdm(plan, desc=f"notebooks ({scale})", unit="nb")
-        for name, params in bar:
-            bar.set_postfix_str(name)
-            try:
-                record = execute(name, params, scale, out_root, available, threads)
-            except (Interrupted, KeyboardInterrupt) as stop:
-                interrupted = stop.args[0] if isinstance(stop, Interrupted) else {"notebook": name}
-                break
+        bar = tqdm(total=len(plan), desc=f"notebooks ({scale}, {jobs} at once)", unit="nb")
+
+        def on_record(record, interrupted: bool = False):
+            record = {**record, "status": "interrupted" if interrupted else ("ok" if record.get("ok") else "failed")}
+            status[record["notebook"]] = record
             records.append(record)
-            status = "ok" if record["ok"] else f"FAILED: {record['error']}"
-            tqdm.write(f"{name}: {status} ({record['wall_time_s']} s) -> {record['output']}")
+            bar.update(1)
+            retried = f", retried once: {record['retry_reason']}" if record.get("retries") else ""
+            state = "ok" if record["ok"] else f"FAILED: {record['error']}"
+            tqdm.write(f"{record['notebook']}: {state} ({record.get('wall_time_s', '?')} s{retried}) -> "
+                       f"{record.get('output', folder / record['notebook'])}")
             if record["ok"] and update_notebooks:
-                _update_committed(name, Path(record["output"]), available[name])
+                _update_committed(record["notebook"], Path(record["output"]), available[record["notebook"]])
+            write_summary()
+
+        write_summary()
+        if jobs == 1:
+            for name, params in plan:
+                bar.set_postfix_str(name)
+                status[name]["status"] = "running"
+                write_summary()
+                try:
+                    record = execute(name, params, scale, out_root, available, threads, cell_timeout, say=tqdm.write)
+                except (Interrupted, KeyboardInterrupt) as stop:
+                    interrupted = stop.args[0] if isinstance(stop, Interrupted) else \
+                        {"notebook": name, "scale": scale, "ok": False, "claims": [], "error": "interrupted (Ctrl-C)"}
+                    on_record(interrupted, interrupted=True)
+                    break
+                on_record(record)
+        else:
+            interrupted = _run_parallel(plan, scale, out_root, available, threads, cell_timeout, jobs, on_record, bar)
         bar.close()
-        _write_or_explain(folder / "summary.json", json.dumps(records, indent=2) + "\n")
-    if records:
-        print("\n" + claims_markdown(records))
+        finished = [status[n] for n in order if status[n]["status"] in ("ok", "failed")]
+        if finished:  # the table first: a summary that cannot be written must not hide what finished
+            print("\n" + claims_markdown(finished))
+        write_summary(final=True)
     if interrupted is not None:
-        done = ", ".join(r["notebook"] for r in records) or "none"
+        done = ", ".join(r["notebook"] for r in finished) or "none"
         print(f"\ninterrupted during {interrupted['notebook']} (its partial output is kept in "
               f"{folder / interrupted['notebook']}); finished: {done}", file=sys.stderr)
         return 130
-    failed = [r["notebook"] for r in records if not r["ok"]]
-    broken = [f"{r['notebook']}: {c['name']} ({c['verdict']})" for r in records for c in r["claims"]
+    failed = [r["notebook"] for r in finished if not r["ok"]]
+    broken = [f"{r['notebook']}: {c['name']} ({c['verdict']})" for r in finished for c in r["claims"]
               if c.get("required") and c["verdict"] != "holds"]
     if failed:
         print(f"\nfailed notebooks (partial outputs kept): {', '.join(failed)}", file=sys.stderr)
@@ -380,6 +786,10 @@ def collect(scale: str = "quick", out_root: Path = RESULTS_DIR) -> tuple[list[di
     names = sorted(expected | {p.parent.name for p in folder.glob("*/metrics.json")})
     for name in names:
         path = folder / name / "metrics.json"
+        if (folder / name / RUNNING_MARKER).exists():
+            problems.append(f"{name}: incomplete (its run was stopped before it ended: "
+                            f"{folder / name / RUNNING_MARKER} is still there); re-run it")
+            continue
         if not path.exists():
             problems.append(f"{name}: missing (no {path})")
             continue
@@ -457,6 +867,13 @@ def main(argv: list[str] | None = None) -> int:
     p_rep.add_argument("--threads", type=int, default=1,
                        help="CPU threads per kernel (default 1: fastest for fedlib's small models, and "
                             "the setting the committed results were made with)")
+    p_rep.add_argument("--jobs", type=int, default=None, metavar="N",
+                       help="notebooks run at once, each in its own kernel with --threads threads "
+                            "(default: the number of cores, longest first)")
+    p_rep.add_argument("--cell-timeout", default=os.environ.get(CELL_TIMEOUT_ENV), metavar="SECONDS",
+                       help=f"time limit of every cell (default: by scale and cell: smoke {CELL_LIMITS_S['smoke']} s, "
+                            f"quick {CELL_LIMITS_S['quick']} s, other sets {SET_CELL_LIMIT_S} s, explorers "
+                            f"{EXPLORER_CELL_LIMIT_S} s; also ${CELL_TIMEOUT_ENV})")
     p_rep.add_argument("--update-notebooks", action="store_true",
                        help="copy the executed notebooks and figures over the committed ones (quick scale)")
     p_report = sub.add_parser("report", help="the claims table of the last run at a scale")
@@ -473,9 +890,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.threads < 1:
             raise UsageError(f"--threads {args.threads}: allowed: an integer >= 1; e.g. --threads 1")
+        if args.jobs is not None and args.jobs < 1:
+            raise UsageError(f"--jobs {args.jobs}: allowed: an integer >= 1 (default: {default_jobs()}, the "
+                             "cores here); e.g. --jobs 1 to run the notebooks one after another")
+        timeout = args.cell_timeout
+        try:
+            timeout = None if timeout in (None, "") else float(timeout)
+        except ValueError:
+            timeout = float("nan")
+        if timeout is not None and not (0 < timeout < float("inf")):
+            raise UsageError(f"--cell-timeout / ${CELL_TIMEOUT_ENV} {args.cell_timeout!r}: allowed: a number of "
+                             "seconds > 0; e.g. --cell-timeout 3600")
         # absolute: papermill runs each notebook from the notebooks' folder, where a relative --out means nothing
         return reproduce(args.names, args.scale, args.param, args.device, Path(args.out).resolve(), args.update_notebooks,
-                         args.threads)
+                         args.threads, args.jobs, timeout)
     except UsageError as err:
         for line in str(err).splitlines():
             print(f"error: {line}", file=sys.stderr)

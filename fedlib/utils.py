@@ -5,6 +5,8 @@ Cache files (trained teachers, feature classifiers, learned schedules, checkpoin
 :func:`atomic_write` / :func:`atomic_torch_save`, so a kill or a full disk mid-write leaves the old
 file (or none), never a truncated one; and read with :func:`load_cache_entry`, which turns an entry
 that cannot be loaded into one warning and a rebuild instead of an error on every later run.
+:func:`load_or_build` adds a lock per entry, so that notebooks run at once (``reproduce --jobs``)
+build a shared entry (a teacher, a feature classifier) once: the second waits and loads it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -158,3 +162,58 @@ def load_cache_entry(path: str | Path, loader: Callable[[Path], object]):
         warnings.warn(f"cache entry {path} ({size}) could not be loaded ({reason}); {action}", CacheWarning,
                       stacklevel=2)
         return None
+
+
+# how long a process waits for another to finish building a cache entry before it builds its own copy
+# (longer than any stage fedlib caches at paper scale on a CPU; a waiting cell's own time limit may
+# end the wait sooner)
+CACHE_LOCK_TIMEOUT_S = float(os.environ.get("FEDLIB_CACHE_LOCK_TIMEOUT", 4 * 3600))
+
+
+@contextmanager
+def entry_lock(path: str | Path, timeout_s: float | None = None, poll_s: float = 0.5):
+    """Hold an exclusive lock on the cache entry ``path`` (``flock`` on a ``.lock`` file beside it)
+    for as long as the block runs. The lock dies with its holder (a kill leaves no stale lock). The
+    wait is bounded: after ``timeout_s`` one :class:`CacheWarning` says so and the block runs without
+    the lock (atomic writes keep two builders of one entry safe, only slower)."""
+    import fcntl
+
+    path = Path(path)
+    timeout_s = CACHE_LOCK_TIMEOUT_S if timeout_s is None else timeout_s
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock, "a+")
+    held, deadline = False, time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    warnings.warn(f"cache entry {path} has been being built by another process for over "
+                                  f"{timeout_s:.0f} s; building it here too (FEDLIB_CACHE_LOCK_TIMEOUT sets "
+                                  "the wait)", CacheWarning, stacklevel=3)
+                    break
+                time.sleep(poll_s)
+        yield held
+    finally:
+        if held:
+            fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def load_or_build(path: str | Path, loader: Callable[[Path], object], build: Callable[[], object]):
+    """``(value, was_cached)``: ``loader(path)`` when the entry is there and loads (see
+    :func:`load_cache_entry`), else ``build()``, which must save the entry at ``path`` atomically and
+    return the value. The build runs under :func:`entry_lock`; an entry that appeared while this process
+    waited for the lock (another notebook built it) is loaded, not built again."""
+    hit = load_cache_entry(path, loader)
+    if hit is not None:
+        return hit, True
+    with entry_lock(path):
+        hit = load_cache_entry(path, loader)
+        if hit is not None:
+            return hit, True
+        return build(), False

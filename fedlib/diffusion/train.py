@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..utils import atomic_torch_save, cache_dir, check_choice, load_cache_entry, resolve_device, seed_everything
+from ..utils import atomic_torch_save, cache_dir, check_choice, load_or_build, resolve_device, seed_everything
 from .denoiser import Denoiser, diffusion_loss, draw_noise_and_time, frozen
 from .networks import MLPDenoiser, UNet
 from .process import EDM
@@ -164,17 +164,16 @@ def pretrained_teacher(dataset: str = "digits", steps: int = 2000, seed: int = 0
         den = untrained()
         return den, load_checkpoint(p, den)
 
-    cached = load_cache_entry(path, load)
-    if cached is not None:
-        denoiser, history = cached
-        history["cached"] = True
-    else:
+    def build():
         denoiser = untrained()  # not load()'s model: a failed load may have filled it half-way
         ema, history = train_diffusion(denoiser, x, steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
                                        ema_decay=cfg["ema_decay"], seed=seed, device=device, progress=progress)
         denoiser.net.load_state_dict(ema.net.state_dict())
         save_checkpoint(path, denoiser, ema, history)
-        history["cached"] = False
+        return denoiser, history
+
+    (denoiser, history), was_cached = load_or_build(path, load, build)
+    history["cached"] = was_cached
     teacher = frozen(denoiser).to(device)
     teacher.history, teacher.cache_path = history, path
     return teacher
