@@ -38,6 +38,7 @@ Params = dict[str, Tensor]
 BITS = (32, 16, 8, 4, 2)
 SCHEMES = ("tensor", "channel")
 ROUNDINGS = ("nearest", "stochastic")
+_F32_MAX = float(torch.finfo(torch.float32).max)
 _CODE_DTYPE = {16: np.dtype("<u2"), 8: np.dtype("u1"), 4: np.dtype("u1"), 2: np.dtype("u1")}
 
 
@@ -148,15 +149,30 @@ def quantize_tensor(x: Tensor, bits: int = 8, scheme: str = "tensor", rounding: 
     check_choice("scheme", scheme, SCHEMES)
     check_choice("rounding", rounding, ROUNDINGS)
     shape, dtype, device = tuple(x.shape), x.dtype, x.device
-    x = x.detach().to("cpu", torch.float32)
+    x = x.detach().cpu()
+    # checked before the cast to float32, which turns a finite float64 1e300 into inf
     if not torch.isfinite(x).all():
-        raise ValueError("cannot quantise a tensor holding NaN or inf; check the local training for divergence")
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ValueError(f"cannot quantise a tensor holding NaN or inf ({bad} of {x.numel()} values); allowed: "
+                         "finite values. Check the local training for divergence")
+    if x.numel() and x.abs().max().item() > _F32_MAX:
+        raise ValueError(f"cannot quantise a tensor with max |x| = {x.abs().max().item():.3g}: out of float32's "
+                         f"range; allowed: |x| <= {_F32_MAX:.3g}. Check the local training for divergence")
+    x = x.to(torch.float32)
     empty = torch.zeros(0)
-    if bits == 32:
+    if bits == 32 or not x.numel():
+        # an empty tensor has no range to describe: no codes, no scale, zero bytes (as at 32 bits)
         return QuantizedTensor(x.numpy().astype("<f4").tobytes(), empty, empty, shape, bits, dtype, device)
     g = _groups(shape, scheme)
     flat = x.reshape(g, -1)
     lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    # hi - lo in float32 overflows to inf for values near +-3.4e38 (the codes then came out as garbage);
+    # half of float32's range keeps the receiver's lo + scale * q finite too
+    span = (hi.double() - lo.double()).max().item()
+    if span > _F32_MAX / 2:
+        raise ValueError(f"cannot quantise a tensor whose range max - min = {span:.3g} (max |x| = "
+                         f"{flat.abs().max().item():.3g}) overflows float32's scale and zero point; allowed: "
+                         f"max - min <= {_F32_MAX / 2:.3g}. Check the local training for divergence")
     levels = 2**bits - 1
     scale = (hi - lo) / levels
     v = (flat - lo[:, None]) / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
@@ -171,13 +187,13 @@ def quantize_tensor(x: Tensor, bits: int = 8, scheme: str = "tensor", rounding: 
 def dequantize_tensor(q: QuantizedTensor) -> Tensor:
     check_choice("bits", q.bits, BITS)
     g = q.scale.numel()
-    groups_ok = g == 0 if q.bits == 32 else (g >= 1 and q.numel % g == 0)
+    groups_ok = g == 0 if q.bits == 32 or q.numel == 0 else (g >= 1 and q.numel % g == 0)
     if len(q.payload) != q.payload_size or q.zero_point.numel() != g or not groups_ok:
         raise ValueError(f"QuantizedTensor of shape {q.shape} at {q.bits} bits needs a {q.payload_size}-byte payload "
                          f"and equal numbers of scales and zero points (1, or one per row; none at 32 bits), got "
                          f"{len(q.payload)} bytes, {g} scales, {q.zero_point.numel()} zero points. Rebuild it with "
                          "quantize_tensor or decode")
-    if q.bits == 32:
+    if q.bits == 32 or q.numel == 0:
         x = torch.from_numpy(np.frombuffer(q.payload, dtype="<f4").copy())
     else:
         codes = torch.from_numpy(unpack_bits(q.payload, q.bits, q.numel)).reshape(g, -1)

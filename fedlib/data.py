@@ -88,6 +88,25 @@ def _check_labels(labels, name: str = "labels"):
     return labels
 
 
+def _check_class_indices(labels: np.ndarray, name: str = "labels") -> np.ndarray:
+    """``labels`` unless an entry is not a finite integer >= 0: a partition finds class c's samples by
+    ``labels == c``, and NaN equals nothing, so NaN-labelled samples reached no client, silently."""
+    if labels.dtype.kind in "iub":
+        bad = labels < 0
+    elif labels.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(labels) | (labels < 0) | (labels != np.floor(labels))
+    else:
+        raise ValueError(f"{name} have dtype {labels.dtype}; allowed: integer class indices >= 0. Map the "
+                         "classes to 0..C-1 first (e.g. np.unique(y, return_inverse=True)[1])")
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        shown = ", ".join(f"{name}[{i}]={labels[i].item()!r}" for i in idx[:4])
+        raise ValueError(f"{shown} ({len(idx)} of {len(labels)} entries bad); allowed: finite integer class "
+                         "indices >= 0. Drop the unlabelled samples or map the classes to 0..C-1 first")
+    return labels
+
+
 # ---------------------------------------------------------------------------------------------
 # Digits: the embedded default
 
@@ -424,6 +443,13 @@ def _check_clients(n_clients: int, n: int, min_size: int = 1) -> None:
         )
 
 
+def _check_min_size(min_size) -> None:
+    # >= 1, not >= 0: an empty client cannot train (fedlib.federated refuses it) nor be weighted (n_k > 0)
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 1:
+        raise ValueError(f"min_size={min_size!r}; allowed: an integer >= 1 (the fewest samples every client "
+                         "must hold). Use min_size=1 for no constraint beyond non-empty clients")
+
+
 def iid_partition(n: int, n_clients: int, seed: int = 0) -> list[np.ndarray]:
     """Shuffle ``range(n)`` and cut it into ``n_clients`` near-equal parts."""
     _check_clients(n_clients, n)
@@ -435,9 +461,10 @@ def dirichlet_partition(labels, n_clients: int, alpha: float, seed: int = 0, min
                         max_tries: int = 10_000) -> list[np.ndarray]:
     """Label skew (papers.md 1.4): every class c is split among the clients by proportions
     pi_c ~ Dirichlet(alpha * 1_K), redrawn until every client holds at least ``min_size`` samples."""
-    labels = np.asarray(_check_labels(labels))
+    labels = _check_class_indices(np.asarray(_check_labels(labels)))
     if not (isinstance(alpha, (int, float, np.floating)) and alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha={alpha!r} must be a finite number > 0 (e.g. 0.05 strongly non-IID, 100 near IID)")
+    _check_min_size(min_size)
     _check_clients(n_clients, len(labels), min_size)
     rng = np.random.default_rng(seed)
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
@@ -488,7 +515,8 @@ def fedgo_split(labels, n_clients: int, alpha: float, seed: int = 0, server_frac
     """FedGO's setup (papers.md 1.2): ``server_fraction`` of every class goes, unlabeled, to the
     server; the rest is split over the clients by Dirichlet(alpha). Returns (client index arrays,
     server indices), all indices into ``labels``."""
-    labels = np.asarray(_check_labels(labels))
+    labels = _check_class_indices(np.asarray(_check_labels(labels)))
+    _check_min_size(min_size)
     if not 0.0 < server_fraction < 1.0:
         raise ValueError(f"server_fraction={server_fraction} must lie strictly between 0 and 1")
     rng = np.random.default_rng(seed)

@@ -431,7 +431,24 @@ def _clip_per_member(params: list[torch.Tensor], max_norm: float, members: int) 
 
 
 class DivergenceError(RuntimeError):
-    """A DMD2 loss became non-finite; the last good checkpoint is kept."""
+    """A DMD2 loss became non-finite, or the generator's samples blew up; the last good checkpoint is kept."""
+
+
+# The generator's samples may reach this many times the data's scale (its RMS, counted as at least 1),
+# in RMS and in mean distance to the teacher's denoised estimate. Healthy runs stay within a few times
+# (G starts as the teacher); a finite blow-up (lr 10 on the 2-D ring: samples at 1e10) goes far beyond,
+# and its losses stay finite because DMD's direction is normalised.
+BLOW_UP_FACTOR = 100.0
+
+
+def _blown_up(scales: dict, limit: float) -> dict:
+    """{name: members whose scale exceeds ``limit``} (a non-finite one counts too)."""
+    bad = {}
+    for name, v in scales.items():
+        idx = torch.nonzero(~(v.detach() <= limit)).flatten().tolist()
+        if idx:
+            bad[name] = idx
+    return bad
 
 
 @dataclass
@@ -655,18 +672,25 @@ def fake_score_losses(nets: DMD2Nets, cfg: DMD2Config, draws: _Draws, gan_scale:
 
 
 def generator_losses(nets: DMD2Nets, cfg: DMD2Config, draws: _Draws, gan_scale: float = 1.0,
-                     regression_pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple:
+                     regression_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     scales: dict | None = None) -> tuple:
     """One generator update's losses: (total to backpropagate, {name: per-member values}).
 
     The DM loss (:func:`dm_direction` at times over ``cfg.dm_range``), plus ``gan_generator_weight x
     gan_scale`` x the non-saturating GAN loss through the fake score's trunk and the head (their
-    parameters get no gradient), plus ``regression_weight`` x DMD1's regression loss."""
+    parameters get no gradient), plus ``regression_weight`` x DMD1's regression loss. A ``scales`` dict
+    is filled with per-member ``sample_rms`` (of G's samples x) and ``teacher_distance`` (mean |x -
+    x_real|, DMD's normaliser w): what the divergence guard watches besides finiteness."""
     S, b, p = nets.members, cfg.batch_size, nets.process
     x, _ = generator_samples(nets, cfg, draws, b, grad=True)
     t = draws.times(p, b, cfg.dm_range)
     x_t = p.add_noise(x.detach(), draws.randn((b, *nets.shape)), t)
     with torch.no_grad():
-        g, _ = dm_direction(x.detach(), nets.teacher(x_t, t), nets.fake_score(x_t, t))
+        x_real = nets.teacher(x_t, t)
+        g, w = dm_direction(x.detach(), x_real, nets.fake_score(x_t, t))
+        if scales is not None:
+            scales["sample_rms"] = _member_mean(x.detach().flatten(1).pow(2).mean(1), S).sqrt()
+            scales["teacher_distance"] = _member_mean(w, S)
     losses = {"loss_dm": _member_mean(_per_sample_dm(x, g), S)}
     total = losses["loss_dm"]
     if nets.head is not None and cfg.gan_generator_weight > 0:
@@ -714,8 +738,10 @@ def train_dmd2(teacher: Denoiser, data: torch.Tensor, config: DMD2Config | None 
     term. ``eval_fn(generator, times) -> dict`` is called every ``config.eval_every`` generator updates.
     Checkpoints (``torch.save``; read back with :func:`load_checkpoint`, weights_only) go to
     ``checkpoint_path`` or stay in memory. On a non-finite loss, ``on_divergence="stop"`` restores the
-    last good checkpoint, warns, and returns with ``result.diverged`` set; ``"raise"`` raises
-    :class:`DivergenceError` after restoring. ``init_generator`` (default: the teacher) starts G
+    last good checkpoint, warns, and returns with ``result.diverged`` set (the history keeps only the
+    updates up to that checkpoint); ``"raise"`` raises :class:`DivergenceError` after restoring. Samples
+    whose RMS, or mean distance to the teacher's estimate, exceeds ``BLOW_UP_FACTOR`` x the data's RMS
+    (at least 1) count as a divergence too: their losses stay finite. ``init_generator`` (default: the teacher) starts G
     elsewhere, e.g. to resume.
     """
     return _train(teacher, data, config or DMD2Config(), [(config or DMD2Config()).seed], regression_pairs, eval_fn,
@@ -786,23 +812,39 @@ def _train(teacher, data, cfg: DMD2Config, seeds, regression_pairs, eval_fn, che
     def member(module, i):
         return module if not stack else unstack_member(module, i)
 
+    data_scale = max(1.0, float(data.float().pow(2).mean().sqrt()))
+    limit = BLOW_UP_FACTOR * data_scale
     diverged, step, t0, fake_log = None, 0, time.time(), []
     bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, leave=False)
     for update in ttur_schedule(cfg.steps, cfg.ttur_ratio):
+        scales = {}
         if update == "fake":
             total, losses = fake_score_losses(nets, cfg, draws, gan_scale)
             params, opt = fake_params, opt_f
         else:
-            total, losses = generator_losses(nets, cfg, draws, gan_scale, regression_pairs)
+            total, losses = generator_losses(nets, cfg, draws, gan_scale, regression_pairs, scales)
             params, opt = list(generator.parameters()), opt_g
-        bad = _check_finite(losses)
-        if bad or not math.isfinite(float(total.detach())):
+        bad, big = _check_finite(losses), _blown_up(scales, limit)
+        if bad or big or not math.isfinite(float(total.detach())):
             good = ckpt.restore()
-            who = "" if S == 1 else f" in seed(s) {sorted({seeds[i] for v in bad.values() for i in v})}"
-            diverged = (f"DMD2 diverged at generator update {step + 1}{who}: non-finite "
-                        f"{', '.join(bad) or 'total loss'} in the {update} update; training stopped and the last good "
-                        f"checkpoint (update {good}, {ckpt.where}) was restored. Lower lr, raise ttur_ratio or "
-                        f"clip gradients tighter (grad_clip).")
+            members = sorted({seeds[i] for v in (*bad.values(), *big.values()) for i in v})
+            who = "" if S == 1 else f" in seed(s) {members}"
+            if bad or not big:
+                what = f"non-finite {', '.join(bad) or 'total loss'}"
+            else:
+                name = next(iter(big))
+                top = float(scales[name].max())
+                what = (f"the generator's samples blew up: {name} = {top:.3g}; allowed: at most {limit:.3g} "
+                        f"({BLOW_UP_FACTOR:g} x the data's RMS {data_scale:.3g}, counted as at least 1)")
+            diverged = (f"DMD2 diverged at generator update {step + 1}{who}: {what} in the {update} update; training "
+                        f"stopped and the last good checkpoint (update {good}, {ckpt.where}) was restored. Lower lr, "
+                        f"raise ttur_ratio or clip gradients tighter (grad_clip).")
+            # the updates after the checkpoint were discarded: so are their records
+            for h in histories:
+                kept = sum(1 for s_ in h["step"] if s_ <= good)
+                for k in ("step", *keys):
+                    del h[k][kept:]
+                h["eval"] = [e for e in h["eval"] if e["step"] <= good]
             if on_divergence == "raise":
                 raise DivergenceError(diverged)
             warnings.warn(diverged, RuntimeWarning, stacklevel=3)

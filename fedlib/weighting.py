@@ -50,6 +50,10 @@ def _check_logits(logits: Tensor) -> None:
     if logits.dim() != 3:
         raise ValueError(f"client logits must have shape [K, N, C], got {tuple(logits.shape)}; stack the "
                          "clients' outputs on the server data along dim 0")
+    if logits.shape[0] == 0:
+        # no client to weigh: the weights cannot sum to 1 over K = 0 (the uniform rule divided by K)
+        raise ValueError(f"client logits have K=0 clients (shape {tuple(logits.shape)}); allowed: K >= 1. Skip "
+                         "the distillation step in a round where no client replied")
     _check_finite("client logits", logits, "Check the client models (diverged local training?).")
 
 

@@ -194,3 +194,37 @@ def test_dequantize_refuses_a_payload_that_does_not_match_its_shape(bits):
         C.dequantize_tensor(q)
     assert f"shape (4, 5) at {bits} bits needs a {q.payload_size}-byte payload" in str(info.value)
     assert f"got {q.payload_size - 1} bytes" in str(info.value)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("scheme", ["tensor", "channel"])
+def test_a_range_that_overflows_float32_is_named_not_the_codes(bits, scheme):
+    # hi - lo = 6e38 overflowed to inf in float32 and the error blamed the codes ("does not fit")
+    x = torch.tensor([[3e38, -3e38, 0.0], [1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError) as info:
+        C.quantize_tensor(x, bits, scheme)
+    msg = str(info.value)
+    assert "range max - min = 6e+38 (max |x| = 3e+38) overflows float32" in msg and "allowed: max - min <=" in msg
+    assert "code" not in msg
+    C.quantize_tensor(x / 1e4, bits, scheme)  # the same shape at a representable scale passes
+
+
+@pytest.mark.parametrize("value", [1e300, -1e39])
+def test_a_finite_float64_beyond_float32_is_out_of_range_not_nan(value):
+    x = torch.tensor([0.5, value], dtype=torch.float64)
+    with pytest.raises(ValueError) as info:
+        C.quantize_tensor(x, 8)
+    msg = str(info.value)
+    assert f"max |x| = {abs(value):.3g}: out of float32's range" in msg and "NaN" not in msg
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8, 4, 2])
+@pytest.mark.parametrize("shape, scheme", [((0,), "tensor"), ((0, 3), "channel"), ((3, 0), "channel"),
+                                           ((2, 0, 4), "tensor")])
+def test_an_empty_tensor_travels_as_zero_bytes_and_comes_back_empty(bits, shape, scheme):
+    update = {"w": torch.randn(2, 3), "e": torch.zeros(shape)}
+    q = C.quantize_params(update, bits, scheme)
+    assert q["e"].nbytes == 0 and len(C.encode({"e": q["e"]})) == 0
+    hat = C.dequantize_params(C.decode(C.encode(q), q))
+    assert hat["e"].shape == shape and hat["e"].dtype == torch.float32
+    assert torch.equal(hat["w"], C.dequantize_tensor(C.quantize_tensor(update["w"], bits, scheme)))

@@ -115,6 +115,10 @@ def test_fedgo_split_disjoint_from_clients_and_test(seed, alpha):
     (lambda y: D.partition("dirichlet", y, 5), "needs alpha"),
     (lambda y: D.iid_partition(len(y), 0), "positive integer"),
     (lambda y: D.fedgo_split(y, 5, 0.1, server_fraction=1.0), "strictly between"),
+    (lambda y: D.dirichlet_partition(y, 5, 0.5, min_size=-5), r"min_size=-5; allowed: an integer >= 1"),
+    (lambda y: D.dirichlet_partition(y, 5, 0.5, min_size=0), r"min_size=0; allowed: an integer >= 1"),
+    (lambda y: D.dirichlet_partition(y, 5, 0.5, min_size=1.5), r"min_size=1.5; allowed: an integer >= 1"),
+    (lambda y: D.fedgo_split(y, 5, 0.5, min_size=-5), r"min_size=-5; allowed: an integer >= 1"),
 ])
 def test_bad_partition_arguments_are_explained(call, match):
     y = D.load_digits("train").y.numpy()
@@ -224,3 +228,20 @@ def test_labels_that_are_not_1d_are_refused(fn, shape):
     msg = str(info.value)
     assert f"got shape {bad.shape}" in msg and "1-D class indices of shape [N]" in msg and "y.argmax(1)" in msg
     LABEL_TAKERS[fn](y)  # the same labels as a 1-D array are fine
+
+
+@pytest.mark.parametrize("fn", ["dirichlet_partition", "fedgo_split", "partition_dirichlet"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 2.5, -1])
+def test_labels_that_are_not_class_indices_are_refused(fn, bad):
+    # NaN equals no class: those samples used to reach no client (nor the server), silently
+    y = (np.arange(60) % 4).astype(np.float64 if isinstance(bad, float) else np.int64)
+    y[7] = bad
+    with pytest.raises(ValueError) as info:
+        LABEL_TAKERS[fn](y)
+    msg = str(info.value)
+    assert f"labels[7]={y[7].item()!r} (1 of 60 entries bad)" in msg
+    assert "allowed: finite integer class indices >= 0" in msg
+    y[7] = 3
+    parts = LABEL_TAKERS[fn](y)  # integer-valued float labels are class indices too
+    parts = parts[0] + [parts[1]] if fn == "fedgo_split" else parts
+    assert sorted(np.concatenate(parts).tolist()) == list(range(60))

@@ -293,6 +293,52 @@ def test_divergence_guard_keeps_last_good_checkpoint(tmp_path):
         dmd2.train_dmd2(teacher, data, cfg, eval_fn=poisoned_eval, on_divergence="raise", progress=False)
 
 
+def test_a_finite_blow_up_is_a_divergence_too():
+    """lr 10 on the 2-D ring: the samples reach 1e8-1e10 while every loss stays finite (DMD's direction is
+    normalised), and the run used to finish with diverged=None. The guard watches the samples' scale."""
+    from fedlib.data import toy_2d
+
+    data = toy_2d("ring", 256).x
+    cfg = dmd2.DMD2Config(steps=30, ttur_ratio=1, batch_size=32, lr=10.0, gan_critic_weight=0.0,
+                          gan_generator_weight=0.0, checkpoint_every=10)
+    with pytest.warns(RuntimeWarning, match="samples blew up"):
+        res = dmd2.train_dmd2(_toy_teacher(), data, cfg, progress=False)
+    assert res.diverged is not None and "the generator's samples blew up: sample_rms = " in res.diverged
+    assert "allowed: at most 142 (100 x the data's RMS 1.42" in res.diverged and "Lower lr" in res.diverged
+    assert res.steps_done == len(res.history["step"]) < 10
+    x = res.sample(500)  # the restored generator (here: the teacher's copy) is sane
+    assert float(x.pow(2).mean().sqrt()) < 100 * 1.42
+    with pytest.warns(RuntimeWarning, match=r"in seed\(s\) \[3, 4\]: the generator's samples blew up"):
+        res = dmd2.train_dmd2_seeds(_toy_teacher(), data, cfg, [3, 4], progress=False)
+    assert all(r.diverged for r in res)
+
+
+def test_a_restore_discards_the_records_of_the_discarded_updates():
+    """Blown up (finite) after update 6, restored to the checkpoint of update 4: the history ends at 4."""
+    teacher = _toy_teacher()
+    data = torch.randn(128, 2)
+
+    def poisoned_eval(gen, times):
+        if len(seen) == 5:  # after update 6: samples at about 1e6, every loss still finite
+            with torch.no_grad():
+                gen.net.head.bias.fill_(1e6)
+        seen.append(1)
+        return {"calls": len(seen)}
+
+    seen = []
+    cfg = dmd2.DMD2Config(steps=20, ttur_ratio=1, batch_size=32, gan_critic_weight=0.0, gan_generator_weight=0.0,
+                          checkpoint_every=4, eval_every=1)
+    with pytest.warns(RuntimeWarning, match="diverged at generator update 7"):
+        res = dmd2.train_dmd2(teacher, data, cfg, eval_fn=poisoned_eval, progress=False)
+    assert "blew up" in res.diverged and "last good checkpoint (update 4" in res.diverged
+    assert res.steps_done == 4 and res.history["step"] == [1, 2, 3, 4]
+    assert all(len(res.history[k]) == 4 for k in ("loss_dm", "loss_fake", "grad_norm_generator", "grad_norm_fake"))
+    assert [e["step"] for e in res.history["eval"]] == [1, 2, 3, 4]
+    with pytest.raises(dmd2.DivergenceError, match="blew up"):
+        seen.clear()
+        dmd2.train_dmd2(teacher, data, cfg, eval_fn=poisoned_eval, on_divergence="raise", progress=False)
+
+
 def test_regression_term_needs_pairs():
     with pytest.raises(ValueError, match="regression_pairs"):
         dmd2.train_dmd2(_toy_teacher(), torch.randn(8, 2), dmd2.DMD2Config(steps=1, regression_weight=1.0),

@@ -7,6 +7,7 @@ about 3e-7; the only difference is vmap over 1 client on the node vs over K clie
 
 import importlib.util
 import logging
+import math
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from fedlib import federated as fl  # noqa: E402
 from fedlib import fedgo  # noqa: E402
 from fedlib import models as Mo  # noqa: E402
 from fedlib import weighting as W  # noqa: E402
+from fedlib.compression import Quantizer  # noqa: E402
 from fedlib.flower import records as R  # noqa: E402
 
 
@@ -240,6 +242,64 @@ def test_replies_are_matched_to_the_message_not_to_what_the_client_claims(run_id
     sent2 = _sent(list(st2.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)))
     got = FW.collect_replies(sent2, st2._tasks, [stray], st2.decode, template, st2.report, 1)
     assert got == {} and "did not send" in st2.report.events[0]["reason"]
+
+
+def test_finite_but_absurd_updates_are_refused(run_id):
+    template = {"w": torch.zeros(3), "b": torch.full((1,), 2.0)}
+    # 1e30 is finite, of the right names, shapes and dtype: it used to pass
+    reason = FW.check_update({"w": torch.tensor([1.0, 1e30, 0.0]), "b": torch.ones(1)}, template)
+    assert reason is not None and "w holds a value of magnitude 1e+30" in reason and "allowed: at most 2e+06" in reason
+    assert FW.check_update({"w": torch.full((3,), 5e5), "b": torch.ones(1)}, template) is None  # a generous bound
+    # every reply of a round: one of finite 1e38 values, one 1e4 x the others' update norm
+    n_k = [10, 30, 20, 40, 5]
+    captured = {}
+    st = _Strategy({"w": torch.zeros(3), "b": torch.zeros(1)}, n_k, captured)
+    sent = _sent(list(st.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)))
+    small = {"w": torch.full((3,), 0.01), "b": torch.full((1,), 0.01)}
+    replies = [_reply(sent[0], small, 0, 10), _reply(sent[1], {n: 3 * v for n, v in small.items()}, 1, 30),
+               _reply(sent[2], {"w": torch.full((3,), 1e38), "b": torch.ones(1)}, 2, 20),
+               _reply(sent[3], {n: 1e4 * v for n, v in small.items()}, 3, 40), _reply(sent[4], small, 4, 5)]
+    st.aggregate_train(1, replies)
+    assert captured["accepted"].tolist() == [True, True, False, False, True]
+    # renormalised over the three accepted: (10 * 0.01 + 30 * 0.03 + 5 * 0.01) / 45
+    assert torch.allclose(captured["global"]["w"], torch.full((3,), 1.05 / 45))
+    reasons = {e["row"]: e["reason"] for e in st.report.events if e["kind"] == "rejected"}
+    assert sorted(reasons) == [2, 3] and not [e for e in st.report.events if e["kind"] != "rejected"]
+    assert "magnitude 1e+38" in reasons[2]
+    assert "update norm 200 is 1e+04 x the median 0.02 of" in reasons[3] and "allowed: at most 1000 x" in reasons[3]
+    # a norm that is not finite is refused too, whatever the median
+    st2 = _Strategy({"w": torch.zeros(3), "b": torch.zeros(1)}, n_k[:2], {})
+    sent2 = _sent(list(st2.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)))
+    got = FW.collect_replies(sent2, st2._tasks, [_reply(sent2[0], small, 0), _reply(sent2[1], small, 1)], st2.decode,
+                             st2.template, st2.report, 1, update_norm=lambda p, t: math.inf if t.row else 1.0)
+    assert list(got) == [0] and "its update norm is inf; allowed: a finite norm" in st2.report.events[0]["reason"]
+
+
+def test_a_quantised_feddm_reply_is_measured_as_the_update_it_is():
+    st = FW.FedDMStrategy.__new__(FW.FedDMStrategy)  # update_norm reads only the task
+    start = {"w": torch.full((4,), 10.0)}
+    reply = {"w": torch.full((4,), 0.5)}
+    assert st.update_norm(reply, FW.Task(0, 0, 0, start, quantizer=Quantizer(8))) == pytest.approx(1.0)
+    assert st.update_norm(reply, FW.Task(0, 0, 0, start)) == pytest.approx(19.0)
+
+
+@pytest.mark.parametrize("order", ["valid_then_error", "error_then_valid", "valid_then_valid"])
+def test_a_message_counts_once_its_first_reply_decides(run_id, order):
+    n_k = [10, 30]
+    captured = {}
+    st = _Strategy({"w": torch.zeros(2)}, n_k, captured)
+    sent = _sent(list(st.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)))
+    valid, error = _reply(sent[0], {"w": torch.ones(2)}, 0, 10), Message(Error(code=0, reason="late"), reply_to=sent[0])
+    first, second = {"valid_then_error": (valid, error), "error_then_valid": (error, valid),
+                     "valid_then_valid": (valid, _reply(sent[0], {"w": torch.full((2,), 7.0)}, 0, 10))}[order]
+    st.aggregate_train(1, [first, _reply(sent[1], {"w": torch.full((2,), 3.0)}, 1, 30), second])
+    ev0 = [(e["kind"], e["reason"]) for e in st.report.events if e["row"] == 0]
+    assert len(ev0) == (1 if order != "error_then_valid" else 2), ev0
+    assert ev0[-1] == ("rejected", "a second reply to the same message; the first one counts")
+    accepted_0 = order != "error_then_valid"
+    assert captured["accepted"].tolist() == [accepted_0, True]
+    assert ("failed", "late") in ev0 if not accepted_0 else all(k != "failed" for k, _ in ev0)
+    assert torch.allclose(captured["global"]["w"], torch.full((2,), 2.5 if accepted_0 else 3.0))
 
 
 class _FakeGrid:

@@ -111,3 +111,12 @@ def test_counts_that_are_not_finite_and_positive_are_refused(name, value):
                           log_densities=inp["log_densities"])
     assert f"n_k[1]={value!r} (1 of 3 entries bad)" in str(info.value)
     assert "allowed: finite counts, each must be > 0" in str(info.value)
+
+
+@pytest.mark.parametrize("name", list(W.RULES))
+def test_zero_clients_are_refused_by_every_rule(name):
+    # K = 0: uniform divided by zero, the softmax rules returned an empty [0, N] "distribution"
+    inp = _inputs(3, 4, 5, 0)
+    empty = {k: v[:0] for k, v in inp.items()}
+    with pytest.raises(ValueError, match=r"K=0 clients \(shape \(0, 4, 5\)\); allowed: K >= 1"):
+        W.compute_weights(name, empty.pop("logits"), **empty)

@@ -54,11 +54,20 @@ def quantizer_of(record: ConfigRecord | None) -> Quantizer | None:
     return None if record is None else Quantizer(int(record["bits"]), str(record["scheme"]), str(record["rounding"]))
 
 
+# A reply's values may be at most this many times the template's largest magnitude (at least 1): a
+# trained model or an update sits within a few times its initialisation; 1e30 is a blow-up that is still
+# finite, and averaging it in would wipe out every other client (and overflow float32 norms).
+MAGNITUDE_FACTOR = 1e6
+
+
 def check_update(params: Params, template: Params) -> str | None:
-    """Why a client's parameters must not be averaged in, or None: names, shapes, dtype, finiteness."""
+    """Why a client's parameters must not be averaged in, or None: names, shapes, dtype, finiteness,
+    and magnitude (at most ``MAGNITUDE_FACTOR`` times the template's largest, counted as at least 1)."""
     if set(params) != set(template):
         missing, extra = sorted(set(template) - set(params)), sorted(set(params) - set(template))
         return f"parameter names differ (missing {missing}, unexpected {extra})"
+    scale = max([1.0] + [t.detach().abs().max().item() for t in template.values() if t.numel()])
+    bound = MAGNITUDE_FACTOR * scale
     for n, t in template.items():
         p = params[n]
         t = t.cpu() if t.device != p.device else t
@@ -68,6 +77,10 @@ def check_update(params: Params, template: Params) -> str | None:
             return f"{n} has dtype {p.dtype}, expected {t.dtype}"
         if not torch.isfinite(p).all():
             return f"{n} holds {int((~torch.isfinite(p)).sum())} non-finite values"
+        top = p.detach().abs().max().item() if p.numel() else 0.0
+        if top > bound:
+            return (f"{n} holds a value of magnitude {top:.3g}; allowed: at most {bound:.3g} ({MAGNITUDE_FACTOR:.0e} "
+                    f"x the template's largest magnitude {scale:.3g}, counted as at least 1): a diverged client")
     return None
 
 

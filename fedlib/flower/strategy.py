@@ -4,6 +4,7 @@ strategies here override only what differs: their tasks and their server step.""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -38,13 +39,32 @@ class Task:
     term: str | None = None
 
 
+# A reply whose update norm exceeds this many times the median of the round's accepted replies is refused.
+# Healthy clients differ by their data sizes (epochs over 2 to hundreds of samples, with momentum): tens of
+# times at most; a diverged one by many orders of magnitude.
+NORM_FACTOR = 1000.0
+
+
+def distance(params: Params, start: Params | None = None) -> float:
+    """||params - start|| over every tensor (``start`` None: ||params||), in float64: a float32 sum of
+    squares overflows at values of 1e20."""
+    def sq(n, p):
+        d = p.detach().cpu().double() - (0.0 if start is None else start[n].detach().cpu().double())
+        return float((d * d).sum())
+    return math.sqrt(sum(sq(n, p) for n, p in params.items()))
+
+
 def collect_replies(sent: list[Message], tasks: list, replies, decode, template: Params, report: FlowerReport,
-                    round_: int) -> dict[int, Params]:
+                    round_: int, update_norm=None) -> dict[int, Params]:
     """The accepted replies of one exchange, by task row. A reply is matched to the message it answers
-    (its ``reply_to`` id), never to what the client says about itself; an error, a reply to no message
-    sent here, a second reply to one message, a row claim that contradicts the message, missing or
-    malformed content, and parameters that fail :func:`check_update` are rejected and logged. Tasks
-    without an accepted reply are logged as absent."""
+    (its ``reply_to`` id), never to what the client says about itself, and each message counts once: its
+    first reply, error or not, decides; later ones are logged as duplicates and ignored. A reply to no
+    message sent here, an error, a row claim that contradicts the message, missing or malformed content,
+    parameters that fail :func:`check_update`, and an update whose norm is not finite or beyond
+    ``NORM_FACTOR`` times the median of the accepted replies' are rejected and logged (the aggregation
+    then renormalises over the rest). ``update_norm(params, task)``: the norm of what the client changed
+    (default: the distance of the returned model from ``task.start``). Tasks without an accepted reply
+    are logged as absent."""
     task_of = {m.metadata.message_id: t for m, t in zip(sent, tasks) if m.metadata.message_id}
     got: dict[int, Params] = {}
     answered: set[int] = set()
@@ -54,15 +74,14 @@ def collect_replies(sent: list[Message], tasks: list, replies, decode, template:
             report.event(round_, "rejected", f"a reply to message {msg.metadata.reply_to_message_id!r}, which this "
                          "exchange did not send")
             continue
-        if msg.has_error():
-            answered.add(task.row)
-            report.event(round_, "failed", reason(msg.error.reason), row=task.row, partition=task.partition)
-            continue
         if task.row in answered:
             report.event(round_, "rejected", "a second reply to the same message; the first one counts",
                          row=task.row, partition=task.partition)
             continue
         answered.add(task.row)
+        if msg.has_error():
+            report.event(round_, "failed", reason(msg.error.reason), row=task.row, partition=task.partition)
+            continue
         try:
             if "arrays" not in msg.content or "metrics" not in msg.content:
                 raise ValueError(f"the reply lacks {'arrays' if 'arrays' not in msg.content else 'metrics'}")
@@ -77,11 +96,32 @@ def collect_replies(sent: list[Message], tasks: list, replies, decode, template:
             report.event(round_, "rejected", str(ex), row=task.row, partition=task.partition)
             continue
         got[task.row] = params
+    _refuse_outlying_norms(got, {t.row: t for t in tasks}, update_norm or (lambda p, t: distance(p, t.start)),
+                           report, round_)
     for t in tasks:
         if t.row not in answered:
             report.event(round_, "absent", "no reply (error or timeout); left out of the aggregation", row=t.row,
                          partition=t.partition)
     return got
+
+
+def _refuse_outlying_norms(got: dict[int, Params], task: dict, update_norm, report: FlowerReport, round_: int):
+    """Drop from ``got`` the replies whose update norm is not finite or beyond ``NORM_FACTOR`` x the
+    (lower) median of all accepted ones: finite values far beyond the others' would otherwise dominate
+    the average. The lower median, so that of two replies the sane one is the reference."""
+    norms = {r: update_norm(p, task[r]) for r, p in got.items()}
+    finite = sorted(v for v in norms.values() if math.isfinite(v))
+    median = finite[(len(finite) - 1) // 2] if finite else math.nan
+    for r, v in norms.items():
+        if not math.isfinite(v):
+            why = f"its update norm is {v}; allowed: a finite norm"
+        elif median > 0 and v > NORM_FACTOR * median:
+            why = (f"its update norm {v:.3g} is {v / median:.3g} x the median {median:.3g} of this round's "
+                   f"replies; allowed: at most {NORM_FACTOR:g} x (a diverged client)")
+        else:
+            continue
+        del got[r]
+        report.event(round_, "rejected", why, row=r, partition=task[r].partition)
 
 
 class RoundStrategy(Strategy):
@@ -112,6 +152,10 @@ class RoundStrategy(Strategy):
         self.report.ledger.log(self._round, "up", self.ledger_item, tensor_bytes(params))
         self.report.wire.log(self._round, "up", self.ledger_item, rec.count_bytes())
         return params
+
+    def update_norm(self, params: Params, task: Task) -> float:
+        """How far the client moved: the distance of its model from the one it started from."""
+        return distance(params, task.start)
 
     # -- Flower's Strategy ------------------------------------------------------------------------
     def summary(self) -> None:
@@ -145,7 +189,8 @@ class RoundStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies):
-        got = collect_replies(self._sent, self._tasks, replies, self.decode, self.template, self.report, server_round)
+        got = collect_replies(self._sent, self._tasks, replies, self.decode, self.template, self.report, server_round,
+                              self.update_norm)
         accepted = torch.tensor([t.row in got for t in self._tasks])
         device = next(iter(self.template.values())).device
         local = fl.stack_params([{n: p.to(device) for n, p in got[t.row].items()} if t.row in got else
@@ -229,6 +274,10 @@ class FedDMStrategy(RoundStrategy):
         self.report.ledger.log(self._round, "up", f"update {task.quantizer.bits}-bit", up.n_bytes)
         self.sizes[task.row] = up.n_bytes
         return {n: v.cpu() for n, v in update.items()}
+
+    def update_norm(self, params, task):
+        # a quantised group's reply is already the update w_k - start
+        return distance(params) if task.quantizer is not None else super().update_norm(params, task)
 
     def server_step(self, server_round, tasks, local, accepted):
         K = self.K
