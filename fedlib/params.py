@@ -149,7 +149,10 @@ def coerce(name: str, value, spec: dict, notebook: str):
     if bad:
         where, item = bad
         element = f"element {where[0]!r}" if len(where) == 1 else "element " + "".join(f"[{k!r}]" for k in where)
-        why = "is beyond the float range" if isinstance(item, int) else f"is {item!r}"
+        if isinstance(item, int):
+            why = "is beyond the float range"
+        else:
+            why = f"is {item!r}" if where else "is not a finite number"
         what = f"{name}={value!r}: {element} {why}" if where else f"{name}={value!r} {why}"
         raise UsageError(f"{notebook}: parameter {what}; allowed: finite numbers within the float range (no inf "
                          f"or nan); {example}")
