@@ -310,6 +310,8 @@ def _violation(rule: Rule, value, params: dict) -> str | None:
         # the parameters it reads are themselves broken (max of an empty list, a division by a 0 that
         # must be >= 4): their own rules report that, and this bound means nothing until they are fixed
         return None
+    if isinstance(bound, float) and math.isnan(bound):  # inf // 2 of a dataset train_size does not know
+        return None
     if rule.kind == "within":
         bad = [v for v in items if v not in bound]
         return f"{bad[0]!r} is not one of {', '.join(map(str, bound))}" if bad else None

@@ -146,6 +146,13 @@ def test_a_bound_read_from_broken_parameters_defers_to_their_own_rules():
     assert len(lines) == 2 and lines[0].startswith("nb: nfes=[] is not allowed (it is empty)") \
         and lines[1].startswith("nb: steps=0 is not allowed"), lines
     assert P.check("nb", {"nfes": [4, 12]}, specs)[0].startswith("nb: top=10 is not allowed (it is not greater than 12")
+    # an unknown dataset has inf images, and inf // 2 is nan: the dataset's own rule speaks, not a bound of nan
+    specs = {"dataset": {"default": "digits", "rules": "one of digits", "checks": P.parse_rules("one of digits")},
+             "n": {"default": 2, "rules": "max train_size(dataset) // 2",
+                   "checks": P.parse_rules("max train_size(dataset) // 2")}}
+    assert P.check("nb", {"dataset": "nope", "n": 5}, specs) == [
+        "nb: dataset='nope' is not allowed ('nope' is not one of digits); allowed: [one of digits]; e.g. -p dataset='digits'"]
+    assert "it is not at most 718" in P.check("nb", {"n": 5000}, specs)[0]
 
 
 # integer parameters that only cap or split existing work (beyond the data they keep all of it)
