@@ -305,7 +305,8 @@ def _violation(rule: Rule, value, params: dict) -> str | None:
     if missing:
         raise UsageError(f"rule {rule.text!r} names {missing}, which are not parameters of this notebook")
     try:
-        bound = eval(rule.expr, {"__builtins__": {}}, {**params, **HELPERS})  # noqa: S307 - parsed and whitelisted above
+        # parsed and whitelisted above
+        bound = eval(rule.expr, {"__builtins__": {}}, {**params, **HELPERS})  # noqa: S307
     except (ArithmeticError, ValueError, TypeError):
         # the parameters it reads are themselves broken (max of an empty list, a division by a 0 that
         # must be >= 4): their own rules report that, and this bound means nothing until they are fixed

@@ -107,17 +107,20 @@ def check_cache_dir() -> Path:
     the run, and in every notebook after it."""
     from .utils import cache_dir
 
+    env = os.environ.get("FEDLIB_CACHE")
+    if env and not Path(env).expanduser().is_absolute():  # kernels run in the notebooks' folder
+        raise UsageError(f"FEDLIB_CACHE={env} is relative: each kernel would read it from {NOTEBOOKS_DIR}, inside "
+                         f"the source tree; allowed: an absolute path; e.g. export FEDLIB_CACHE={Path(env).resolve()}")
     try:
         root = cache_dir()
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
             pass
     except OSError as err:
-        env = os.environ.get("FEDLIB_CACHE")
         where = f"FEDLIB_CACHE={env}" if env else "fedlib's cache ~/.cache/fedlib (FEDLIB_CACHE is unset)"
-        fix = (f"unset FEDLIB_CACHE or point it at a writable folder (e.g. export FEDLIB_CACHE={Path.home() / '.cache' / 'fedlib'})"
-               if env else "make it writable, or point FEDLIB_CACHE at a writable folder (e.g. export FEDLIB_CACHE=/tmp/fedlib-cache)")
+        fix = ("unset FEDLIB_CACHE or point it at a writable folder" if env else
+               "make it writable, or point FEDLIB_CACHE at a writable folder")
         raise UsageError(f"{where}: cannot write fedlib's cache there ({err.strerror or err}); allowed: a writable "
-                         f"folder; {fix}") from None
+                         f"folder; {fix} (e.g. export FEDLIB_CACHE=/tmp/fedlib-cache)") from None
     return root
 
 

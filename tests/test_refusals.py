@@ -36,7 +36,8 @@ def refused(capsys, tmp_path, *args) -> str:
 CASES = [
     # accepted, then a cell ran without end
     (["04", "--scale", "smoke", "-p", "toy_teacher_steps=1000000000"],
-     ["toy_teacher_steps=1000000000 is not allowed (it is not at most 300000)", "max 300000", "e.g. -p toy_teacher_steps="]),
+     ["toy_teacher_steps=1000000000 is not allowed (it is not at most 300000)", "max 300000",
+      "e.g. -p toy_teacher_steps="]),
     (["00", "-p", "toy_points=1000000000000"], ["toy_points=1000000000000 is not allowed (it is not at most 500000)"]),
     (["01", "-p", "rounds=100000000"], ["rounds=100000000 is not allowed (it is not at most 10000)"]),
     (["03", "-p", "ld3_train=10000000"], ["ld3_train=10000000 is not allowed (it is not at most 5000)"]),
@@ -105,6 +106,15 @@ def test_unwritable_cache_is_refused_up_front(where, tmp_path, monkeypatch, caps
     assert runner.check_cache_dir() == tmp_path / "cache", "a writable cache passes (and is created)"
 
 
+def test_relative_cache_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    # the runner and its kernels (run in the notebooks' folder) would read it as two different folders
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDLIB_CACHE", "my-cache")
+    err = refused(capsys, tmp_path, "00", "--scale", "smoke")
+    assert "FEDLIB_CACHE=my-cache is relative" in err and f"e.g. export FEDLIB_CACHE={tmp_path / 'my-cache'}" in err
+    assert not (tmp_path / "my-cache").exists() and not (runner.NOTEBOOKS_DIR / "my-cache").exists()
+
+
 def test_update_notebooks_at_quick_without_overrides_is_not_refused(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(runner, "reproduce", lambda *a, **kw: seen.update(a=a, kw=kw) or 0)
@@ -151,7 +161,8 @@ def test_a_bound_read_from_broken_parameters_defers_to_their_own_rules():
              "n": {"default": 2, "rules": "max train_size(dataset) // 2",
                    "checks": P.parse_rules("max train_size(dataset) // 2")}}
     assert P.check("nb", {"dataset": "nope", "n": 5}, specs) == [
-        "nb: dataset='nope' is not allowed ('nope' is not one of digits); allowed: [one of digits]; e.g. -p dataset='digits'"]
+        "nb: dataset='nope' is not allowed ('nope' is not one of digits); allowed: [one of digits]; "
+        "e.g. -p dataset='digits'"]
     assert "it is not at most 718" in P.check("nb", {"n": 5000}, specs)[0]
 
 
