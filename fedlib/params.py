@@ -18,8 +18,15 @@ and the bracketed group at its end (optional) says what is allowed. Rules:
 (No ``=`` in a rule: papermill's reader of the parameters cell splits on it.) Expressions may use
 the other parameters, integers, arithmetic and the helpers in ``HELPERS``
 (``train_size(dataset, cap=0)``: the number of training images of a dataset, at most ``cap`` if
-``cap`` > 0). A parameter named ``device`` is also checked against the machine (``cuda`` only where a
-GPU exists). :func:`check` returns one line per violation: the value, what is allowed, an example.
+``cap`` > 0; ``len``, ``min``, ``max``: ``> max(ld3_nfes)``). A parameter named ``device`` is also
+checked against the machine (``cuda`` only where a GPU exists). :func:`check` returns one line per
+violation: the value, what is allowed, an example.
+
+Conventions of the notebooks' cells (``tests/test_refusals.py`` checks them): every integer or float
+parameter that sizes work (steps, rounds, epochs, pairs, samples, widths, threads) declares a ``max``,
+about 100 times the largest value any parameter set uses, so that a typo is refused rather than run
+for ever; every seed declares ``min 0; max 2**31 - 1``. Whatever the rules, :func:`coerce` refuses
+inf and nan anywhere in a value (inf passes ``> 0``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import ast
 import math
 import operator
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,42 +114,68 @@ def parse_value(text: str):
     return value
 
 
+def _non_finite(value, where: tuple = ()) -> tuple[tuple, object] | None:
+    """(the path of keys, the element) of the first inf or nan in ``value`` (nested lists and dicts), else
+    None: inf passes every ``> 0`` rule and then stalls or overflows deep inside a run. An integer beyond
+    the float range counts too (float() of it raises OverflowError)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    if isinstance(value, int) and abs(value) > sys.float_info.max:
+        return where, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _non_finite(item, (*where, key))
+        if found:
+            return found
+    return None
+
+
+def _fits(value, want: type) -> bool:
+    if want is bool:
+        return isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, want)
+
+
 def coerce(name: str, value, spec: dict, notebook: str):
-    """``value`` converted to the type of the parameter's default, or a UsageError."""
+    """``value`` converted to the type of the parameter's default, or a UsageError in one line that
+    names the bad value (the element and its index, in a list)."""
     default, want = spec["default"], spec["type"]
+    example = f"e.g. -p {name}={default!r}"
+    bad = _non_finite(value)
+    if bad:
+        where, item = bad
+        element = f"element {where[0]!r}" if len(where) == 1 else "element " + "".join(f"[{k!r}]" for k in where)
+        if isinstance(item, int):
+            why = "is beyond the float range"
+        else:
+            why = f"is {item!r}" if where else "is not a finite number"
+        what = f"{name}={value!r}: {element} {why}" if where else f"{name}={value!r} {why}"
+        raise UsageError(f"{notebook}: parameter {what}; allowed: finite numbers within the float range (no inf "
+                         f"or nan); {example}")
     if default is None or want in ("None", "NoneType"):
         return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    elif isinstance(default, (list, tuple)):
+    if isinstance(default, (list, tuple)):
         if not isinstance(value, (list, tuple)):
             value = [value]  # -p seeds=3 means [3]
-        ok = True
-        if default:
-            elem = type(default[0])
-            if elem is float:
-                ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-                value = [float(v) for v in value] if ok else value
-            else:
-                ok = all(isinstance(v, elem) and not (elem is int and isinstance(v, bool)) for v in value)
         value = list(value)
-    elif isinstance(default, dict):
-        ok = isinstance(value, dict)
-    else:
-        ok = True
+        elem = type(default[0]) if default else None
+        for i, item in enumerate(value if elem else ()):
+            if not _fits(item, elem):
+                raise UsageError(
+                    f"{notebook}: parameter {name}={value!r}: element {i} ({item!r}) has type "
+                    f"{type(item).__name__}; {name} must be list of {elem.__name__}; {example}")
+        return [float(v) for v in value] if elem is float else value
+    ok = _fits(value, type(default)) if isinstance(default, (bool, int, float, str, dict)) else True
     if not ok:
         raise UsageError(
             f"{notebook}: parameter {name}={value!r} has type {type(value).__name__} but must be "
-            f"{want} (default {default!r}); e.g. -p {name}={default!r}"
+            f"{want} (default {default!r}); {example}"
         )
-    return value
+    return float(value) if isinstance(default, float) else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +228,7 @@ def method_names() -> tuple:
 
 HELPERS = {"train_size": train_size, "sampler_names": sampler_names,
            "step_sampler_names": step_sampler_names, "schedule_names": schedule_names,
-           "ld3_solver_names": ld3_solver_names, "method_names": method_names, "len": len}
+           "ld3_solver_names": ld3_solver_names, "method_names": method_names, "len": len, "max": max, "min": min}
 
 
 @dataclass(frozen=True)
@@ -270,7 +304,15 @@ def _violation(rule: Rule, value, params: dict) -> str | None:
     missing = [n for n in rule.names if n not in params]
     if missing:
         raise UsageError(f"rule {rule.text!r} names {missing}, which are not parameters of this notebook")
-    bound = eval(rule.expr, {"__builtins__": {}}, {**params, **HELPERS})  # noqa: S307 - parsed and whitelisted above
+    try:
+        # parsed and whitelisted above
+        bound = eval(rule.expr, {"__builtins__": {}}, {**params, **HELPERS})  # noqa: S307
+    except (ArithmeticError, ValueError, TypeError):
+        # the parameters it reads are themselves broken (max of an empty list, a division by a 0 that
+        # must be >= 4): their own rules report that, and this bound means nothing until they are fixed
+        return None
+    if isinstance(bound, float) and math.isnan(bound):  # inf // 2 of a dataset train_size does not know
+        return None
     if rule.kind == "within":
         bad = [v for v in items if v not in bound]
         return f"{bad[0]!r} is not one of {', '.join(map(str, bound))}" if bad else None

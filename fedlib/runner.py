@@ -18,6 +18,10 @@ claims (``tests/test_runner.py`` checks this at smoke scale).
 Parameter sets: ``quick`` is each notebook's own defaults (its tagged ``parameters`` cell); other
 sets (``smoke``, ``paper``, ``long`` and extras such as ``fashion_mnist``) live in
 ``notebooks/params/<name>.yaml``; ``-p KEY=VALUE`` overrides any of them.
+
+Refused before anything runs too: a ``-p`` key given twice, ``--threads`` outside 1..os.cpu_count(),
+``--update-notebooks`` with anything but the quick defaults (it replaces the committed notebooks and
+figures), and an unwritable fedlib cache (``$FEDLIB_CACHE``, checked like ``--out``).
 """
 
 from __future__ import annotations
@@ -97,6 +101,29 @@ def check_out_dir(out_root: Path, scale: str) -> Path:
     return target
 
 
+def check_cache_dir() -> Path:
+    """fedlib's cache (``$FEDLIB_CACHE`` or ``~/.cache/fedlib``) created and writable, or a UsageError in
+    one line: an unwritable cache otherwise fails only when a notebook first saves a teacher, seconds into
+    the run, and in every notebook after it."""
+    from .utils import cache_dir
+
+    env = os.environ.get("FEDLIB_CACHE")
+    if env and not Path(env).expanduser().is_absolute():  # kernels run in the notebooks' folder
+        raise UsageError(f"FEDLIB_CACHE={env} is relative: each kernel would read it from {NOTEBOOKS_DIR}, inside "
+                         f"the source tree; allowed: an absolute path; e.g. export FEDLIB_CACHE={Path(env).resolve()}")
+    try:
+        root = cache_dir()
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        where = f"FEDLIB_CACHE={env}" if env else "fedlib's cache ~/.cache/fedlib (FEDLIB_CACHE is unset)"
+        fix = ("unset FEDLIB_CACHE or point it at a writable folder" if env else
+               "make it writable, or point FEDLIB_CACHE at a writable folder")
+        raise UsageError(f"{where}: cannot write fedlib's cache there ({err.strerror or err}); allowed: a writable "
+                         f"folder; {fix} (e.g. export FEDLIB_CACHE=/tmp/fedlib-cache)") from None
+    return root
+
+
 def build_plan(names: list[str], scale: str, overrides: list[str], device: str | None,
                available: dict[str, Path] | None = None) -> list[tuple[str, dict]]:
     """Check everything the user asked for and return [(notebook, parameters)]; UsageError if not
@@ -115,12 +142,18 @@ def build_plan(names: list[str], scale: str, overrides: list[str], device: str |
     if device == "cuda" and not P.cuda_available():
         raise UsageError("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
                          "allowed here: auto, cpu; e.g. --device auto")
-    pairs = []
+    pairs, given = [], {}
     for item in overrides:
         if "=" not in item:
             raise UsageError(f"-p {item!r} must look like KEY=VALUE (e.g. -p seeds=[0,1])")
         key, text = item.split("=", 1)
+        given.setdefault(key.strip(), []).append(text)
         pairs.append((key.strip(), parse_value(text)))
+    # the last of two values would win without a word, and the run would not be the one typed
+    twice = [f"-p {key} is given {len(texts)} times ({', '.join(f'{key}={t}' for t in texts)}); allowed: each "
+             f"parameter once; e.g. -p {key}={texts[-1]}" for key, texts in given.items() if len(texts) > 1]
+    if twice:
+        raise UsageError("\n".join(twice))
     plan, problems, specs_of = [], [], {}
     for name in names:
         specs = specs_of[name] = parameters(available[name])
@@ -865,8 +898,8 @@ def main(argv: list[str] | None = None) -> int:
     p_rep.add_argument("--device", default=None, help="auto | cpu | cuda")
     p_rep.add_argument("--out", default=str(RESULTS_DIR), help="results root (default: results/)")
     p_rep.add_argument("--threads", type=int, default=1,
-                       help="CPU threads per kernel (default 1: fastest for fedlib's small models, and "
-                            "the setting the committed results were made with)")
+                       help="CPU threads per kernel, at most os.cpu_count() (default 1: fastest for fedlib's small "
+                            "models, and the setting the committed results were made with)")
     p_rep.add_argument("--jobs", type=int, default=None, metavar="N",
                        help="notebooks run at once, each in its own kernel with --threads threads "
                             "(default: the number of cores, longest first)")
@@ -875,7 +908,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"quick {CELL_LIMITS_S['quick']} s, other sets {SET_CELL_LIMIT_S} s, explorers "
                             f"{EXPLORER_CELL_LIMIT_S} s; also ${CELL_TIMEOUT_ENV})")
     p_rep.add_argument("--update-notebooks", action="store_true",
-                       help="copy the executed notebooks and figures over the committed ones (quick scale)")
+                       help="copy the executed notebooks and figures over the committed ones (--scale quick "
+                            "without -p only)")
     p_report = sub.add_parser("report", help="the claims table of the last run at a scale")
     p_report.add_argument("--scale", default="quick")
     p_report.add_argument("--out", default=str(RESULTS_DIR), help="results root (default: results/)")
@@ -888,8 +922,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(report(args.scale, args.readme, Path(args.out).resolve()))
             return 0
-        if args.threads < 1:
-            raise UsageError(f"--threads {args.threads}: allowed: an integer >= 1; e.g. --threads 1")
+        cpus = os.cpu_count() or 1
+        if not 1 <= args.threads <= cpus:
+            raise UsageError(f"--threads {args.threads}: allowed: an integer >= 1 and at most {cpus} (this machine's "
+                             "CPUs, os.cpu_count()); e.g. --threads 1")
         if args.jobs is not None and args.jobs < 1:
             raise UsageError(f"--jobs {args.jobs}: allowed: an integer >= 1 (default: {default_jobs()}, the "
                              "cores here); e.g. --jobs 1 to run the notebooks one after another")
@@ -901,6 +937,13 @@ def main(argv: list[str] | None = None) -> int:
         if timeout is not None and not (0 < timeout < float("inf")):
             raise UsageError(f"--cell-timeout / ${CELL_TIMEOUT_ENV} {args.cell_timeout!r}: allowed: a number of "
                              "seconds > 0; e.g. --cell-timeout 3600")
+        if args.update_notebooks and (args.scale != "quick" or args.param):
+            # the committed notebooks and figures are the quick defaults' run: anything else would replace them
+            what = f"--scale {args.scale}" if args.scale != "quick" else " ".join(f"-p {p}" for p in args.param)
+            raise UsageError(f"--update-notebooks with {what}: the committed notebooks and figures hold the quick "
+                             "run with its defaults; allowed: --update-notebooks with --scale quick and no -p; e.g. "
+                             "drop --update-notebooks (results still go to --out)")
+        check_cache_dir()
         # absolute: papermill runs each notebook from the notebooks' folder, where a relative --out means nothing
         return reproduce(args.names, args.scale, args.param, args.device, Path(args.out).resolve(), args.update_notebooks,
                          args.threads, args.jobs, timeout)

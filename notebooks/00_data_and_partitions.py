@@ -32,10 +32,10 @@
 # explorer (section 5) draws any α and partition from what the run stored.
 
 # %% tags=["parameters"]
-seed = 0  # seed of every partition drawn here [min 0]
+seed = 0  # seed of every partition drawn here [min 0; max 2**31 - 1]
 n_clients = 10  # K, the number of clients [min 1; max train_size("digits") // 4]
 alphas = [0.05, 0.1, 1.0, 100.0]  # Dirichlet concentrations shown in the heatmaps [non-empty; each > 0]
-toy_points = 2000  # points per 2-D toy dataset [min 10]
+toy_points = 2000  # points per 2-D toy dataset [min 10; max 500000]
 show_fashion_mnist = True  # also show Fashion-MNIST when Debian's files are present
 
 # %%
