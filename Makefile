@@ -18,10 +18,10 @@ JOBS   ?= 2
 
 .PHONY: venv lab reproduce test unit nbval smoke notebook notebooks report lock fashion-mnist browser gpu clean
 
-$(STAMP): pyproject.toml constraints.txt scripts/install_jupyter_settings.py scripts/jupyterlab-overrides.json
+$(STAMP): pyproject.toml constraints.txt scripts/install_packages.sh scripts/install_jupyter_settings.py scripts/jupyterlab-overrides.json
 	@$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/check_python.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	bash scripts/install_packages.sh $(VENV) $(EXTRAS)
 	$(BIN)/python scripts/install_jupyter_settings.py
 	-@bash scripts/install_fashion_mnist.sh
 	-@bash scripts/install_browser.sh

@@ -5,6 +5,7 @@ that keep committed notebooks unchanged on open are installed; interactive figur
 from __future__ import annotations
 
 import json
+import os
 import re
 import runpy
 import subprocess
@@ -185,3 +186,29 @@ def test_nbval_waits_a_minute_for_a_cells_last_output():
     import nbval.plugin
 
     assert nbval.plugin.IPyNbCell.__init__.__name__ == "_patient_cell_init"
+
+
+def test_make_venv_installs_through_the_lock_with_uv_and_falls_back_to_pip_in_one_line():
+    recipe = (REPO / "Makefile").read_text().split("$(STAMP):", 1)[1].split("\n\n", 1)[0]
+    assert "scripts/install_packages.sh $(VENV) $(EXTRAS)" in recipe
+    script = (REPO / "scripts" / "install_packages.sh").read_text()
+    installs = [ln for ln in script.splitlines() if re.search(r"\b(uv pip|pip) install\b", ln) and not ln.lstrip().startswith("#")]
+    assert any("uv\" pip install" in ln for ln in installs) and any("-m pip install -q -c constraints.txt -e" in ln for ln in installs)
+    assert all("-c constraints.txt" in ln for ln in installs), "uv, pip and uv itself install through the lock"
+    assert "uv==" in (REPO / "constraints.txt").read_text(), "uv's own version is pinned"
+    assert script.count('echo "install:') == 2, "each fall-back to pip says so in one line"
+
+
+def test_the_pip_fall_back_is_taken_when_uv_is_refused(tmp_path):
+    """FEDLIB_INSTALLER=pip: the script says so and calls pip (a stand-in venv records the call)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "calls"
+    fake = venv / "bin" / "python"
+    fake.write_text(f"#!/usr/bin/env bash\necho \"$@\" >> {log}\n")
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", str(REPO / "scripts" / "install_packages.sh"), str(venv), "test"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "FEDLIB_INSTALLER": "pip"})
+    assert done.returncode == 0, done.stderr
+    assert "installing with pip (slower)" in done.stderr and done.stderr.count("\n") == 1
+    assert log.read_text().strip() == "-m pip install -q -c constraints.txt -e .[test]"
