@@ -376,7 +376,7 @@ def data_free_sweep(train, test, model, init, *, steps_grid, client_counts, alph
     Returns a DataFrame (free_steps, seed, gap, fd)."""
     import pandas as pd
 
-    from . import distill
+    from . import backends
 
     def rows_of(steps, frame, setups):
         if pre_frame is not None:
@@ -396,7 +396,7 @@ def data_free_sweep(train, test, model, init, *, steps_grid, client_counts, alph
             continue
         st = fedgo_setups(train, test, client_counts=client_counts, alphas=alphas, seeds=seeds, scenarios=("data_free",),
                           model=model, init=init, free_steps=steps, dense="dense" in methods, **setup_kw)
-        res = {"data_free": {K: distill.run_rounds(model, st.setups["data_free"][K], methods, **run_kw)
+        res = {"data_free": {K: backends.run_rounds(model, st.setups["data_free"][K], methods, **run_kw)
                              for K in client_counts}}
         rows += list(rows_of(steps, rounds_frame(res), st.all("data_free")))
     return pd.DataFrame(rows).sort_values(["free_steps", "seed"], ignore_index=True)
@@ -409,7 +409,7 @@ def distill_lr_search(model, setups: list, lr_grid, **run_kw):
     DataFrame (lr, val_kl, epochs_run) and the chosen lr."""
     import pandas as pd
 
-    from . import distill
+    from . import backends
 
     rows = []
     by_k = {}
@@ -417,7 +417,7 @@ def distill_lr_search(model, setups: list, lr_grid, **run_kw):
         by_k.setdefault(s_.clients.n_clients, []).append(s_)
     for lr in lr_grid:
         log = [e for group in by_k.values()
-               for e in distill.run_rounds(model, group, ["fedgo"], distill_lr=lr, **run_kw).distill_log]
+               for e in backends.run_rounds(model, group, ["fedgo"], distill_lr=lr, **run_kw).distill_log]
         rows.append({"lr": lr, "val_kl": float(torch.stack([e["val_kl"].mean() for e in log]).mean()),
                      "epochs_run": sum(e["epochs_run"] for e in log) / len(log)})
     table = pd.DataFrame(rows)

@@ -103,7 +103,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedlib import data as fdata
-from fedlib import datafree, distill, fedgo, metrics, models, plots, studies
+from fedlib import backends, datafree, distill, fedgo, metrics, models, plots, studies
 from fedlib import federated as fl
 from fedlib.plots import image_grid, savefig, use_style
 from fedlib.results import Run, compare, save_explorer
@@ -245,8 +245,8 @@ print(f"distillation lr {distill_lr}" + ("" if lr_table is None else f", chosen 
 
 # %%
 t0 = time.perf_counter()
-results = {s: {K: distill.run_rounds(clf, setups.setups[s][K], methods if s == "pre" else data_free_methods,
-                                     distill_lr=distill_lr, progress=tqdm, **common) for K in client_counts}
+results = {s: {K: backends.run_rounds(clf, setups.setups[s][K], methods if s == "pre" else data_free_methods,
+                                      distill_lr=distill_lr, progress=tqdm, **common) for K in client_counts}
            for s in scenarios}
 seconds_rounds = time.perf_counter() - t0
 frame = studies.rounds_frame(results)
@@ -267,8 +267,8 @@ print(f"federated rounds: {seconds_rounds:.1f} s; central accuracy {central_acc.
 
 # %%
 if "pre" in scenarios and "fedgo" in methods:
-    exact = {K: distill.run_rounds(clf, studies.exact_weight_setups(setups.setups["pre"][K]), ["fedgo"],
-                                   distill_lr=distill_lr, **common) for K in client_counts}
+    exact = {K: backends.run_rounds(clf, studies.exact_weight_setups(setups.setups["pre"][K]), ["fedgo"],
+                                    distill_lr=distill_lr, **common) for K in client_counts}
     frame = pd.concat([frame, studies.rounds_frame({"pre": exact}).assign(method="fedgo_exact")], ignore_index=True)
 
 # %%
@@ -360,8 +360,8 @@ if sweep_free_steps and "data_free" in scenarios:
 oneshot = None
 if oneshot_methods and "data_free" in scenarios:
     one_kw = dict(common, rounds=1, local_epochs=oneshot_local_epochs)
-    oneshot = studies.rounds_frame({"oneshot": {K: distill.run_rounds(clf, setups.setups["data_free"][K], oneshot_methods,
-                                                                      distill_lr=distill_lr, progress=tqdm, **one_kw)
+    oneshot = studies.rounds_frame({"oneshot": {K: backends.run_rounds(clf, setups.setups["data_free"][K], oneshot_methods,
+                                                                       distill_lr=distill_lr, progress=tqdm, **one_kw)
                                                 for K in client_counts}})
     _ = savefig(plots.oneshot_figure(oneshot), "01_oneshot")
     run.metrics["oneshot"] = oneshot.groupby(["clients", "alpha", "method"])["accuracy"].mean().to_dict()

@@ -85,6 +85,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedlib import backends
 from fedlib import compression as C
 from fedlib import data as D
 from fedlib import feddm as F
@@ -184,8 +185,8 @@ search_groups = F.build_groups(denoiser, x_train, y_train, search_parts, F.make_
                                search_seeds, init)
 val_eval = F.fd_evaluator(denoiser, feature_net, val.x, metric="fd_val", **eval_kw)
 seed_everything(search_seeds[0])
-search = F.run_feddm(denoiser, search_groups, rounds, eval_rounds=[rounds], evaluate=val_eval, seed=search_seeds[0],
-                     **train_kw).history if mu else []
+search = backends.run_feddm(denoiser, search_groups, rounds, eval_rounds=[rounds], evaluate=val_eval,
+                            seed=search_seeds[0], **train_kw).history if mu else []
 mu_star, search_table = F.mu_search(search, noniid) if mu else (None, pd.DataFrame())
 print(search_table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 print(f"mu* = {mu_star} (lowest validation FD among the prox variants; vanilla shown for reference)")
@@ -205,7 +206,8 @@ print(f"{len(groups)} models ({len(variants)} variants x {len(partitions)} parti
 seed_everything(seeds[0])
 t0 = time.perf_counter()
 # the same rounds, seeds and payloads on either backend; Flower only changes who runs them
-history = F.run_feddm(denoiser, groups, rounds, eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0], **train_kw).history
+history = backends.run_feddm(denoiser, groups, rounds, eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0],
+                             **train_kw).history
 train_time = time.perf_counter() - t0
 hist = pd.DataFrame(history)
 client_steps = sum(rounds * local_steps * g.clients.n_clients for g in [*groups, *search_groups] if not g.variant.central)

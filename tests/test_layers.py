@@ -155,3 +155,9 @@ def test_the_checker_finds_a_synthetic_circle_and_an_upward_import(tmp_path):
     layers = {"toy": 0, "toy.low": 0, "toy.high": 1, "toy.sub": 2, "toy.sub.leaf": 2}
     assert upward_imports(g, layers) == ["toy/low.py:5: toy.low (layer 0) imports toy.high (layer 1)"]
     assert not circles({m: [e for e in edges if e[0] != "toy.high"] for m, edges in g.items()})
+
+
+def test_params_names_ld3s_solvers_without_importing_ld3():
+    from fedlib import ld3, params
+
+    assert params.ld3_solver_names() == tuple(ld3.LD3_SOLVERS)
