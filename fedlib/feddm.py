@@ -507,26 +507,11 @@ def summary_table(history: list[dict], model_bytes: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# reading the history: per-seed values, paired gaps, the mu search
+# reading the history: paired gaps, the mu search (per-seed values: fedlib.verdicts.per_seed)
 def _frame(history):
     import pandas as pd
 
     return history if isinstance(history, pd.DataFrame) else pd.DataFrame(history)
-
-
-def per_seed(history, variant: str, partition: str, metric: str = "fd", round_: int | None = None,
-             seeds=None) -> np.ndarray:
-    """``metric`` of one (variant, partition) at ``round_`` (default: the last evaluated round), one value
-    per seed in ``seeds`` order (default: sorted), for :func:`fedlib.results.compare`. Raises when a
-    seed is missing, so a comparison is never silently unpaired."""
-    h = _frame(history)
-    round_ = int(h["round"].max()) if round_ is None else int(round_)
-    sub = h[(h["variant"] == variant) & (h["partition"] == partition) & (h["round"] == round_)].set_index("seed")
-    seeds = sorted(sub.index) if seeds is None else list(seeds)
-    missing = [s for s in seeds if s not in sub.index]
-    if missing or not seeds:
-        raise ValueError(f"no {metric!r} for {variant!r} on {partition!r} at round {round_} for seeds {missing or seeds}")
-    return sub.loc[seeds, metric].to_numpy(dtype=float)
 
 
 PENALTY = "non-IID penalty (vanilla)"

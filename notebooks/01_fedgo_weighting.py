@@ -106,8 +106,9 @@ from fedlib import data as fdata
 from fedlib import backends, datafree, distill, fedgo, metrics, models, plots, studies
 from fedlib import federated as fl
 from fedlib.plots import image_grid, savefig, use_style
-from fedlib.results import Run, compare, save_explorer
+from fedlib.results import Run, save_explorer
 from fedlib.utils import resolve_device, seed_everything
+from fedlib.verdicts import beats_every, compare, per_seed
 
 use_style()
 dev = resolve_device(device)
@@ -477,7 +478,8 @@ def why(s, a):
     gap = per_round[per_round.scenario == s].groupby("round")["gap"].mean()
     text = f"gap to the best baseline {gap.iloc[0]:+.3f} after round 1, {gap.iloc[-1]:+.3f} after round {rounds}"
     if s == "pre":
-        t = studies.per_seed(frame, "teacher_accuracy", scenario=s, clients=multi[-1], alpha=a, method="fedgo").mean()
+        t = per_seed(frame, "teacher_accuracy", last="round", scenario=s, clients=multi[-1], alpha=a,
+                     method="fedgo").mean()
         return f"{text}; FedGO teacher {t:.3f} on the server data (K={multi[-1]}), its student follows it (§5)"
     return f"{text}; server samples at FD {server_fd[s]:.2f} from the real server half vs {server_fd['pre']:.2f} (§3, §6)"
 
@@ -489,14 +491,14 @@ for s in scenarios:
             run.claim(name, "yes (CIFAR-10/100, ImageNet-100, 100 rounds)", "one client: every weighting is the same",
                       None)
             continue
-        verdict, text = studies.beats_every(studies.fedgo_comparisons(frame, s, a, multi))
+        verdict, text = beats_every(studies.fedgo_comparisons(frame, s, a, multi))
         run.claim(name, "yes (CIFAR-10/100, ImageNet-100, 100 rounds)", text, verdict,
                   note=f"{scale}; {studies.SCENARIOS[s]}; {why(s, a)}")
 
 # %%
 if "pre" in scenarios and {"fedgo", "feddf"} <= set(methods) and multi:
-    comps = {f"K={K}, alpha={a}": compare(*(studies.per_seed(frame, "teacher_accuracy", False, scenario="pre",
-                                                              clients=K, alpha=a, method=m).values
+    comps = {f"K={K}, alpha={a}": compare(*(per_seed(frame, "teacher_accuracy", scenario="pre",
+                                                      clients=K, alpha=a, method=m).values
                                             for m in ("fedgo", "feddf")), a_name="FedGO teacher", b_name="uniform")
              for K in multi for a in (hetero_alphas or alphas)}
     verdict, text = studies.beats_every(comps)

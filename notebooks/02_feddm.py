@@ -92,8 +92,9 @@ from fedlib import feddm as F
 from fedlib import metrics as M
 from fedlib import plots
 from fedlib.plots import savefig, use_style
-from fedlib.results import Run, combine, compare, compare_to, save_explorer
+from fedlib.results import Run, save_explorer
 from fedlib.utils import resolve_device, seed_everything
+from fedlib.verdicts import combine, compare, compare_to, per_seed
 
 use_style()
 dev = resolve_device(device)
@@ -342,7 +343,7 @@ _ = savefig(fig, "02_feddm_explorer_view")
 # by the noise rule. The proximal claim uses μ* from section 4 (validation data, other seeds).
 
 # %%
-fd = lambda v, p: F.per_seed(hist, v, p, seeds=seeds)  # noqa: E731
+fd = lambda v, p: per_seed(hist, "fd", seeds, last="round", variant=v, partition=p)  # noqa: E731
 up8 = update_bytes[8]
 run.claim("8-bit updates cut the uplink by about 4x", "up to 4x (docs/methods.md §2)",
           f"{model_bytes / up8:.3f}x (payload {up8:,} B vs float32 {model_bytes:,} B, scales and zero points counted)",
