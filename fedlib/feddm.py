@@ -26,9 +26,9 @@ the encoded quantised update. Central training sends nothing.
 One round = the clients' uploads (:func:`upload`: what travels) and the server's step per group
 (:func:`aggregate`: bytes, FedAvg over the accepted clients, downlink), plus :func:`train_central`
 and :func:`record_history`; the in-process driver (:func:`run_feddm`) and the Flower one
-(:func:`fedlib.flower.run_feddm`, chosen by :func:`fedlib.backends.run_feddm`) share all of them. In-process, everything that shares a
-proximal weight ``mu`` (variants x partitions x seeds) trains in one vmap: one ``local_train`` call per
-distinct ``mu`` per round, plus one for ``central``.
+(:func:`fedlib.flower.run_feddm`, chosen by :func:`fedlib.backends.run_feddm`) share all of them.
+In-process, everything that shares a proximal weight ``mu`` (variants x partitions x seeds) trains in
+one vmap: one ``local_train`` call per distinct ``mu`` per round, plus one for ``central``.
 """
 
 from __future__ import annotations

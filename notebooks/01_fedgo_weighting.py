@@ -501,7 +501,7 @@ if "pre" in scenarios and {"fedgo", "feddf"} <= set(methods) and multi:
                                                       clients=K, alpha=a, method=m).values
                                             for m in ("fedgo", "feddf")), a_name="FedGO teacher", b_name="uniform")
              for K in multi for a in (hetero_alphas or alphas)}
-    verdict, text = studies.beats_every(comps)
+    verdict, text = beats_every(comps)
     run.claim("FedGO's teacher is more accurate than the uniform (FedDF) teacher", "yes", text, verdict,
               note="accuracy on the server data, mean over rounds, paired per seed; at every K and alpha")
 else:
@@ -523,7 +523,7 @@ for m, paper in (("fedgen", "FedGen (ICML 2021) beats FedAvg-family baselines un
     if "data_free" in scenarios and {m, "feddf"} <= set(data_free_methods) and multi:
         comps = {f"{k}, alpha={a}": c for a in (hetero_alphas or alphas)
                  for k, c in studies.fedgo_comparisons(frame, "data_free", a, multi, method=m, vs=["feddf"]).items()}
-        verdict, text = studies.beats_every(comps)
+        verdict, text = beats_every(comps)
         run.claim(name, paper, text, verdict, note=f"{scale}; data-free scenario, last round, paired per seed")
     else:
         run.claim(name, paper, "one client: every weighting is the same" if not multi else
@@ -533,7 +533,7 @@ paper = "yes (Co-Boosting, ICLR 2024: beats one-shot ensemble distillation such 
 if oneshot is not None and {"coboosting", "feddf"} <= set(oneshot_methods) and multi:
     comps = {f"{k}, alpha={a}": c for a in (hetero_alphas or alphas)
              for k, c in studies.fedgo_comparisons(oneshot, "oneshot", a, multi, method="coboosting", vs=["feddf"]).items()}
-    verdict, text = studies.beats_every(comps)
+    verdict, text = beats_every(comps)
     run.claim(name, paper, text, verdict, note=f"one round of {oneshot_local_epochs} local epochs, K in {multi}, "
               f"{len(seeds)} seeds (§6b)")
 else:
