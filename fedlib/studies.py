@@ -1,4 +1,5 @@
-"""Experiment set-ups shared by the notebooks (the top floor: it may use every other module).
+"""Experiment set-ups and claim helpers shared by the notebooks (the analysis layer: above the papers'
+modules and the choice of backend, below the notebook machinery; docs/DEVELOPING.md).
 
 A notebook cell stays short when what it needs is built here once, as a dataclass with named fields:
 
