@@ -428,8 +428,9 @@ def run_feddm(denoiser: Denoiser, groups: list[Group], rounds: int, *, local_ste
               evaluate=evaluate, seed=seed, progress=progress, chunk_size=chunk_size)
     if driver is not None:
         return driver(denoiser, groups, rounds, **kw, **driver_kw)
-    if driver_kw:
-        raise ValueError(f"{sorted(driver_kw)} only apply to backend='flower'")
+    if driver_kw:  # backend= here is a call written before the backend was chosen above the core
+        raise ValueError(f"{sorted(driver_kw)} only apply to backend='flower'; choose the backend with "
+                         "fedlib.backends.run_feddm(..., backend=...)")
     gen = torch.Generator().manual_seed(seed)
     history, cache = [], {}
     for r in tqdm(range(1, rounds + 1), desc="FedDM rounds", disable=not progress):

@@ -338,8 +338,9 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
     if driver is not None:
         return driver(model, setups, methods, rounds=rounds, server=cfg, init=init, progress=progress,
                       **client, **driver_kw)
-    if driver_kw:
-        raise ValueError(f"{sorted(driver_kw)} only apply to backend='flower'")
+    if driver_kw:  # backend= here is a call written before the backend was chosen above the core
+        raise ValueError(f"{sorted(driver_kw)} only apply to backend='flower'; choose the backend with "
+                         "fedlib.backends.run_rounds(..., backend=...)")
     st = prepare_rounds(model, setups, methods, rounds, init)
     clients = fl.concat_clients([s.clients.repeat(st.M) for s in setups])  # [S*M*K]
     mu_k = client_mu(st, mu)

@@ -161,3 +161,14 @@ def test_params_names_ld3s_solvers_without_importing_ld3():
     from fedlib import ld3, params
 
     assert params.ld3_solver_names() == tuple(ld3.LD3_SOLVERS)
+
+
+def test_the_core_points_a_backend_choice_to_the_layer_that_makes_it():
+    from fedlib import backends, distill, feddm
+
+    with pytest.raises(ValueError, match="fedlib.backends.run_rounds"):
+        distill.run_rounds(None, [], ["fedavg"], rounds=1, backend="flower")
+    with pytest.raises(ValueError, match="fedlib.backends.run_feddm"):
+        feddm.run_feddm(None, [], 1, local_steps=1, batch_size=1, lr=0.1, backend="inprocess")
+    with pytest.raises(ValueError, match="inprocess"):
+        backends.run_rounds(None, [], ["fedavg"], rounds=1, backend="ray")
