@@ -3,7 +3,7 @@ split of the digits training set) for K clients, three ways, in one run:
 
 - ``inprocess``: fedlib in-process, all K clients in one ``torch.func.vmap`` (:func:`fedlib.distill.run_rounds`);
 - ``flower``: fedlib on Flower's simulation engine (Ray), one ClientApp per client
-  (``fedlib.distill.run_rounds(..., backend="flower")``); the round is timed from the first message sent to the aggregate, and
+  (``fedlib.backends.run_rounds(..., backend="flower")``); the round is timed from the first message sent to the aggregate, and
   the one-off start-up (Ray, actors, node discovery) is reported beside it;
 - ``sequential``: a plain PyTorch loop, one ``nn.Module`` and ``torch.optim.SGD`` per client, then a
   state-dict average (no fedlib).
@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from fedlib import backends  # noqa: E402
 from fedlib import data as D  # noqa: E402
 from fedlib import distill as DS  # noqa: E402
 from fedlib import federated as fl  # noqa: E402
@@ -124,9 +125,9 @@ def main() -> None:
         t_in = inprocess_round(model, setup, init, 1)
         t_seq = sequential_round(model, train.x, train.y, parts, test.x, test.y, 1)
         t0 = time.perf_counter()
-        res = DS.run_rounds(model, [setup], ("fedavg",), rounds=2, local_epochs=EPOCHS, lr=LR, momentum=MOMENTUM,
-                            batch_size=BATCH, init=init, generator=torch.Generator().manual_seed(1), backend="flower",
-                            options=opts)
+        res = backends.run_rounds(model, [setup], ("fedavg",), rounds=2, local_epochs=EPOCHS, lr=LR,
+                                  momentum=MOMENTUM, batch_size=BATCH, init=init,
+                                  generator=torch.Generator().manual_seed(1), backend="flower", options=opts)
         t_total = time.perf_counter() - t0
         rep = res.report
         row = {"K": K, "samples_per_client": float(np.mean([len(p) for p in parts])),

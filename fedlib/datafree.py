@@ -1,6 +1,6 @@
 """Data-free ensemble distillation (docs/methods.md §1.3): generators trained against the clients'
-models stand in for server data. Four methods, each registered in :mod:`fedlib.distill` (so each runs
-in-process and on Flower), each as pure losses plus one server step
+models stand in for server data. Four methods, each registered in :mod:`fedlib.methods` when the
+package imports this module (so each runs in-process and on Flower), each as pure losses plus one server step
 ``server(model, start, client_params, setup, n_classes, cfg, ctx) -> params``:
 
 ==============  ===============================================================================
@@ -56,7 +56,7 @@ from torch.func import functional_call, vmap
 
 from . import federated as fl
 from . import models as fm
-from .distill import ClientTerm, Method, kl_to_targets, register_method
+from .methods import ClientTerm, Method, kl_to_targets, register_method
 
 # per-method settings (ServerConfig.method_options overrides them); steps None: cfg.dense_steps or cfg.distill_steps
 OPTIONS = {

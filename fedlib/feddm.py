@@ -25,10 +25,10 @@ the encoded quantised update. Central training sends nothing.
 
 One round = the clients' uploads (:func:`upload`: what travels) and the server's step per group
 (:func:`aggregate`: bytes, FedAvg over the accepted clients, downlink), plus :func:`train_central`
-and :func:`record_history`; the in-process driver (:func:`run_feddm`, ``backend="inprocess"``) and the
-Flower one (:func:`fedlib.flower.run_feddm`) share all of them. In-process, everything that shares a
-proximal weight ``mu`` (variants x partitions x seeds) trains in one vmap: one ``local_train`` call per
-distinct ``mu`` per round, plus one for ``central``.
+and :func:`record_history`; the in-process driver (:func:`run_feddm`) and the Flower one
+(:func:`fedlib.flower.run_feddm`, chosen by :func:`fedlib.backends.run_feddm`) share all of them.
+In-process, everything that shares a proximal weight ``mu`` (variants x partitions x seeds) trains in
+one vmap: one ``local_train`` call per distinct ``mu`` per round, plus one for ``central``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from .diffusion.networks import UNet
 from .diffusion.process import make_process
 from .federated import (CPU_CHUNK, CommLedger, ClientData, concat_clients, fedavg, get_params, local_train,
                         masked_mean, pack_clients, stack_params)
-from .utils import check_choice
 
 Params = dict[str, Tensor]
 
@@ -420,20 +419,18 @@ class FedDMRun:
 
 def run_feddm(denoiser: Denoiser, groups: list[Group], rounds: int, *, local_steps: int, batch_size: int, lr: float,
               momentum: float = 0.9, eval_rounds=(), evaluate=None, seed: int = 0, progress: bool = True,
-              chunk_size: int | None = None, backend: str = "inprocess", **flower_kw) -> FedDMRun:
+              chunk_size: int | None = None, driver=None, **driver_kw) -> FedDMRun:
     """Train every group for ``rounds`` rounds. At each round in ``eval_rounds``, ``evaluate(groups)``
     returns one dict of metrics per group; rows with the cumulative bytes go into the history.
-    ``backend="flower"`` runs the same rounds on Flower (:func:`fedlib.flower.run_feddm`)."""
-    check_choice("backend", backend, ("inprocess", "flower"),
-                 fix="Use backend='inprocess' unless you need real clients or a Ray cluster.")
+    ``driver``: another engine for the same rounds, given the same settings and ``driver_kw``
+    (:func:`fedlib.backends.run_feddm` with ``backend="flower"`` passes :func:`fedlib.flower.run_feddm`)."""
     kw = dict(local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum, eval_rounds=eval_rounds,
               evaluate=evaluate, seed=seed, progress=progress, chunk_size=chunk_size)
-    if backend == "flower":
-        from .flower import run_feddm as flower_feddm
-
-        return flower_feddm(denoiser, groups, rounds, **kw, **flower_kw)
-    if flower_kw:
-        raise ValueError(f"{sorted(flower_kw)} only apply to backend='flower'")
+    if driver is not None:
+        return driver(denoiser, groups, rounds, **kw, **driver_kw)
+    if driver_kw:  # backend= here is a call written before the backend was chosen above the core
+        raise ValueError(f"{sorted(driver_kw)} only apply to backend='flower'; choose the backend with "
+                         "fedlib.backends.run_feddm(..., backend=...)")
     gen = torch.Generator().manual_seed(seed)
     history, cache = [], {}
     for r in tqdm(range(1, rounds + 1), desc="FedDM rounds", disable=not progress):
@@ -511,26 +508,11 @@ def summary_table(history: list[dict], model_bytes: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# reading the history: per-seed values, paired gaps, the mu search
+# reading the history: paired gaps, the mu search (per-seed values: fedlib.verdicts.per_seed)
 def _frame(history):
     import pandas as pd
 
     return history if isinstance(history, pd.DataFrame) else pd.DataFrame(history)
-
-
-def per_seed(history, variant: str, partition: str, metric: str = "fd", round_: int | None = None,
-             seeds=None) -> np.ndarray:
-    """``metric`` of one (variant, partition) at ``round_`` (default: the last evaluated round), one value
-    per seed in ``seeds`` order (default: sorted), for :func:`fedlib.results.compare`. Raises when a
-    seed is missing, so a comparison is never silently unpaired."""
-    h = _frame(history)
-    round_ = int(h["round"].max()) if round_ is None else int(round_)
-    sub = h[(h["variant"] == variant) & (h["partition"] == partition) & (h["round"] == round_)].set_index("seed")
-    seeds = sorted(sub.index) if seeds is None else list(seeds)
-    missing = [s for s in seeds if s not in sub.index]
-    if missing or not seeds:
-        raise ValueError(f"no {metric!r} for {variant!r} on {partition!r} at round {round_} for seeds {missing or seeds}")
-    return sub.loc[seeds, metric].to_numpy(dtype=float)
 
 
 PENALTY = "non-IID penalty (vanilla)"

@@ -125,7 +125,7 @@ def train_discriminators(D: nn.Module, G: nn.Module | list, clients: fl.ClientDa
 
 def discriminator_logits(D: nn.Module, stacked_params: fl.Params, x: Tensor) -> Tensor:
     """Pre-sigmoid logits l_k(x) of every client's discriminator on ``x``: [K, N]. Raises on NaN."""
-    from .distill import predict_each
+    from .methods import predict_each
 
     out = predict_each(fl.functional(D), stacked_params, x)
     if not torch.isfinite(out).all():
@@ -195,7 +195,7 @@ def train_generator_data_free(G: LabelConditioned, model: nn.Module, client_para
     (betas 0.5, 0.999). ``n_generators`` = S > 0 trains S generators at once, each against its own
     clients (``client_params`` stacked [S, K, ...]), from G's initial parameters; otherwise one
     (``client_params`` [K, ...]). Returns G's trained parameters (stacked [S, ...] when S > 0)."""
-    from .distill import _adam
+    from .methods import adam_step
 
     S = n_generators or 1
     call_f = fl.functional(model)
@@ -223,7 +223,7 @@ def train_generator_data_free(G: LabelConditioned, model: nn.Module, client_para
         z2 = torch.cat([torch.randn(half, G.z_dim - 1, generator=generator), z1[:, -1:]], 1)  # same labels
         grads, _ = step(params, cp, torch.cat([z1, z2]).to(device))
         with torch.no_grad():
-            _adam(params, grads, state, t, lr, betas=(0.5, 0.999))
+            adam_step(params, grads, state, t, lr, betas=(0.5, 0.999))
     return params if n_generators else fl.index_params(params, 0)
 
 

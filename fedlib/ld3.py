@@ -17,8 +17,8 @@ set of (x_T, x_0*) pairs by backpropagating through the whole few-step solve.
   then the soft ball-relaxed objective with accept-if-better, two phases (theta alone, then theta and
   phi), validation keeping the best, plateau decay. Never worse on validation than every hand-made grid.
 - :class:`LearnedSchedule` - the result, saved / reloaded per (model, solver, NFE).
-- :func:`held_out_study` and its summaries - notebook 03: learned against hand-made grids, per seed,
-  on held-out noise, reporting the validated quantity.
+- :func:`held_out_study` - notebook 03: learned against hand-made grids, per seed, on held-out noise,
+  reporting the validated quantity (its claims and summaries: :mod:`fedlib.studies`).
 
 The validation quantity is the mean over the validation pairs of the loss d(solve(x_T), x_0*).
 Losses: ``"l2"``; ``"features"`` (squared distance in the feature space of fedlib's own classifier,
@@ -426,86 +426,6 @@ def held_out_study(case, solvers, nfes, seeds, schedules=SCHEDULES, n_train: int
                     if seed == seeds[0]:
                         res.samples[(solver, name, nfe)] = out[:keep].detach().cpu()
     return res
-
-
-def per_seed(rows, dataset, solver, nfe, grid, key, seeds) -> list:
-    """``key`` of the rows of (dataset, solver, NFE, grid), one value per seed in the order of ``seeds``."""
-    by_seed = {r["seed"]: r[key] for r in rows if (r["dataset"], r["solver"], r["nfe"], r["grid"]) == (dataset, solver, nfe, grid)}
-    return [by_seed[s] for s in seeds]
-
-
-def beats_every_grid(rows, dataset, solvers, nfes, schedules, seeds, key: str = "teacher_distance",
-                     fmt: str = ".4f") -> tuple[str, str, dict]:
-    """'LD3 beats every hand-made grid' (i.e. the best one) on ``dataset`` at every (solver, NFE), by the
-    noise rule paired over ``seeds``, lower ``key`` better: (verdict, deciding comparison, comparisons)."""
-    from .results import combine, compare
-
-    comps = {f"{solver} NFE {nfe} vs {grid}": compare(
-        per_seed(rows, dataset, solver, nfe, "ld3", key, seeds), per_seed(rows, dataset, solver, nfe, grid, key, seeds),
-        a_name="LD3", b_name=grid, higher_is_better=False, fmt=fmt)
-        for solver in solvers for nfe in nfes for grid in schedules}
-    verdict, deciding = combine(comps)
-    return verdict, deciding, comps
-
-
-def relative_gain(rows, dataset, solver, nfe, schedules, seeds, key: str = "teacher_distance") -> list:
-    """Per seed, (best hand-made - LD3) / best hand-made of ``key`` (the best grid of that seed)."""
-    hand = [per_seed(rows, dataset, solver, nfe, g, key, seeds) for g in schedules]
-    best = [min(v) for v in zip(*hand)]
-    ld3 = per_seed(rows, dataset, solver, nfe, "ld3", key, seeds)
-    return [(b - v) / b for b, v in zip(best, ld3)]
-
-
-def agreement(rows, dataset, solvers, nfes, seeds) -> list:
-    """Per seed, the Spearman rank correlation between the teacher distance and the distribution metric
-    over the grids of one (solver, NFE) (hand-made and learned), averaged over the (solver, NFE):
-    positive when the grid that LD3's validation quantity prefers is also the one the metric prefers."""
-    import numpy as np
-
-    def ranks(v):
-        return np.argsort(np.argsort(v)).astype(float)
-
-    out = []
-    for seed in seeds:
-        cs = []
-        for solver in solvers:
-            for nfe in nfes:
-                sub = [r for r in rows if (r["dataset"], r["seed"], r["solver"], r["nfe"]) == (dataset, seed, solver, nfe)]
-                a, b = ranks([r["teacher_distance"] for r in sub]), ranks([r["metric"] for r in sub])
-                cs.append(float(np.corrcoef(a, b)[0, 1]))
-        out.append(float(np.mean(cs)))
-    return out
-
-
-def summary_table(rows, datasets, solvers, nfes, schedules, seeds, metric_names: dict):
-    """The per-dataset table: at each (dataset, solver, NFE) the best hand-made grid on held-out noise
-    (smallest mean over seeds), its value and LD3's (mean ± SE over seeds), LD3's relative gain, and the
-    verdict of 'LD3 beats every hand-made grid' by the noise rule; first for the teacher distance (the
-    validated quantity), then for the distribution metric (``metric_names[dataset]``)."""
-    import numpy as np
-    import pandas as pd
-
-    def ms(v):
-        return f"{np.mean(v):.4g} ± {np.std(v, ddof=1) / np.sqrt(len(v)):.2g}" if len(v) > 1 else f"{v[0]:.4g}"
-
-    out = []
-    for ds in datasets:
-        for solver in solvers:
-            for nfe in nfes:
-                row = {"dataset": ds, "solver": solver, "NFE": nfe}
-                for key, label in (("teacher_distance", "teacher distance"), ("metric", "metric")):
-                    hand = {g: per_seed(rows, ds, solver, nfe, g, key, seeds) for g in schedules}
-                    best = min(hand, key=lambda g: np.mean(hand[g]))
-                    ld3 = per_seed(rows, ds, solver, nfe, "ld3", key, seeds)
-                    gain = 100 * (np.mean(hand[best]) - np.mean(ld3)) / np.mean(hand[best])
-                    if key == "metric":
-                        row["metric"] = metric_names[ds]
-                    row.update({f"{label}: best hand-made": f"{best} {ms(hand[best])}", f"{label}: LD3": ms(ld3),
-                                f"{label}: gain": f"{gain:+.0f}%",
-                                f"{label}: LD3 beats every grid": beats_every_grid(rows, ds, [solver], [nfe], schedules,
-                                                                                  seeds, key)[0]})
-                out.append(row)
-    return pd.DataFrame(out)
 
 
 def explorer_data(results: dict, cases: dict, solvers, schedules) -> dict:

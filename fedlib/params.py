@@ -215,13 +215,13 @@ def schedule_names() -> tuple:
 
 
 def ld3_solver_names() -> tuple:
-    from .ld3 import LD3_SOLVERS
-
-    return tuple(LD3_SOLVERS)
+    # LD3 learns the times of one-evaluation-per-step samplers (its LD3_SOLVERS, equal by
+    # tests/test_layers.py); read from the samplers, so that params does not import the LD3 layer
+    return step_sampler_names()
 
 
 def method_names() -> tuple:
-    from .distill import METHODS
+    from .methods import METHODS
 
     return tuple(METHODS)
 

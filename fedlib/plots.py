@@ -463,7 +463,7 @@ def method_colours(methods) -> dict:
     """One colour per method, the same in every figure and distinct for up to 20 methods (the registry
     has more than matplotlib's 10 default colours): registered methods take their registry position in
     tab20, others follow."""
-    from .distill import methods as registered
+    from .methods import methods as registered
 
     known = list(registered())
     order = known + [m for m in methods if m not in known]

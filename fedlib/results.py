@@ -40,144 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from .utils import REPO_ROOT
+# the noise rule lives on the ground floor; re-exported because the notebooks read it from the run record
+from .verdicts import (K_SE, MIN_SEEDS, NOISE_RULE, VERDICTS, Comparison, as_verdict, combine, compare,  # noqa: F401
+                       compare_to, decide)
 
 SCHEMA = "fedlib.metrics/2"
 CLAIM_KEYS = ("name", "paper", "measured", "verdict", "holds", "note", "required", "evidence")
-VERDICTS = ("holds", "does not hold", "within noise", "not applicable")
 # what produced a result: a later commit touching one of these makes committed results stale
 INPUT_PATHS = ("fedlib", "notebooks/*.py", "notebooks/params", "constraints.txt")
 _PACKAGES = ("fedlib", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "matplotlib",
              "papermill", "flwr", "diffusers", "torchmetrics", "seaborn")
-
-# ---------------------------------------------------------------------------------------------
-# The noise rule: how every comparative claim in fedlib is decided
-
-MIN_SEEDS = 3
-K_SE = 2.0
-NOISE_RULE = (f"paired over seeds: a claim 'A beats B' holds when the mean of the per-seed differences "
-              f"A - B (signed so that positive favours A) exceeds {K_SE:g} standard errors (SE = sample std / "
-              f"sqrt(n)), does not hold when it is below -{K_SE:g} SE, and is 'within noise' otherwise or "
-              f"with fewer than {MIN_SEEDS} seeds")
-
-
-@dataclass
-class Comparison:
-    """A paired comparison over seeds, decided by :data:`NOISE_RULE`. ``diffs`` are the per-seed
-    differences signed so that positive supports the claim."""
-
-    a_name: str
-    b_name: str
-    a: list
-    b: list
-    diffs: list
-    mean: float
-    se: float
-    verdict: str
-    fmt: str = ".3f"
-
-    @property
-    def n(self) -> int:
-        return len(self.diffs)
-
-    def measured(self) -> str:
-        f = self.fmt
-        sd = lambda v: (float(_np().std(v, ddof=1)) if len(v) > 1 else float("nan"))  # noqa: E731
-        mean = lambda v: float(_np().mean(v))  # noqa: E731
-        side = (f"{self.a_name} {mean(self.a):{f}} ± {sd(self.a):{f}} vs {self.b_name} "
-                f"{mean(self.b):{f}} ± {sd(self.b):{f}}" if len(self.b) else f"{self.a_name} {mean(self.a):{f}}")
-        return f"{side} (paired difference {self.mean:+{f}} ± {self.se:{f}} SE, {self.n} seeds)"
-
-    def evidence(self) -> dict:
-        return {"rule": "paired", "diffs": self.diffs, "mean": self.mean, "se": self.se, "n": self.n}
-
-
-def _np():
-    import numpy as np
-
-    return np
-
-
-def decide(diffs) -> tuple[str, float, float]:
-    """(verdict, mean, SE) of per-seed differences (positive supports the claim) by :data:`NOISE_RULE`."""
-    np = _np()
-    d = np.asarray(diffs, dtype=float).reshape(-1)
-    if not np.isfinite(d).all():
-        raise ValueError(f"per-seed differences {d.tolist()} hold NaN or inf; a claim cannot be decided on "
-                         "them (did a run diverge?)")
-    n = len(d)
-    mean = float(d.mean()) if n else float("nan")
-    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    if n < MIN_SEEDS:
-        return "within noise", mean, se
-    if mean > K_SE * se:
-        return "holds", mean, se
-    if mean < -K_SE * se:
-        return "does not hold", mean, se
-    return "within noise", mean, se
-
-
-def compare(a, b, *, a_name: str = "A", b_name: str = "B", higher_is_better: bool = True,
-            margin: float = 0.0, fmt: str = ".3f") -> Comparison:
-    """The claim 'A is better than B by more than ``margin``', paired over seeds (``a[i]`` and
-    ``b[i]`` come from the same seed)."""
-    np = _np()
-    a, b = np.asarray(a, dtype=float).reshape(-1), np.asarray(b, dtype=float).reshape(-1)
-    if a.shape != b.shape:
-        raise ValueError(f"paired comparison needs one value per seed on both sides, got {len(a)} and {len(b)}")
-    diffs = (a - b if higher_is_better else b - a) - margin
-    verdict, mean, se = decide(diffs)
-    return Comparison(a_name, b_name, a.tolist(), b.tolist(), diffs.tolist(), mean, se, verdict, fmt)
-
-
-def compare_to(values, threshold: float, *, name: str = "value", below: bool = True,
-               fmt: str = ".3f") -> Comparison:
-    """The claim 'the value is below (or above) ``threshold``', over seeds: per-seed differences to
-    the threshold, decided by the same rule."""
-    np = _np()
-    v = np.asarray(values, dtype=float).reshape(-1)
-    diffs = threshold - v if below else v - threshold
-    verdict, mean, se = decide(diffs)
-    return Comparison(name, f"{'<' if below else '>'} {threshold:g}", v.tolist(), [], diffs.tolist(), mean, se,
-                      verdict, fmt)
-
-
-def combine(comparisons: dict) -> tuple[str, str]:
-    """(verdict, key of the deciding comparison) of 'A beats every B': holds when every comparison holds,
-    does not hold when any does not, within noise otherwise. The deciding one is the first that does
-    not hold, else the closest (smallest mean difference)."""
-    if not comparisons:
-        raise ValueError("nothing to compare against")
-    losing = [k for k, c in comparisons.items() if c.verdict == "does not hold"]
-    closest = min(comparisons, key=lambda k: comparisons[k].mean)
-    if losing:
-        return "does not hold", losing[0]
-    if all(c.verdict == "holds" for c in comparisons.values()):
-        return "holds", closest
-    return "within noise", closest
-
-
-def as_verdict(value) -> str:
-    """A verdict from a bool (holds / does not hold), None ("not applicable"), a verdict string or a
-    :class:`Comparison`."""
-    if isinstance(value, Comparison):
-        return value.verdict
-    if value is None:
-        return "not applicable"
-    if isinstance(value, str):
-        if value not in VERDICTS:
-            raise ValueError(f"unknown verdict {value!r}; allowed: {', '.join(map(repr, VERDICTS))}")
-        return value
-    try:
-        import numpy as np
-
-        if isinstance(value, np.bool_):
-            value = bool(value)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, bool):
-        return "holds" if value else "does not hold"
-    raise TypeError(f"a claim's verdict must be a bool, None, a verdict string or a Comparison, got {value!r}")
-
 
 # metrics.json's boolean beside each verdict (None: neither); by position in VERDICTS, not a literal mapping,
 # so that no source line reads like a hard-coded claim

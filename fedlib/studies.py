@@ -1,4 +1,5 @@
-"""Experiment set-ups shared by the notebooks (the top floor: it may use every other module).
+"""Experiment set-ups and claim helpers shared by the notebooks (the analysis layer: above the papers'
+modules and the choice of backend, below the notebook machinery; docs/DEVELOPING.md).
 
 A notebook cell stays short when what it needs is built here once, as a dataclass with named fields:
 
@@ -9,7 +10,9 @@ A notebook cell stays short when what it needs is built here once, as a dataclas
   04 and 05 load exactly the same objects through it); ``image_size`` and ``teacher_overrides`` make a
   cheaper study of the same data (notebook 03's quick Fashion-MNIST).
 - :func:`ld3_case`: one dataset of notebook 03's held-out LD3 study (an image dataset through
-  :func:`teacher_study`, or a 2-D mixture with its exact samples).
+  :func:`teacher_study`, or a 2-D mixture with its exact samples), and that study's claims on the rows
+  of :func:`fedlib.ld3.held_out_study` (:func:`beats_every_grid`, :func:`relative_gain`,
+  :func:`agreement`, :func:`summary_table`), decided by :mod:`fedlib.verdicts`.
 """
 
 from __future__ import annotations
@@ -269,35 +272,6 @@ def rounds_frame(results: dict):
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def per_seed(frame, value: str = "accuracy", last: bool = True, **where):
-    """``value`` per seed (a Series indexed by seed, sorted) of the rows matching ``where`` (e.g.
-    scenario="pre", clients=10, alpha=0.05, method="fedgo"): at the last round, or averaged over
-    rounds (``last=False``)."""
-    f = frame
-    for k, v in where.items():
-        f = f[f[k] == v]
-    if f.empty:
-        raise KeyError(f"no rows for {where}")
-    if last:
-        f = f[f["round"] == f["round"].max()]
-    return f.groupby("seed")[value].mean().sort_index()
-
-
-def beats_every(comparisons: dict):
-    """The claim 'A beats every B' from paired comparisons ``{label: Comparison}`` (one per baseline
-    and client count), by :func:`fedlib.results.combine`: (verdict or the deciding Comparison when its
-    verdict is the combined one, so its per-seed evidence is kept; the measured text)."""
-    from .results import combine
-
-    verdict, key = combine(comparisons)
-    if verdict == "within noise":  # show a comparison that keeps it from holding, not merely the closest
-        key = min((k for k, v in comparisons.items() if v.verdict != "holds"), key=lambda k: comparisons[k].mean)
-    c = comparisons[key]
-    n_hold = sum(v.verdict == "holds" for v in comparisons.values())
-    text = f"{n_hold}/{len(comparisons)} comparisons hold; deciding ({key}): {c.measured()}"
-    return (c if c.verdict == verdict else verdict), text
-
-
 # analysis-only methods added to a frame (never baselines of a claim): FedGO with exact weights
 ANALYSIS_METHODS = ("fedgo_exact",)
 
@@ -336,15 +310,16 @@ def _rows_of(frame, scenario, method):
 
 def fedgo_comparisons(frame, scenario: str, alpha: float, client_counts, method: str = "fedgo",
                       value: str = "accuracy", last: bool = True, vs=None) -> dict:
-    """Paired comparisons (:func:`fedlib.results.compare`, over seeds) of ``method`` with every
+    """Paired comparisons (:func:`fedlib.verdicts.compare`, over seeds) of ``method`` with every
     baseline (``vs``, default :func:`baselines_of`) at every client count: ``{"b, K=k": Comparison}``."""
-    from .results import compare
+    from .verdicts import compare, per_seed
 
+    at = "round" if last else None
     out = {}
     for K in client_counts:
-        a = per_seed(frame, value, last, scenario=scenario, clients=K, alpha=alpha, method=method)
+        a = per_seed(frame, value, last=at, scenario=scenario, clients=K, alpha=alpha, method=method)
         for b in (vs if vs is not None else baselines_of(frame, scenario, method)):
-            other = per_seed(frame, value, last, scenario=_rows_of(frame, scenario, b), clients=K, alpha=alpha,
+            other = per_seed(frame, value, last=at, scenario=_rows_of(frame, scenario, b), clients=K, alpha=alpha,
                              method=b).loc[a.index]
             out[f"{b}, K={K}"] = compare(a.values, other.values, a_name=method, b_name=b)
     return out
@@ -376,7 +351,7 @@ def data_free_sweep(train, test, model, init, *, steps_grid, client_counts, alph
     Returns a DataFrame (free_steps, seed, gap, fd)."""
     import pandas as pd
 
-    from . import distill
+    from . import backends
 
     def rows_of(steps, frame, setups):
         if pre_frame is not None:
@@ -396,7 +371,7 @@ def data_free_sweep(train, test, model, init, *, steps_grid, client_counts, alph
             continue
         st = fedgo_setups(train, test, client_counts=client_counts, alphas=alphas, seeds=seeds, scenarios=("data_free",),
                           model=model, init=init, free_steps=steps, dense="dense" in methods, **setup_kw)
-        res = {"data_free": {K: distill.run_rounds(model, st.setups["data_free"][K], methods, **run_kw)
+        res = {"data_free": {K: backends.run_rounds(model, st.setups["data_free"][K], methods, **run_kw)
                              for K in client_counts}}
         rows += list(rows_of(steps, rounds_frame(res), st.all("data_free")))
     return pd.DataFrame(rows).sort_values(["free_steps", "seed"], ignore_index=True)
@@ -409,7 +384,7 @@ def distill_lr_search(model, setups: list, lr_grid, **run_kw):
     DataFrame (lr, val_kl, epochs_run) and the chosen lr."""
     import pandas as pd
 
-    from . import distill
+    from . import backends
 
     rows = []
     by_k = {}
@@ -417,7 +392,7 @@ def distill_lr_search(model, setups: list, lr_grid, **run_kw):
         by_k.setdefault(s_.clients.n_clients, []).append(s_)
     for lr in lr_grid:
         log = [e for group in by_k.values()
-               for e in distill.run_rounds(model, group, ["fedgo"], distill_lr=lr, **run_kw).distill_log]
+               for e in backends.run_rounds(model, group, ["fedgo"], distill_lr=lr, **run_kw).distill_log]
         rows.append({"lr": lr, "val_kl": float(torch.stack([e["val_kl"].mean() for e in log]).mean()),
                      "epochs_run": sum(e["epochs_run"] for e in log) / len(log)})
     table = pd.DataFrame(rows)
@@ -757,3 +732,87 @@ def ld3_case(dataset: str, *, teacher_steps: int, n_eval: int, teacher_seed: int
             "image_side": st.shape[-1], "feature_classifier_test_accuracy": st.features.test_accuracy}
     return LD3Case(dataset, t, st.shape, loss, st.features.features if loss == "features" else None, st.fd, "FD",
                    n_eval, t.cache_path.stem, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 03 (LD3): the claims on the held-out rows of fedlib.ld3.held_out_study, by the noise rule
+def _grid_values(rows, dataset, solver, nfe, grid, key, seeds) -> list:
+    """``key`` of the held-out rows of (dataset, solver, NFE, grid), one value per seed in ``seeds`` order."""
+    from .verdicts import per_seed
+
+    return per_seed(rows, key, seeds, dataset=dataset, solver=solver, nfe=nfe, grid=grid).tolist()
+
+
+def beats_every_grid(rows, dataset, solvers, nfes, schedules, seeds, key: str = "teacher_distance",
+                     fmt: str = ".4f") -> tuple[str, str, dict]:
+    """'LD3 beats every hand-made grid' (i.e. the best one) on ``dataset`` at every (solver, NFE), by the
+    noise rule paired over ``seeds``, lower ``key`` better: (verdict, deciding comparison, comparisons)."""
+    from .verdicts import combine, compare
+
+    comps = {f"{solver} NFE {nfe} vs {grid}": compare(
+        _grid_values(rows, dataset, solver, nfe, "ld3", key, seeds),
+        _grid_values(rows, dataset, solver, nfe, grid, key, seeds),
+        a_name="LD3", b_name=grid, higher_is_better=False, fmt=fmt)
+        for solver in solvers for nfe in nfes for grid in schedules}
+    verdict, deciding = combine(comps)
+    return verdict, deciding, comps
+
+
+def relative_gain(rows, dataset, solver, nfe, schedules, seeds, key: str = "teacher_distance") -> list:
+    """Per seed, (best hand-made - LD3) / best hand-made of ``key`` (the best grid of that seed)."""
+    hand = [_grid_values(rows, dataset, solver, nfe, g, key, seeds) for g in schedules]
+    best = [min(v) for v in zip(*hand)]
+    ld3 = _grid_values(rows, dataset, solver, nfe, "ld3", key, seeds)
+    return [(b - v) / b for b, v in zip(best, ld3)]
+
+
+def agreement(rows, dataset, solvers, nfes, seeds) -> list:
+    """Per seed, the Spearman rank correlation between the teacher distance and the distribution metric
+    over the grids of one (solver, NFE) (hand-made and learned), averaged over the (solver, NFE):
+    positive when the grid that LD3's validation quantity prefers is also the one the metric prefers."""
+    import numpy as np
+
+    def ranks(v):
+        return np.argsort(np.argsort(v)).astype(float)
+
+    out = []
+    for seed in seeds:
+        cs = []
+        for solver in solvers:
+            for nfe in nfes:
+                sub = [r for r in rows if (r["dataset"], r["seed"], r["solver"], r["nfe"]) == (dataset, seed, solver, nfe)]
+                a, b = ranks([r["teacher_distance"] for r in sub]), ranks([r["metric"] for r in sub])
+                cs.append(float(np.corrcoef(a, b)[0, 1]))
+        out.append(float(np.mean(cs)))
+    return out
+
+
+def summary_table(rows, datasets, solvers, nfes, schedules, seeds, metric_names: dict):
+    """The per-dataset table: at each (dataset, solver, NFE) the best hand-made grid on held-out noise
+    (smallest mean over seeds), its value and LD3's (mean ± SE over seeds), LD3's relative gain, and the
+    verdict of 'LD3 beats every hand-made grid' by the noise rule; first for the teacher distance (the
+    validated quantity), then for the distribution metric (``metric_names[dataset]``)."""
+    import numpy as np
+    import pandas as pd
+
+    def ms(v):
+        return f"{np.mean(v):.4g} ± {np.std(v, ddof=1) / np.sqrt(len(v)):.2g}" if len(v) > 1 else f"{v[0]:.4g}"
+
+    out = []
+    for ds in datasets:
+        for solver in solvers:
+            for nfe in nfes:
+                row = {"dataset": ds, "solver": solver, "NFE": nfe}
+                for key, label in (("teacher_distance", "teacher distance"), ("metric", "metric")):
+                    hand = {g: _grid_values(rows, ds, solver, nfe, g, key, seeds) for g in schedules}
+                    best = min(hand, key=lambda g: np.mean(hand[g]))
+                    ld3 = _grid_values(rows, ds, solver, nfe, "ld3", key, seeds)
+                    gain = 100 * (np.mean(hand[best]) - np.mean(ld3)) / np.mean(hand[best])
+                    if key == "metric":
+                        row["metric"] = metric_names[ds]
+                    row.update({f"{label}: best hand-made": f"{best} {ms(hand[best])}", f"{label}: LD3": ms(ld3),
+                                f"{label}: gain": f"{gain:+.0f}%",
+                                f"{label}: LD3 beats every grid": beats_every_grid(rows, ds, [solver], [nfe], schedules,
+                                                                                  seeds, key)[0]})
+                out.append(row)
+    return pd.DataFrame(out)

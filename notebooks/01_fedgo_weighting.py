@@ -103,11 +103,12 @@ import torch
 from tqdm.auto import tqdm
 
 from fedlib import data as fdata
-from fedlib import datafree, distill, fedgo, metrics, models, plots, studies
+from fedlib import backends, datafree, distill, fedgo, metrics, models, plots, studies
 from fedlib import federated as fl
 from fedlib.plots import image_grid, savefig, use_style
-from fedlib.results import Run, compare, save_explorer
+from fedlib.results import Run, save_explorer
 from fedlib.utils import resolve_device, seed_everything
+from fedlib.verdicts import beats_every, compare, per_seed
 
 use_style()
 dev = resolve_device(device)
@@ -245,8 +246,8 @@ print(f"distillation lr {distill_lr}" + ("" if lr_table is None else f", chosen 
 
 # %%
 t0 = time.perf_counter()
-results = {s: {K: distill.run_rounds(clf, setups.setups[s][K], methods if s == "pre" else data_free_methods,
-                                     distill_lr=distill_lr, progress=tqdm, **common) for K in client_counts}
+results = {s: {K: backends.run_rounds(clf, setups.setups[s][K], methods if s == "pre" else data_free_methods,
+                                      distill_lr=distill_lr, progress=tqdm, **common) for K in client_counts}
            for s in scenarios}
 seconds_rounds = time.perf_counter() - t0
 frame = studies.rounds_frame(results)
@@ -267,8 +268,8 @@ print(f"federated rounds: {seconds_rounds:.1f} s; central accuracy {central_acc.
 
 # %%
 if "pre" in scenarios and "fedgo" in methods:
-    exact = {K: distill.run_rounds(clf, studies.exact_weight_setups(setups.setups["pre"][K]), ["fedgo"],
-                                   distill_lr=distill_lr, **common) for K in client_counts}
+    exact = {K: backends.run_rounds(clf, studies.exact_weight_setups(setups.setups["pre"][K]), ["fedgo"],
+                                    distill_lr=distill_lr, **common) for K in client_counts}
     frame = pd.concat([frame, studies.rounds_frame({"pre": exact}).assign(method="fedgo_exact")], ignore_index=True)
 
 # %%
@@ -360,8 +361,8 @@ if sweep_free_steps and "data_free" in scenarios:
 oneshot = None
 if oneshot_methods and "data_free" in scenarios:
     one_kw = dict(common, rounds=1, local_epochs=oneshot_local_epochs)
-    oneshot = studies.rounds_frame({"oneshot": {K: distill.run_rounds(clf, setups.setups["data_free"][K], oneshot_methods,
-                                                                      distill_lr=distill_lr, progress=tqdm, **one_kw)
+    oneshot = studies.rounds_frame({"oneshot": {K: backends.run_rounds(clf, setups.setups["data_free"][K], oneshot_methods,
+                                                                       distill_lr=distill_lr, progress=tqdm, **one_kw)
                                                 for K in client_counts}})
     _ = savefig(plots.oneshot_figure(oneshot), "01_oneshot")
     run.metrics["oneshot"] = oneshot.groupby(["clients", "alpha", "method"])["accuracy"].mean().to_dict()
@@ -477,7 +478,8 @@ def why(s, a):
     gap = per_round[per_round.scenario == s].groupby("round")["gap"].mean()
     text = f"gap to the best baseline {gap.iloc[0]:+.3f} after round 1, {gap.iloc[-1]:+.3f} after round {rounds}"
     if s == "pre":
-        t = studies.per_seed(frame, "teacher_accuracy", scenario=s, clients=multi[-1], alpha=a, method="fedgo").mean()
+        t = per_seed(frame, "teacher_accuracy", last="round", scenario=s, clients=multi[-1], alpha=a,
+                     method="fedgo").mean()
         return f"{text}; FedGO teacher {t:.3f} on the server data (K={multi[-1]}), its student follows it (§5)"
     return f"{text}; server samples at FD {server_fd[s]:.2f} from the real server half vs {server_fd['pre']:.2f} (§3, §6)"
 
@@ -489,17 +491,17 @@ for s in scenarios:
             run.claim(name, "yes (CIFAR-10/100, ImageNet-100, 100 rounds)", "one client: every weighting is the same",
                       None)
             continue
-        verdict, text = studies.beats_every(studies.fedgo_comparisons(frame, s, a, multi))
+        verdict, text = beats_every(studies.fedgo_comparisons(frame, s, a, multi))
         run.claim(name, "yes (CIFAR-10/100, ImageNet-100, 100 rounds)", text, verdict,
                   note=f"{scale}; {studies.SCENARIOS[s]}; {why(s, a)}")
 
 # %%
 if "pre" in scenarios and {"fedgo", "feddf"} <= set(methods) and multi:
-    comps = {f"K={K}, alpha={a}": compare(*(studies.per_seed(frame, "teacher_accuracy", False, scenario="pre",
-                                                              clients=K, alpha=a, method=m).values
+    comps = {f"K={K}, alpha={a}": compare(*(per_seed(frame, "teacher_accuracy", scenario="pre",
+                                                      clients=K, alpha=a, method=m).values
                                             for m in ("fedgo", "feddf")), a_name="FedGO teacher", b_name="uniform")
              for K in multi for a in (hetero_alphas or alphas)}
-    verdict, text = studies.beats_every(comps)
+    verdict, text = beats_every(comps)
     run.claim("FedGO's teacher is more accurate than the uniform (FedDF) teacher", "yes", text, verdict,
               note="accuracy on the server data, mean over rounds, paired per seed; at every K and alpha")
 else:
@@ -521,7 +523,7 @@ for m, paper in (("fedgen", "FedGen (ICML 2021) beats FedAvg-family baselines un
     if "data_free" in scenarios and {m, "feddf"} <= set(data_free_methods) and multi:
         comps = {f"{k}, alpha={a}": c for a in (hetero_alphas or alphas)
                  for k, c in studies.fedgo_comparisons(frame, "data_free", a, multi, method=m, vs=["feddf"]).items()}
-        verdict, text = studies.beats_every(comps)
+        verdict, text = beats_every(comps)
         run.claim(name, paper, text, verdict, note=f"{scale}; data-free scenario, last round, paired per seed")
     else:
         run.claim(name, paper, "one client: every weighting is the same" if not multi else
@@ -531,7 +533,7 @@ paper = "yes (Co-Boosting, ICLR 2024: beats one-shot ensemble distillation such 
 if oneshot is not None and {"coboosting", "feddf"} <= set(oneshot_methods) and multi:
     comps = {f"{k}, alpha={a}": c for a in (hetero_alphas or alphas)
              for k, c in studies.fedgo_comparisons(oneshot, "oneshot", a, multi, method="coboosting", vs=["feddf"]).items()}
-    verdict, text = studies.beats_every(comps)
+    verdict, text = beats_every(comps)
     run.claim(name, paper, text, verdict, note=f"one round of {oneshot_local_epochs} local epochs, K in {multi}, "
               f"{len(seeds)} seeds (§6b)")
 else:

@@ -85,14 +85,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedlib import backends
 from fedlib import compression as C
 from fedlib import data as D
 from fedlib import feddm as F
 from fedlib import metrics as M
 from fedlib import plots
 from fedlib.plots import savefig, use_style
-from fedlib.results import Run, combine, compare, compare_to, save_explorer
+from fedlib.results import Run, save_explorer
 from fedlib.utils import resolve_device, seed_everything
+from fedlib.verdicts import combine, compare, compare_to, per_seed
 
 use_style()
 dev = resolve_device(device)
@@ -184,8 +186,8 @@ search_groups = F.build_groups(denoiser, x_train, y_train, search_parts, F.make_
                                search_seeds, init)
 val_eval = F.fd_evaluator(denoiser, feature_net, val.x, metric="fd_val", **eval_kw)
 seed_everything(search_seeds[0])
-search = F.run_feddm(denoiser, search_groups, rounds, eval_rounds=[rounds], evaluate=val_eval, seed=search_seeds[0],
-                     **train_kw).history if mu else []
+search = backends.run_feddm(denoiser, search_groups, rounds, eval_rounds=[rounds], evaluate=val_eval,
+                            seed=search_seeds[0], **train_kw).history if mu else []
 mu_star, search_table = F.mu_search(search, noniid) if mu else (None, pd.DataFrame())
 print(search_table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 print(f"mu* = {mu_star} (lowest validation FD among the prox variants; vanilla shown for reference)")
@@ -205,7 +207,8 @@ print(f"{len(groups)} models ({len(variants)} variants x {len(partitions)} parti
 seed_everything(seeds[0])
 t0 = time.perf_counter()
 # the same rounds, seeds and payloads on either backend; Flower only changes who runs them
-history = F.run_feddm(denoiser, groups, rounds, eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0], **train_kw).history
+history = backends.run_feddm(denoiser, groups, rounds, eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0],
+                             **train_kw).history
 train_time = time.perf_counter() - t0
 hist = pd.DataFrame(history)
 client_steps = sum(rounds * local_steps * g.clients.n_clients for g in [*groups, *search_groups] if not g.variant.central)
@@ -340,7 +343,7 @@ _ = savefig(fig, "02_feddm_explorer_view")
 # by the noise rule. The proximal claim uses μ* from section 4 (validation data, other seeds).
 
 # %%
-fd = lambda v, p: F.per_seed(hist, v, p, seeds=seeds)  # noqa: E731
+fd = lambda v, p: per_seed(hist, "fd", seeds, last="round", variant=v, partition=p)  # noqa: E731
 up8 = update_bytes[8]
 run.claim("8-bit updates cut the uplink by about 4x", "up to 4x (docs/methods.md §2)",
           f"{model_bytes / up8:.3f}x (payload {up8:,} B vs float32 {model_bytes:,} B, scales and zero points counted)",

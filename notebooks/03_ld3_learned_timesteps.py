@@ -96,12 +96,13 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from fedlib import ld3
+from fedlib import ld3, studies
 from fedlib.diffusion import schedule
 from fedlib.plots import ld3_gain_figure, ld3_grids_figure, ld3_samples_figure, savefig, use_style
-from fedlib.results import Run, combine, compare, compare_to, save_explorer
+from fedlib.results import Run, save_explorer
 from fedlib.studies import ld3_case
 from fedlib.utils import resolve_device
+from fedlib.verdicts import combine, compare, compare_to, per_seed
 
 use_style()
 run = Run.start("03_ld3_learned_timesteps", globals())
@@ -170,8 +171,8 @@ print("no learned grid is worse on validation than the best hand-made grid:", ne
 # comparable to FID) or sliced W2 to the true mixture (2-D).
 
 # %%
-table = ld3.summary_table(rows, datasets, solvers, ld3_nfes, schedules, seeds,
-                          {name: c.metric_name for name, c in cases.items()})
+table = studies.summary_table(rows, datasets, solvers, ld3_nfes, schedules, seeds,
+                              {name: c.metric_name for name, c in cases.items()})
 run.metrics["table"] = table.to_dict("records")
 with pd.option_context("display.max_colwidth", 40):
     display(table.set_index(["dataset", "solver", "NFE"]))
@@ -203,7 +204,7 @@ print("  other hand-made grids on validation:",
 
 # %%
 all_nfes = sorted({r["nfe"] for r in rows})
-gains = {(d, so, n): ld3.relative_gain(rows, d, so, n, schedules, seeds)
+gains = {(d, so, n): studies.relative_gain(rows, d, so, n, schedules, seeds)
          for d in datasets for so in solvers for n in all_nfes if (d, seeds[0], so, n) in learned}
 run.metrics["relative_gain"] = {f"{d}|{so}|{n}": g for (d, so, n), g in gains.items()}
 fig = ld3_gain_figure(gains, all_nfes, solvers)
@@ -219,7 +220,8 @@ _ = savefig(fig, "03_learned_timesteps")
 # %%
 panels = {}
 for d in datasets:
-    hand = {g: ld3.per_seed(rows, d, solvers[0], ld3_nfes[0], g, "teacher_distance", seeds) for g in schedules}
+    hand = {g: per_seed(rows, "teacher_distance", seeds, dataset=d, solver=solvers[0], nfe=ld3_nfes[0], grid=g)
+            for g in schedules}
     best = min(hand, key=lambda g: sum(hand[g]))
     panels[d] = [(f"{d}: {solvers[0]} NFE {ld3_nfes[0]}, {g}", results[d].samples[(solvers[0], g, ld3_nfes[0])])
                  for g in (best, "ld3")]
@@ -265,7 +267,7 @@ low = [n for n in ld3_nfes if 4 <= n <= 6] or ld3_nfes
 why = {"holds": "", "within noise": " Not every comparison clears 2 SE; the closest one is shown.",
        "does not hold": " A hand-made grid is better beyond the noise rule on held-out noise; that one is shown."}
 for d in datasets:
-    verdict, deciding, comps = ld3.beats_every_grid(rows, d, solvers, low, schedules, seeds)
+    verdict, deciding, comps = studies.beats_every_grid(rows, d, solvers, low, schedules, seeds)
     runs = [s for k, s in learned.items() if k[0] == d and k[3] in low]
     kept = sum(s.history["kept"] == "start" for s in runs)
     run.claim(f"{d}: LD3 beats the best hand-made grid at NFE {'/'.join(map(str, low))} (held-out teacher distance)",
@@ -274,7 +276,7 @@ for d in datasets:
               note=f"{len(comps)} paired comparisons (solver x NFE x hand-made grid), combined.{why[verdict]} LD3 kept "
                    f"its hand-made start (no validation gain) in {kept} of {len(runs)} runs.")
 metric_comps = {f"{d} {key}": c for d in datasets
-                for key, c in ld3.beats_every_grid(rows, d, solvers, low, schedules, seeds, "metric")[2].items()}
+                for key, c in studies.beats_every_grid(rows, d, solvers, low, schedules, seeds, "metric")[2].items()}
 verdict, deciding = combine(metric_comps)
 d, c = deciding.split()[0], metric_comps[deciding]
 teacher_m, grid_m = sum(results[d].teacher_metric) / len(seeds), sum(c.b) / len(seeds)
@@ -286,7 +288,8 @@ _ = run.claim("LD3 beats the best hand-made grid at NFE 4-6 in FD / sliced W2, o
                    f"validated quantity; the next claim checks that the two agree.{floor}")
 
 # %%
-agree = {d: compare_to(ld3.agreement(rows, d, solvers, low, seeds), 0.0, name=f"{d} rank correlation", below=False)
+agree = {d: compare_to(studies.agreement(rows, d, solvers, low, seeds), 0.0, name=f"{d} rank correlation",
+                       below=False)
          for d in datasets}
 verdict, deciding = combine(agree)
 run.claim("the validated teacher distance agrees with FD / sliced W2 on held-out noise",

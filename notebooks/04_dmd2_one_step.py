@@ -91,9 +91,10 @@ from fedlib import data as fdata
 from fedlib import dmd2, plots
 from fedlib.diffusion import pretrained_teacher, schedule, solve
 from fedlib.plots import image_grid, savefig, use_style
-from fedlib.results import Run, compare, compare_to, save_explorer
+from fedlib.results import Run, save_explorer
 from fedlib.studies import teacher_study
 from fedlib.utils import resolve_device, seed_everything
+from fedlib.verdicts import compare, compare_to
 
 run = Run.start("04_dmd2_one_step", globals())
 use_style()

@@ -91,8 +91,9 @@ from fedlib import federated as fl
 from fedlib import pipeline as P
 from fedlib.diffusion import schedule, solve
 from fedlib.plots import savefig, use_style
-from fedlib.results import Run, combine, compare, load_explorer, save_explorer
+from fedlib.results import Run, load_explorer, save_explorer
 from fedlib.utils import resolve_device, seed_everything
+from fedlib.verdicts import combine, compare
 
 use_style()
 

@@ -5,6 +5,7 @@ import torch
 
 from fedlib import datafree
 from fedlib import distill as D
+from fedlib import methods
 from fedlib import fedgo
 from fedlib import federated as fl
 from fedlib import models
@@ -175,8 +176,8 @@ def test_epoch_distillation_vectorises_over_models_with_their_own_best_epochs():
 
 
 def test_cosine_schedule_and_predict_each():
-    assert D._lr_at(0.1, 1, 10, True) == pytest.approx(0.1) and D._lr_at(0.1, 10, 10, True) < 0.01
-    assert D._lr_at(0.1, 7, 10, False) == 0.1
+    assert methods._lr_at(0.1, 1, 10, True) == pytest.approx(0.1) and methods._lr_at(0.1, 10, 10, True) < 0.01
+    assert methods._lr_at(0.1, 7, 10, False) == 0.1
     clf = models.SmallCNN(1, 10, width=4)
     stacked = fl.broadcast_params(fl.get_params(clf), 3)
     stacked = {n: p + 0.01 * torch.randn_like(p) for n, p in stacked.items()}

@@ -9,6 +9,7 @@ from fedlib import compression as C
 from fedlib import data as D
 from fedlib import feddm as F
 from fedlib.compression import Quantizer
+from fedlib.verdicts import per_seed
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +289,10 @@ def test_history_readers_pair_seeds_and_pick_mu_on_the_named_metric():
                          "fd": f, "fd_val": fv})
         rows.append({"variant": "vanilla", "kind": "vanilla", "mu": 0.0, "partition": "iid", "seed": seed, "round": 3,
                      "fd": iid, "fd_val": 0})
-    np.testing.assert_allclose(F.per_seed(rows, "prox mu=0.1", "dirichlet 0.1", seeds=[2, 0]), [4.1, 4.0])
+    np.testing.assert_allclose(per_seed(rows, "fd", [2, 0], last="round", variant="prox mu=0.1", partition="dirichlet 0.1"),
+                               [4.1, 4.0])
     with pytest.raises(ValueError, match="seeds"):
-        F.per_seed(rows, "prox mu=0.1", "dirichlet 0.1", seeds=[0, 7])
+        per_seed(rows, "fd", [0, 7], last="round", variant="prox mu=0.1", partition="dirichlet 0.1")
     mu, table = F.mu_search(rows, "dirichlet 0.1", metric="fd_val")
     assert mu == 1.0 and table.loc[table["chosen"], "variant"].item() == "prox mu=1"  # the validation metric, not fd
     gaps = F.paired_gaps(rows)

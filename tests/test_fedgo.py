@@ -13,7 +13,7 @@ from fedlib import distill
 from fedlib import federated as fl
 from fedlib import fedgo, models, studies
 from fedlib import weighting as W
-from fedlib.results import as_verdict, compare
+from fedlib.verdicts import as_verdict, beats_every, compare, per_seed
 
 
 def _gauss_logpdf(x, mean, std):
@@ -213,11 +213,11 @@ def test_frame_claims_and_gaps_are_indexed_by_setup_keys(small_setups):
     assert studies.baselines_of(frame, "data_free") == ["feddf", "fedavg"]
     comps = studies.fedgo_comparisons(frame, "data_free", 0.1, [3, 5])
     assert set(comps) == {"feddf, K=3", "fedavg, K=3", "feddf, K=5", "fedavg, K=5"}
-    fedavg = studies.per_seed(frame, scenario="pre", clients=3, alpha=0.1, method="fedavg")
+    fedavg = per_seed(frame, "accuracy", last="round", scenario="pre", clients=3, alpha=0.1, method="fedavg")
     assert comps["fedavg, K=3"].b == fedavg.tolist()
     gap = studies.gap_to_best(frame, "data_free")
-    fedgo_acc = studies.per_seed(frame, scenario="data_free", clients=3, alpha=0.1, method="fedgo")
-    best = pd.concat([studies.per_seed(frame, scenario=sc, clients=3, alpha=0.1, method=m)
+    fedgo_acc = per_seed(frame, "accuracy", last="round", scenario="data_free", clients=3, alpha=0.1, method="fedgo")
+    best = pd.concat([per_seed(frame, "accuracy", last="round", scenario=sc, clients=3, alpha=0.1, method=m)
                       for sc, m in (("data_free", "feddf"), ("pre", "fedavg"))], axis=1).max(axis=1)
     last = gap[(gap.clients == 3) & (gap.alpha == 0.1) & (gap["round"] == 2)].set_index("seed")["gap"]
     assert torch.allclose(torch.tensor(last.values), torch.tensor((fedgo_acc - best).values), atol=1e-6)
@@ -227,15 +227,15 @@ def test_beats_every_keeps_the_deciding_evidence():
     good = compare([0.9, 0.8, 0.85], [0.5, 0.4, 0.45], a_name="fedgo", b_name="a")
     noisy = compare([0.9, 0.4, 0.85], [0.5, 0.8, 0.45], a_name="fedgo", b_name="b")
     bad = compare([0.1, 0.2, 0.15], [0.5, 0.4, 0.45], a_name="fedgo", b_name="c")
-    verdict, text = studies.beats_every({"a": good, "b": noisy})
+    verdict, text = beats_every({"a": good, "b": noisy})
     assert verdict is noisy and as_verdict(verdict) == "within noise" and "1/2 comparisons hold" in text
     # within noise: the comparison shown is one that keeps the claim from holding, even if another is closer
     noisier = compare([0.9, 0.1, 0.95], [0.5, 0.8, 0.45], a_name="fedgo", b_name="d")
-    verdict, text = studies.beats_every({"a": compare([0.5, 0.6, 0.55], [0.45, 0.56, 0.5]), "d": noisier})
+    verdict, text = beats_every({"a": compare([0.5, 0.6, 0.55], [0.45, 0.56, 0.5]), "d": noisier})
     assert verdict is noisier and "deciding (d)" in text
-    verdict, text = studies.beats_every({"a": good, "c": bad})
+    verdict, text = beats_every({"a": good, "c": bad})
     assert verdict is bad and "deciding (c)" in text
-    assert studies.beats_every({"a": good})[0] is good
+    assert beats_every({"a": good})[0] is good
 
 
 def test_toy_study_over_seeds():

@@ -18,6 +18,7 @@ from fedlib import flower as FW  # noqa: E402  (first: it keeps the local Ray on
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict  # noqa: E402
 
+from fedlib import backends  # noqa: E402
 from fedlib import data as D  # noqa: E402
 from fedlib import distill as DS  # noqa: E402
 from fedlib import federated as fl  # noqa: E402
@@ -72,11 +73,13 @@ def both(problem):
     local3 = fl.local_train(p["model"], start, p["clients"].repeat(len(METHODS)), epochs=1, lr=0.05, momentum=0.9,
                             mu=mu_k, batch_size=32, generator=g)
     setup_f = DS.Setup(p["clients"], p["server_x"], p["test"].x[:200], p["test"].y[:200])
-    res = DS.run_rounds(p["model"], [setup_f], METHODS, rounds=3, init=init, backend="flower",
-                        generator=torch.Generator().manual_seed(2),
-                        exchange=FW.FedGOExchange(p["D"], p["G"], epochs=1, generator=torch.Generator().manual_seed(1)),
-                        options=FW.FlowerOptions(ray_num_cpus=2, object_store_mb=256, faults=FAULTS, keep_params=True),
-                        **ROUNDS)
+    res = backends.run_rounds(p["model"], [setup_f], METHODS, rounds=3, init=init, backend="flower",
+                              generator=torch.Generator().manual_seed(2),
+                              exchange=FW.FedGOExchange(p["D"], p["G"], epochs=1,
+                                                        generator=torch.Generator().manual_seed(1)),
+                              options=FW.FlowerOptions(ray_num_cpus=2, object_store_mb=256, faults=FAULTS,
+                                                       keep_params=True),
+                              **ROUNDS)
     return ref, res, setup, setup_f, local3
 
 
@@ -376,7 +379,7 @@ def test_feddm_on_flower_equals_inprocess(request):
     den, ref = build()
     F.run_feddm(den, ref, 2, **kw)
     den2, got = build()
-    res = F.run_feddm(den2, got, 2, backend="flower", options=FW.FlowerOptions(ray_num_cpus=2), **kw)
+    res = backends.run_feddm(den2, got, 2, backend="flower", options=FW.FlowerOptions(ray_num_cpus=2), **kw)
     assert res.report.events == []
     for a, b in zip(ref, got):
         tol = 1e-5 if a.variant.uplink else ATOL

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlib import ld3
+from fedlib import ld3, studies
 from fedlib.diffusion import EDM, SCHEDULES, VP, Denoiser, MLPDenoiser, get_sampler, schedule, solve
 
 logits = st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=2, max_size=12)
@@ -185,11 +185,11 @@ def test_held_out_study_reports_the_validated_quantity_on_noise_ld3_never_saw(tm
         for r in (r for r in res.rows if r["seed"] == seed):
             times, tn = s.tensors() if r["grid"] == "ld3" else (schedule(r["grid"], den.process, 3), None)
             assert abs(r["teacher_distance"] - _val_loss(den, "dpm_solver_pp_2m", times, tn, ev)) < 1e-7
-    verdict, deciding, comps = ld3.beats_every_grid(res.rows, "gauss", ["dpm_solver_pp_2m"], [3], SCHEDULES, [0, 1, 2])
+    verdict, deciding, comps = studies.beats_every_grid(res.rows, "gauss", ["dpm_solver_pp_2m"], [3], SCHEDULES, [0, 1, 2])
     assert len(comps) == len(SCHEDULES) and deciding in comps and verdict in ("holds", "within noise", "does not hold")
-    table = ld3.summary_table(res.rows, ["gauss"], ["dpm_solver_pp_2m"], [3], SCHEDULES, [0, 1, 2], {"gauss": "m"})
+    table = studies.summary_table(res.rows, ["gauss"], ["dpm_solver_pp_2m"], [3], SCHEDULES, [0, 1, 2], {"gauss": "m"})
     assert table.loc[0, "teacher distance: LD3 beats every grid"] == verdict
-    assert len(ld3.relative_gain(res.rows, "gauss", "dpm_solver_pp_2m", 3, SCHEDULES, [0, 1, 2])) == 3
+    assert len(studies.relative_gain(res.rows, "gauss", "dpm_solver_pp_2m", 3, SCHEDULES, [0, 1, 2])) == 3
     again = ld3.held_out_study(case, ["dpm_solver_pp_2m"], [3], [0], n_train=8, n_val=8, rounds_theta=1,
                                rounds_both=1, lr_theta=5e-2)
     assert again.learned[(0, "dpm_solver_pp_2m", 3)].history["cached"]
@@ -198,9 +198,9 @@ def test_held_out_study_reports_the_validated_quantity_on_noise_ld3_never_saw(tm
 def test_beats_every_grid_follows_the_noise_rule():
     rows = [{"dataset": "d", "seed": s, "solver": "x", "nfe": 4, "grid": g, "teacher_distance": v, "metric": v}
             for s in range(3) for g, v in (("a", 1.0 + 0.01 * s), ("b", 2.0), ("ld3", 0.5 + 0.02 * s))]
-    assert ld3.beats_every_grid(rows, "d", ["x"], [4], ["a", "b"], [0, 1, 2])[:2] == ("holds", "x NFE 4 vs a")
+    assert studies.beats_every_grid(rows, "d", ["x"], [4], ["a", "b"], [0, 1, 2])[:2] == ("holds", "x NFE 4 vs a")
     worse = [dict(r, teacher_distance=1.5 + 0.01 * r["seed"]) if r["grid"] == "ld3" else r for r in rows]
-    assert ld3.beats_every_grid(worse, "d", ["x"], [4], ["a", "b"], [0, 1, 2])[0] == "does not hold"
+    assert studies.beats_every_grid(worse, "d", ["x"], [4], ["a", "b"], [0, 1, 2])[0] == "does not hold"
 
 
 def test_ld3_cases_for_a_mixture_and_a_pooled_cheap_image_teacher(tmp_path, monkeypatch):

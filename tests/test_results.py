@@ -133,3 +133,26 @@ def test_run_root_gives_each_notebook_its_own_folder(tmp_path, monkeypatch):
     assert torch.equal(R.load_explorer("09_a")["x"], torch.ones(2))
     monkeypatch.setenv("FEDLIB_RUN_DIR", str(tmp_path / "one"))  # the runner's own folder wins
     assert R.run_dir("09_a") == tmp_path / "one"
+
+
+def test_the_run_record_reuses_the_one_noise_rule():
+    from fedlib import verdicts as V
+
+    assert (R.compare, R.compare_to, R.combine, R.decide, R.as_verdict, R.Comparison) == \
+        (V.compare, V.compare_to, V.combine, V.decide, V.as_verdict, V.Comparison)
+    assert R.NOISE_RULE == V.NOISE_RULE and R.VERDICTS == V.VERDICTS
+
+
+def test_per_seed_pairs_by_seed_in_the_order_asked_and_never_silently():
+    from fedlib.verdicts import per_seed
+
+    rows = [{"seed": s, "method": m, "round": r, "acc": 10 * s + r + (0.5 if m == "b" else 0.0)}
+            for s in (2, 0, 1) for m in ("a", "b") for r in (1, 2)]
+    assert per_seed(rows, "acc", method="a").tolist() == [1.5, 11.5, 21.5]  # sorted, mean over rounds
+    assert per_seed(rows, "acc", [2, 0], last="round", method="b").tolist() == [22.5, 2.5]
+    assert per_seed(rows, "acc", [1], method="a", round=1).index.tolist() == [1]
+    for bad in (dict(seeds=[0, 7]), dict(seeds=[0], method="c")):
+        with pytest.raises(KeyError, match="seeds|no rows"):
+            per_seed(rows, "acc", **{"method": "a", **bad})
+        with pytest.raises(ValueError):
+            per_seed(rows, "acc", **{"method": "a", **bad})

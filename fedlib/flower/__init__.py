@@ -23,7 +23,7 @@ Modules: :mod:`.records` (parameters as records, validation, the report), :mod:`
 ClientApp), :mod:`.strategy` (a strategy base that sends one message per client task and validates the
 replies, and the two small strategies that differ only in their tasks and server step), and
 :mod:`.simulation` (Ray, the simulation, the drivers). Use the drivers through the library:
-``fedlib.distill.run_rounds(..., backend="flower")`` and ``fedlib.feddm.run_feddm(..., backend="flower")``.
+``fedlib.backends.run_rounds(..., backend="flower")`` and ``fedlib.backends.run_feddm(..., backend="flower")``.
 
 Seeds: the in-process drivers train K clients with ``local_train(..., generator=g)``, which gives client
 k the k-th seed drawn from g (:func:`fedlib.federated.client_generators`). The server here sends every

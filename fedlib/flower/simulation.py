@@ -1,4 +1,4 @@
-"""Flower's simulation engine on Ray, and the two drivers the library's ``backend="flower"`` calls:
+"""Flower's simulation engine on Ray, and the two drivers :mod:`fedlib.backends` hands the core for ``backend="flower"``:
 :func:`run_rounds` (notebook 01's methods, with FedGO's one-off exchange) and :func:`run_feddm`."""
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def _fedgo_exchange(grid: Grid, nodes, ex: FedGOExchange, setups, K: int, report
 def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_epochs: int, lr: float, momentum: float,
                batch_size: int, mu: float, server: distill.ServerConfig, init: Params | None = None, progress=None,
                exchange: FedGOExchange | None = None, options: FlowerOptions | None = None) -> distill.RoundsResult:
-    """:func:`fedlib.distill.run_rounds` on Flower (call it as ``run_rounds(..., backend="flower")``): the
+    """:func:`fedlib.rounds.run_rounds` on Flower (call it as ``fedlib.backends.run_rounds(..., backend="flower")``): the
     same rounds, the same :class:`~fedlib.distill.RoundsResult` with its ``report`` (a
     :class:`FlowerReport`). With ``exchange``, ``setups[s].disc_logits`` are set from the discriminators
     the clients uploaded. Node k is client k of every setup and method."""
@@ -243,7 +243,7 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
 def run_feddm(denoiser, groups: list, rounds: int, *, local_steps: int, batch_size: int, lr: float,
               momentum: float = 0.9, eval_rounds=(), evaluate=None, seed: int = 0, progress: bool = True,
               chunk_size: int | None = None, options: FlowerOptions | None = None) -> feddm.FedDMRun:
-    """:func:`fedlib.feddm.run_feddm` on Flower (call it as ``run_feddm(..., backend="flower")``): the
+    """:func:`fedlib.feddm.run_feddm` on Flower (call it as ``fedlib.backends.run_feddm(..., backend="flower")``): the
     same history rows, groups updated in place (``params``, ``ledger``), and the report. Every federated
     group's client k is node k; quantised variants send their update packed and the server decodes it
     from those bytes alone. ``central`` groups train on the server, as in-process. Not here: a quantised

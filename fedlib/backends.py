@@ -1,0 +1,34 @@
+"""The choice of backend, made above both: the same federated rounds in-process (the core:
+:func:`fedlib.rounds.run_rounds`, :func:`fedlib.feddm.run_feddm`) or as Flower ServerApp and
+ClientApps on Ray (:mod:`fedlib.flower`). The core never imports Flower; this module hands it Flower's
+driver, so that ``flwr`` and ``ray`` load only when a run asks for them.
+"""
+
+from __future__ import annotations
+
+from . import feddm
+from . import rounds as engine
+from .utils import check_choice
+
+BACKENDS = ("inprocess", "flower")
+_FIX = "Use backend='inprocess' unless you need real clients or a Ray cluster."
+
+
+def run_rounds(model, setups, methods, *, backend: str = "inprocess", **kw) -> engine.RoundsResult:
+    """:func:`fedlib.rounds.run_rounds` on ``backend``; on ``"flower"``, ``kw`` may add ``exchange``
+    and ``options`` (:func:`fedlib.flower.run_rounds`)."""
+    if check_choice("backend", backend, BACKENDS, fix=_FIX) == "flower":
+        from .flower import run_rounds as driver
+
+        kw["driver"] = driver
+    return engine.run_rounds(model, setups, methods, **kw)
+
+
+def run_feddm(denoiser, groups, rounds: int, *, backend: str = "inprocess", **kw) -> feddm.FedDMRun:
+    """:func:`fedlib.feddm.run_feddm` on ``backend``; on ``"flower"``, ``kw`` may add ``options``
+    (:func:`fedlib.flower.run_feddm`)."""
+    if check_choice("backend", backend, BACKENDS, fix=_FIX) == "flower":
+        from .flower import run_feddm as driver
+
+        kw["driver"] = driver
+    return feddm.run_feddm(denoiser, groups, rounds, **kw)
