@@ -91,8 +91,9 @@ def _numbers_in(value):
 
 def parameter_values(notebook):
     """Every number the notebook's parameters take: the tagged cell's defaults and every yaml set."""
-    text = notebook.read_text()
-    cell = text.split('# %% tags=["parameters"', 1)[1].split("\n", 1)[1].split("\n# %%", 1)[0]
+    head = re.search(r'^# %% tags=\[[^\]]*"parameters"[^\]]*\]\n', notebook.read_text(), re.MULTILINE)
+    assert head, f"{notebook.name}: no cell tagged 'parameters'"
+    cell = notebook.read_text()[head.end():].split("\n# %%", 1)[0]
     values = []
     for node in ast.parse(cell).body:
         if isinstance(node, ast.Assign):
@@ -163,18 +164,25 @@ def test_the_detector_finds_issue_numbers():
 
 # ---- the notebooks ------------------------------------------------------------------------------------
 
-def test_the_notebooks_are_found():
+def test_the_notebooks_and_their_parameters_are_found():
     assert len(NOTEBOOKS) >= 6 and all(markdown_cells(nb) for nb in NOTEBOOKS)
+    # notebook 04's defaults (AdamW lr 5e-4, DMD1 regression weight 0.25) and a long-set value (GAN ratio 1e-4)
+    assert {5e-4, 0.25, 1e-4} <= parameter_values(REPO / "notebooks" / "04_dmd2_one_step.py")
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_no_wall_time_and_no_issue_number_in_prose(notebook):
+def test_no_wall_time_in_prose(notebook):
     papers = paper_values()
-    allowed_times = papers[1] if papers else frozenset()
-    found = [(where, t) for where, text in _prose(notebook) for t in wall_times(text, allowed_times)]
-    found += [(where, m.group(0)) for where, text in _prose(notebook) for m in ISSUE.finditer(text)]
-    assert found == [], ("wall times or issue numbers typed into prose (they go stale: let the run print "
-                         f"them, name the project's finding instead of the issue): {found}")
+    found = [(where, t) for where, text in _prose(notebook) for t in wall_times(text, papers[1] if papers else ())]
+    if found and papers is None:
+        pytest.skip(f"{PAPERS} is absent: the papers' times cannot be told from measured ones in {found}")
+    assert found == [], f"wall times typed into prose go stale: let the run print them, or drop them: {found}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_issue_number_in_prose(notebook):
+    found = [(where, m.group(0)) for where, text in _prose(notebook) for m in ISSUE.finditer(text)]
+    assert found == [], f"prose names the project's findings, not the issues that asked for them: {found}"
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
