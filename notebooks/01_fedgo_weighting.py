@@ -41,7 +41,7 @@
 #
 # **Our scale, stated honestly.** The paper uses CIFAR-10/100 and ImageNet-100 with ResNet-18s for 100
 # rounds. Here: digits (1437 training images → ~720 on the clients, ~720 unlabeled at the server, 360
-# test), a 3.9k-parameter GroupNorm CNN, a few rounds of one local epoch, a 2-layer conv GAN. All
+# test), a GroupNorm CNN of about four thousand parameters, a few rounds of one local epoch, a 2-layer conv GAN. All
 # methods, α, client counts and seeds of one round train as **one vectorised computation**
 # (`torch.func.vmap`). Our choices where docs/methods.md is silent: SGD(0.05, momentum 0.9) locally;
 # server distillation by Adam for a few *epochs* over the server data every round, cosine learning
@@ -294,10 +294,10 @@ _ = savefig(fig, "01_accuracy_rounds")
 # as good as its teacher, no better**. So the old puzzle (a teacher twice as accurate as the uniform
 # one, yet no better server model than FedAvg) is about the teacher's *absolute* accuracy: a
 # distilling method beats FedAvg only while its teacher beats FedAvg's model (dashed). FedGO's teacher
-# is bounded by its discriminators: the E_d search of §3 moved it most (held-out teacher accuracy from
-# ~0.8 at 3 epochs to ~0.87-0.89 at 30-60), and `fedgo_exact` (exact weights, ~0.99 teacher) shows the
-# headroom the weighting rule itself has. FedAvg, in turn, keeps improving with rounds on digits: in the
-# `long` set (15 rounds) it reaches ~0.93-0.94, near central training, and passes FedGO's teacher.
+# is bounded by its discriminators: the E_d search of §3 moved it most (its table: held-out teacher
+# accuracy against E_d), and `fedgo_exact` (exact weights, a far better teacher) shows the headroom the
+# weighting rule itself has. FedAvg, in turn, keeps improving with rounds on digits: in the `long` set
+# (15 rounds; the README's long table) it comes near central training and passes FedGO's teacher.
 
 # %%
 if "pre" in results:
@@ -389,8 +389,8 @@ display(extra[(extra.down + extra.up) > 0].round(2))
 # local training. (Data-free adds the warm-up round: one local epoch and one upload per client, which a
 # deployment would reuse as round 1.) The curves extend our run to more rounds and put larger models
 # beside ours, at CIFAR-10 scale (25,000 client images, 20 clients, 5 local and 5 discriminator epochs,
-# our `paper` set's choices): the ResNet-20 of our `paper` set and the paper's ResNet-18 (11.2 M
-# parameters) with a DCGAN-class G and D. Those points are computed from parameter and FLOP counts,
+# our `paper` set's choices): the ResNet-20 of our `paper` set and the paper's ResNet-18 (about eleven
+# million parameters) with a DCGAN-class G and D. Those points are computed from parameter and FLOP counts,
 # not run; the paper's own E_d is not in docs/methods.md.
 
 # %%
@@ -588,7 +588,7 @@ run.claims_table()
 #   of steps, and Co-Boosting's single round is one round of `oneshot_local_epochs` local epochs on 8x8
 #   digits. So this is a statement about our scale, not about the methods.
 # * **Overhead**: not negligible at our scale (E_d discriminator epochs against 5 × 1 local epochs of a
-#   3.9k-parameter classifier), negligible at the paper's scale by the same accounting (§7): the one-off
+#   classifier of about four thousand parameters), negligible at the paper's scale by the same accounting (§7): the one-off
 #   cost is amortised by rounds and by the classifier's size.
 #
 # Checked against docs/methods.md §1.2 point by point, with a test each (`tests/test_fedgo.py`): the

@@ -40,7 +40,7 @@
 # (`docs/methods.md §2`): we pick K clients, Dirichlet α, a μ and bits sweep and say so. By default 8×8
 # digits, a ~40k-parameter U-Net, EDM preconditioning (our choice: it learns in a few hundred SGD steps;
 # the `paper` set uses the DDPM ε-objective as the paper does), 15 rounds of 5 client steps: the models
-# are far from converged. The `long` set (≤ 25 min on a 2-core CPU) trains 9× the client steps (8× the
+# are far from converged. The `long` set (the CPU's larger budget) trains 9× the client steps (8× the
 # local work per round) over several α and μ to show where the proximal term's effect is heading (§ 7).
 # `-p dataset=fashion_mnist` runs FedDM's own 28×28 Fashion-MNIST (a 6,000-image subset on a CPU).
 
@@ -271,23 +271,20 @@ print(show.round(3).to_string())
 # (`test_prox_with_mu_zero_is_fedavg_and_mu_pulls_towards_global`). One consequence to keep in mind:
 # with momentum m = 0.9 the proximal pull acts, at steady state, like μ/(1 − m) = 10 μ under plain SGD.
 #
-# **Verdict on the proximal term, and why** (issue 14), from the `long` set (16 rounds of 40 client
-# steps, 9× the quick run's client steps; results under `results/long/02_feddm`): **does not hold at this
-# scale, and the sweep says why.** The validation search picks the smallest μ (0.01; validation FD
-# 2.53 vanilla, 2.53 / 2.58 / 5.53 for μ = 0.01 / 0.1 / 1), and on the claim's seeds its gap to vanilla
-# is −0.04 ± 0.11 (SE) on α = 0.1: within noise. Larger μ only hurts, and hurts IID clients as much
-# as non-IID ones (μ = 1: +1.7 on IID, +2.2 on α = 0.1 at round 16): it slows learning, it does not
-# correct drift; that harm shrinks slowly with rounds. The reason is in the dashed line: label skew
-# costs FedAvg little here — the non-IID penalty is 0.30 ± 0.25 (α = 0.1), 0.39 ± 0.11 (α = 0.03)
-# and ≈ 0 (α = 0.5) on a vanilla FD of about 2.5, so at best a proximal term could win back a few
-# tenths, below what 3 seeds resolve (SE ≈ 0.1 – 0.25). Half the local work (`--scale long -p rounds=20
-# -p local_steps=20 -p n_evals=5`) gives the same picture (chosen μ 0.01: +0.14 ± 0.25; penalty 0.13 ±
-# 0.16 on α = 0.1). **What is missing** is a regime where non-IID data costs FedAvg much more than
-# seed noise: the paper's many local epochs on large client datasets over 100 rounds with a model big
-# enough to overfit its client's classes (the `paper` and `fashion_mnist` sets, on a GPU), or, at our
-# scale, about 15 seeds to resolve a 0.1-FD effect. Central training on the union, by contrast, is
-# clearly better than federated training (1.75 vs 2.54 on α = 0.1, holds): federation costs more than
-# the label skew does.
+# **Verdict on the proximal term, and why**, from the `long` set (16 rounds of 40 client steps, 9× the
+# quick run's client steps; its numbers in `results/long/02_feddm/metrics.json` and the README's long
+# table): **does not hold at this scale, and the sweep says why.** The validation search picks the
+# smallest μ, and on the claim's seeds its gap to vanilla is within noise. Larger μ only hurts, and
+# hurts IID clients as much as non-IID ones: it slows learning, it does not correct drift; that harm
+# shrinks slowly with rounds. The reason is in the dashed line: label skew costs FedAvg little here —
+# the non-IID penalty is a small fraction of vanilla's FD and about as large as its standard error over
+# seeds (none at the mildest α), so at best a proximal term could win back an effect below what 3 seeds
+# resolve. Half the local work (`--scale long -p rounds=20 -p local_steps=20 -p n_evals=5`) gives the
+# same picture. **What is missing** is a regime where non-IID data costs FedAvg much more than seed
+# noise: the paper's many local epochs on large client datasets over 100 rounds with a model big enough
+# to overfit its client's classes (the `paper` and `fashion_mnist` sets, on a GPU), or, at our scale,
+# many more seeds. Central training on the union, by contrast, is clearly better than federated
+# training (its claim holds): federation costs more than the label skew does.
 
 # %% [markdown]
 # ## 8 · Explorer

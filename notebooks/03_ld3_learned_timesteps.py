@@ -45,8 +45,8 @@
 #
 # **Our scale.** Small teachers trained here and cached; 3 evaluation seeds. The `paper` set runs the paper's
 # protocol (50 + 50 pairs, 2 + 5 rounds, batch 2, validation after every step, RMSprop at 5e-3, the soft
-# objective). The quick set is cheaper so that the whole notebook runs in about four CPU minutes from a cold
-# cache: 24 training + 48 validation pairs per seed, 1 + 2 rounds (36 steps of batch 2), validation every 6
+# objective). The quick set is cheaper so that the whole notebook fits the CPU budget of a quick run
+# (docs/DEVELOPING.md): 24 training + 48 validation pairs per seed, 1 + 2 rounds (36 steps of batch 2), validation every 6
 # steps, and two choices made on validation loss alone, on seeds 10-12 (disjoint from the evaluation seeds):
 # RMSprop at 2e-3, because its running average of squared gradients starts at zero, so its first steps are
 # large, and over only 36 steps the paper's 5e-3 overshot with no validation gain in 2 of 48 runs (none at

@@ -40,7 +40,7 @@
 # core. Image quality is a Fréchet distance in the feature space of a classifier fedlib trains on
 # digits: **not comparable to published FID**. The `quick` set trains a few hundred generator updates
 # on 2-D and a few dozen on digits (minutes on a CPU; the paper runs hundreds of thousands of GPU
-# iterations); the `long` set stretches the 2-D budget 16-fold and widens the search (≤ 25 minutes).
+# iterations); the `long` set stretches the 2-D budget 16-fold and widens the search.
 
 # %% tags=["parameters"]
 toy = "ring"  # 2-D mixture with an exact density [one of ring, grid]
@@ -108,7 +108,7 @@ t_start = time.perf_counter()
 # DMD moves each generator sample x along g = (x_fake − x_real)/w, the fake score's denoised estimate
 # minus the teacher's, divided by w = mean|x − x_real|. For a denoiser D(x_t) = x_t + σ² ∇log p_σ(x_t),
 # that is σ²(s_fake − s_real)/w: the difference of the two *scores*. Below, both denoisers are exact:
-# the true mixture (real) and the same mixture turned by 22.5° (standing for the generator's current
+# the true mixture (real) and the same mixture turned by a sixteenth of a turn (standing for the generator's current
 # distribution, fake). `dmd2.distribution_matching_loss`'s autograd gradient equals the score
 # difference, and −g points from the generator's modes (blue) towards the true ones.
 
@@ -138,7 +138,7 @@ _ = savefig(fig, "04_dm_gradient_teaching")
 # weights, cached; the same as notebook 03's). Two independent **stratified** samples of the true
 # mixture (the exact share of points per mode) serve as references: *validation* for the search,
 # *test* for the claims. The fake score is trained at times uniform in noise fraction over the whole
-# range and the GAN weights are rescaled to the paper's GAN-to-DM ratio (`fedlib.dmd2` docstring; issue 18).
+# range and the GAN weights are rescaled to the paper's GAN-to-DM ratio (`fedlib.dmd2` docstring).
 
 # %%
 seed_everything(teacher_seed)
@@ -233,8 +233,8 @@ _ = savefig(fig, "04_budget_gap")
 # ## 4. Ablations on 2-D
 # Same teacher, budget, seeds and chosen hyper-parameters; one ingredient changes. Each row is the
 # late-training average of the test distance (mean ± sd over seeds). "fake score at EDM's log-normal
-# times" is the implementation before issue 18's fix (the fake score rarely saw σ > 2, where 53% of
-# the generator's DM-loss times lie).
+# times" is fedlib's earlier implementation, which trained the fake score at EDM's training times (it
+# rarely saw σ > 2, where 53% of the generator's DM-loss times lie).
 
 # %%
 runs = {"1-step DMD2": search_runs[best_key]}
@@ -415,7 +415,7 @@ if run_ablations:
               better(f"{n_student_steps}-step DMD2", f"{n_student_steps}-step, no backward simulation", "with", "without"))
     run.claim("DMD2 (TTUR, no regression) at least as good as DMD1's regression loss", "DMD2 drops the regression loss",
               None, better("1-step DMD2", "DMD1 regression, ratio 1", "DMD2", "DMD1"), note="'does not hold' only if worse")
-    run.claim("fake score over the whole noise range beats EDM's log-normal times (issue 18)", "the paper's setting",
+    run.claim("fake score over the whole noise range beats EDM's log-normal times", "the paper's setting",
               None, better("1-step DMD2", "fake score at EDM's log-normal times", "uniform", "log-normal"))
 
 # %%
@@ -434,9 +434,9 @@ run.claims_table()
 
 # %% [markdown]
 # ## 8. Why the failing claims fail
-# Numbers below are from the quick run above and from the `long` set (`python -m fedlib reproduce 04
-# --scale long`, results/long/04_dmd2_one_step: the same notebook, the 1-step budget stretched to 16×
-# and the search widened; about 17 CPU-minutes).
+# What follows reads the quick run above and the `long` set (`python -m fedlib reproduce 04 --scale long`,
+# results/long/04_dmd2_one_step: the same notebook, the 1-step budget stretched to 16× and the search
+# widened); the numbers are in their tables, figures and metrics.json.
 #
 # **The one-step student does not match the many-step teacher on 2-D.** Not for want of searching:
 # the GAN weights, the learning rate and the fake-score lag were searched on the validation distance
@@ -448,40 +448,39 @@ run.claims_table()
 # trains (the fake-score update never reaches the generator; the generator update, DM and GAN, never
 # reaches the fake score or the head), what the generator sees under backward simulation (the
 # inference chain's state, per sample), the time ranges (fake score and GAN over the whole noise
-# range: two deviations fixed, issue 18) and the GAN weights' normalisation. The budget figure shows
+# range: two deviations from the paper, fixed) and the GAN weights' normalisation. The budget figure shows
 # instead *where* the error sits. (1) Mass between the modes: a one-step generator is a continuous map
 # from a 2-D Gaussian onto eight separated modes and must leave mass on the seams between them (the
-# bridges in the samples figure). Its share falls steadily with updates — quick: 0.79 → 0.42 from 50 to
-# 200 updates; long: 0.56, 0.43, 0.35, 0.28, 0.23, 0.19 from 100 to 3200 — against the teacher's 0.06
-# and true samples' 0.01. (2) An uneven split over the modes: the mode-weight error (total variation of
-# the mode shares) falls over the quick budget (0.25 → 0.14) but then stalls — long: 0.10, 0.13, 0.14,
-# 0.14, 0.12 from 100 to 1600 updates, 0.085 at 3200, against the teacher's 0.04 — and it is what the
-# sliced distance sees once the seams thin out: the long set's test SW stays near 0.20 from 100 to 1600
-# updates and falls to 0.18 at 3200 together with it, while the seams halve twice. Rebalancing mass
+# bridges in the samples figure). Its share falls steadily with updates, in the quick and the long set,
+# yet stays well above the teacher's and true samples'. (2) An uneven split over the modes: the
+# mode-weight error (total variation of the mode shares) falls over the quick budget but then stalls
+# in the long set until its largest budget, still above the teacher's, and it is what the sliced
+# distance sees once the seams thin out: the long set's test SW stays nearly flat over most budgets
+# and falls only at the largest together with it, while the seams keep thinning (the budget figure). Rebalancing mass
 # between separated modes means moving the generator's partition of the noise space across
 # low-density regions, where the score difference is weakest. What is missing
 # is **budget** (the trend has not flattened at 16×), and a generator that can make sharp transitions
 # (**model size**); the paper's images have no eight isolated modes in two dimensions. On 2-D the
-# student can at best *match* the teacher: the teacher sits near the metric's floor (teacher NFE 50:
-# test SW 0.12 ± 0.04 over seeds; fresh samples of the true mixture: 0.076 ± 0.013).
+# student can at best *match* the teacher: the teacher sits near the metric's floor (teacher NFE 50
+# against fresh samples of the true mixture, in the tables above).
 #
 # **The GAN term does not help on 2-D.** At the paper's GAN-to-DM ratio it makes the student much
-# worse (validation SW 0.36 at ratio 1 and 0.41 at 0.1 against 0.22 without, long-set search); at
+# worse (at ratios 1 and 0.1, the long set's search on the validation distance); at
 # ratios up to 0.01 its effect is within noise. Its gradient flows into the fake score's shared trunk
 # (for a 3-layer MLP, the whole network) and degrades the denoiser the DM gradient reads; and its
-# benefit in the paper comes from real data correcting a teacher visibly worse than the data (ImageNet
-# teacher FID ≈ 2.3), while our 2-D teacher is already near the metric's floor. What is missing: a
+# benefit in the paper comes from real data correcting a teacher visibly worse than the data (the
+# paper's ImageNet teacher), while our 2-D teacher is already near the metric's floor. What is missing: a
 # teacher measurably worse than its data (a GPU-scale image set).
 #
 # **Backward simulation** helps at the quick scale (see the claims) but is within noise in the long
-# set's configuration (lr 5e-4, lag 10: SW 0.242 ± 0.058 with, 0.258 ± 0.047 without), where the
+# set's configuration (lr 5e-4, lag 10), where the
 # 4-step student is also worse than the 1-step one: at 200 updates the multi-step student has four
 # input levels to learn and is further from converged.
 #
 # **The digits student does not match the teacher.** Its FD ratio to the teacher at NFE 50 falls
-# steeply over the quick budget (about 50 → 2 in 40 updates, the digits figure); in the long set
-# (160 updates) it falls to about 1.8 by 52 updates and then flattens near 1.4–1.7 (late average FD 1.03
-# against the teacher's 0.69; real test images 0.49). What is missing: **budget** (the paper trains
+# steeply over the quick budget (the digits figure); in the long set (160 updates) it flattens after
+# about a third of its updates, well above 1 (its late average FD against the teacher's and real test
+# images': `results/long/04_dmd2_one_step/metrics.json`, the README's long table). What is missing: **budget** (the paper trains
 # hundreds of thousands of iterations) and a learning rate searched for images (ours is not), and the
 # GAN term with real data, the paper's route past the teacher, which needs the GPU scale above.
 

@@ -451,7 +451,7 @@ run.claims_table()
 #   NFE-4 grid it is a matter of DMD2's budget (figure `05_dmd2_budget`, the student's distance at six
 #   points of its training): at the quick set's 120 updates the curve is still falling at the last
 #   point and the student is not yet ahead; with 480 updates (the `long` set, README) the curve flattens
-#   after about 240 updates at the LD3 NFE-4 grid's level (within noise of it) and above the teacher's
+#   well before its last point, at the LD3 NFE-4 grid's level (within noise of it) and above the teacher's
 #   20-step level. Matching a 4-step sampler in one step is as far as DMD2 gets here without its GAN
 #   term, which needs real data the server does not have; the paper's student beats its teacher with
 #   that term and 10^5 and more updates.

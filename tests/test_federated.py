@@ -6,6 +6,7 @@ import torch
 
 from fedlib import federated as fl
 from fedlib import models
+from tolerance import float32_tolerance, params_tolerance, training_terms
 
 
 def _clients(sizes, seed=0, n_classes=4, shape=(1, 8, 8)):
@@ -32,8 +33,11 @@ def test_vectorised_equals_sequential_epochs(momentum, mu, wd):
     a, la = fl.local_train(model, w, clients, generator=torch.Generator().manual_seed(3), return_loss=True, **kw)
     b, lb = fl.local_train(model, w, clients, generator=torch.Generator().manual_seed(3), vectorised=False,
                            return_loss=True, **kw)
-    assert _max_diff(a, b) < 1e-5
-    assert torch.allclose(la.nan_to_num(-1), lb.nan_to_num(-1), atol=1e-5)
+    # the largest client takes 2 epochs of ceil(64 / 16) steps; a conv gradient entry sums 16 x 8 x 8 products
+    terms = training_terms(steps=2 * 4, batch=16, positions=8 * 8)
+    assert _max_diff(a, b) < params_tolerance(a, terms)
+    assert torch.allclose(la.nan_to_num(-1), lb.nan_to_num(-1), rtol=0,
+                          atol=float32_tolerance(la.nan_to_num(0).abs().max(), terms, compared=la.numel()))
     # client k takes E * ceil(n_k / B) steps; idle afterwards
     assert (~la.isnan()).sum(1).tolist() == [2 * int(np.ceil(n / 16)) for n in (5, 37, 12, 64)]
 
@@ -219,4 +223,7 @@ def test_predict_stacked():
     x = torch.randn(10, 1, 8, 8)
     out = fl.predict(fl.functional(model), fl.stack_params(ps), x, batch_size=4, stacked=True)
     assert out.shape == (3, 10, 4)
-    assert torch.allclose(out[1], fl.predict(fl.functional(model), ps[1], x), atol=1e-5)
+    # one forward pass: the longest reduction behind a logit is a GroupNorm statistic over 2w x 4 x 4
+    # entries or the head's fan-in of 2w x 4 x 4 (w = 4)
+    one = fl.predict(fl.functional(model), ps[1], x)
+    assert torch.allclose(out[1], one, rtol=0, atol=float32_tolerance(one.abs().max(), 8 * 4 * 4, one.numel()))

@@ -1,8 +1,9 @@
 """fedlib on Flower's simulation engine (Ray) gives what fedlib in-process gives, and survives bad clients.
 
 Two Flower simulations (each pays Ray's start-up, about 20-25 s on the 2-core CI machine); everything else
-is in-process. Tolerance of the equivalence: 1e-5 absolute on every parameter after two rounds (measured:
-about 3e-7; the only difference is vmap over 1 client on the node vs over K clients in-process).
+is in-process. The only difference between the drivers is vmap over 1 client on the node vs over K clients
+in-process, that is the order of float32 additions (which the thread count changes too): the equivalence
+holds to tests/tolerance.py's bound for the size of the computation, not to a number read off one machine.
 """
 
 import importlib.util
@@ -27,6 +28,7 @@ from fedlib import models as Mo  # noqa: E402
 from fedlib import weighting as W  # noqa: E402
 from fedlib.compression import Quantizer  # noqa: E402
 from fedlib.flower import records as R  # noqa: E402
+from tolerance import float32_tolerance, params_tolerance, training_terms  # noqa: E402
 
 
 @W.register("tempered_fedgo", method="tempered_fedgo")
@@ -34,7 +36,6 @@ def tempered_fedgo(disc_logits, n_k):
     """A rule registered by a user: FedGO's odds with their logits halved (a tempered posterior)."""
     return W.fedgo_weights(0.5 * disc_logits, n_k)
 
-ATOL = 1e-5
 K = 4
 
 
@@ -49,6 +50,14 @@ def problem():
 
 
 ROUNDS = dict(local_epochs=1, distill_steps=5, batch_size=32, lr=0.05, momentum=0.9)
+# float32 roundings behind one parameter after round r (tests/tolerance.py): per round, the largest
+# client's ceil(274 / 32) = 9 local steps and at most 2 x 5 server steps (a data-free method's generator
+# and student updates), batch 32 on 8 x 8 images
+ROUND_STEPS = 9 + 2 * 5
+
+
+def terms_after(rounds):
+    return training_terms(steps=rounds * ROUND_STEPS, batch=32, positions=8 * 8)
 # "tempered_fedgo" is the rule registered above: one function + one registry entry runs on both drivers;
 # the data-free methods: server steps with generators, and FedGen's client term with its payload down
 METHODS = ("fedavg", "fedprox", "fedgo", "tempered_fedgo", "fedgen", "fedftg", "coboosting")
@@ -86,17 +95,21 @@ def both(problem):
 def test_flower_equals_inprocess_fedavg_fedprox_fedgo_a_registered_rule_and_the_datafree_methods(both, problem):
     ref, res, setup, setup_f, _ = both
     assert [e for e in res.report.events if e["round"] != 3] == []
-    assert torch.allclose(setup_f.disc_logits, setup.disc_logits, atol=1e-4)  # D_k uploaded == trained in-process
+    # D_k uploaded == trained in-process: one epoch of 9 steps, batches of 32 real and 32 generated images
+    d_tol = float32_tolerance(setup.disc_logits.abs().max(), training_terms(9, 2 * 32, 8 * 8), setup.disc_logits.numel())
+    assert torch.allclose(setup_f.disc_logits, setup.disc_logits, atol=d_tol, rtol=0)
     after2 = res.report.params[1]
     call, x = fl.functional(problem["model"]), setup.test_x
     for j, m in enumerate(METHODS):  # every method's global model after round 2
         if m in ADAM_ON_SAMPLES:  # Adam on the server turns 1e-7 into lr-sized steps in directions f ignores
             with torch.no_grad():
-                gap = (call(fl.index_params(after2, j), x) - call(fl.index_params(ref.params, j), x)).abs().max()
-            assert gap < ATOL, (m, float(gap))
+                f = call(fl.index_params(ref.params, j), x)
+                gap = (call(fl.index_params(after2, j), x) - f).abs().max()
+            assert gap < float32_tolerance(f.abs().max(), terms_after(2), f.numel()), (m, float(gap))
             continue
+        tol = params_tolerance(fl.index_params(ref.params, j), terms_after(2))
         for n in ref.params:
-            assert torch.allclose(after2[n][j], ref.params[n][j], atol=ATOL, rtol=0), (m, n)
+            assert torch.allclose(after2[n][j], ref.params[n][j], atol=tol, rtol=0), (m, n)
     assert torch.equal(res.accuracy[..., :2], ref.accuracy)
     # the same bytes in both drivers' ledgers, FedGen's payload included (round 1: G_w is not trained yet)
     flower_rounds = res.report.ledger.per_round()
@@ -141,8 +154,9 @@ def test_failing_and_bad_clients_are_left_out_and_weights_renormalise(both, prob
     n_k = problem["clients"].n_k
     for e in (0, 1):  # FedAvg, FedProx
         expect = fl.fedavg(fl.index_params(local3, slice(e * K, e * K + 1)), n_k[:1])
+        tol = params_tolerance(expect, terms_after(3))  # round 3 starts from each driver's own round 2
         for n in expect:
-            assert torch.allclose(res.params[n][e], expect[n], atol=ATOL, rtol=0), (METHODS[e], n)
+            assert torch.allclose(res.params[n][e], expect[n], atol=tol, rtol=0), (METHODS[e], n)
 
 
 def test_faults_are_logged(problem, caplog):
@@ -382,7 +396,9 @@ def test_feddm_on_flower_equals_inprocess(request):
     res = backends.run_feddm(den2, got, 2, backend="flower", options=FW.FlowerOptions(ray_num_cpus=2), **kw)
     assert res.report.events == []
     for a, b in zip(ref, got):
-        tol = 1e-5 if a.variant.uplink else ATOL
+        # float groups: 2 rounds of 2 local steps, batch 16 on 8 x 8 images; the 8-bit group keeps its
+        # measured 1e-5 (a 1-ulp difference in an update can move a code by one step of the grid)
+        tol = 1e-5 if a.variant.uplink else params_tolerance(a.params, training_terms(2 * 2, 16, 8 * 8))
         for n in a.params:
             assert torch.allclose(a.params[n], b.params[n], atol=tol, rtol=0), (a.label, n)
         assert a.ledger.per_round() == b.ledger.per_round(), a.label
