@@ -204,16 +204,37 @@ def entry_lock(path: str | Path, timeout_s: float | None = None, poll_s: float =
         f.close()
 
 
+@contextmanager
+def preserved_random_state():
+    """Python's, NumPy's and torch's (CPU) global random states as they were before the block. A cache
+    entry is loaded or built inside it, so the caller's later draws are the same whether the entry was
+    in the cache or not: otherwise a notebook's numbers would depend on what another notebook (run at
+    once, sharing the cache) happened to build first."""
+    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def load_or_build(path: str | Path, loader: Callable[[Path], object], build: Callable[[], object]):
     """``(value, was_cached)``: ``loader(path)`` when the entry is there and loads (see
     :func:`load_cache_entry`), else ``build()``, which must save the entry at ``path`` atomically and
     return the value. The build runs under :func:`entry_lock`; an entry that appeared while this process
-    waited for the lock (another notebook built it) is loaded, not built again."""
-    hit = load_cache_entry(path, loader)
-    if hit is not None:
-        return hit, True
-    with entry_lock(path):
+    waited for the lock (another notebook built it) is loaded, not built again. Either way the caller's
+    global random state is left as it was (:func:`preserved_random_state`): loaders and builders seed
+    what they make themselves."""
+    with preserved_random_state():
         hit = load_cache_entry(path, loader)
         if hit is not None:
             return hit, True
-        return build(), False
+        with entry_lock(path):
+            hit = load_cache_entry(path, loader)
+            if hit is not None:
+                return hit, True
+            return build(), False

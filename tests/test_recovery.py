@@ -298,3 +298,35 @@ def test_the_wait_for_a_cache_lock_is_bounded(tmp_path):
         t0 = time.time()
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0 and time.time() - t0 < 30
+
+
+def test_a_cache_entry_leaves_the_callers_random_state_as_it_was_cold_or_warm(tmp_path):
+    """The draws after a cached stage are the same whether it was built here or loaded: notebooks run at
+    once share the cache, and which one builds an entry first must not change anyone's numbers."""
+    import random
+
+    import numpy as np
+    import torch
+
+    path = tmp_path / "entry.pt"
+
+    def loader(p):
+        utils.seed_everything(7)  # as the teacher's loader does (its initial weights are seeded)
+        return Path(p).read_bytes()
+
+    def build():
+        utils.seed_everything(7)
+        torch.randn(1000)  # training draws
+        utils.atomic_write(path, b"entry")
+        return b"entry"
+
+    def after(expect_cached):
+        utils.seed_everything(123)
+        _, cached = utils.load_or_build(path, loader, build)
+        assert cached is expect_cached
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    cold, warm = after(False), after(True)
+    utils.seed_everything(123)
+    untouched = random.random(), float(np.random.rand()), float(torch.rand(1))
+    assert cold == warm == untouched
