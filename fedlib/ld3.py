@@ -15,7 +15,9 @@ set of (x_T, x_0*) pairs by backpropagating through the whole few-step solve.
 - :func:`teacher_pairs` - x_T and a high-NFE solve (UniPC, NFE 20, EDM schedule by default).
 - :func:`learned_timesteps` - starts from the best hand-made grid on the validation pairs (phi = 0),
   then the soft ball-relaxed objective with accept-if-better, two phases (theta alone, then theta and
-  phi), validation keeping the best, plateau decay. Never worse on validation than every hand-made grid.
+  phi), validation keeping the best, plateau decay with a reload of the best state. Never worse on
+  validation than every hand-made grid. The network time moves the whole data prediction
+  (:class:`fedlib.diffusion.denoiser.Denoiser` ``time_shift``).
 - :class:`LearnedSchedule` - the result, saved / reloaded per (model, solver, NFE).
 - :func:`held_out_study` and its summaries - notebook 03: learned against hand-made grids, per seed,
   on held-out noise, reporting the validated quantity.
