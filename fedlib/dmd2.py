@@ -18,8 +18,10 @@ the teacher; keeps learning the distribution of G's current samples). Symbols fo
   the fake score's bottleneck features tells noised real data from noised G samples, at times over the
   whole noise range; non-saturating logistic losses. The paper's weights (1e-2 critic, 3e-3 generator) were
   set against losses averaged over B x 12288 elements (ImageNet 64x64x3) for the denoising terms but over
-  B for the GAN terms; :func:`gan_weight_scale` rescales them by 12288 / d so that the ratio is the paper's
-  at our sample size d (2 on 2-D, 64 on 8x8 digits);
+  B for the GAN terms; :func:`gan_weight_scale` rescales the generator's by 12288 / d so that its push
+  on x keeps the paper's ratio to the DM loss's g / (B d) at our sample size d (2 on 2-D, 64 on 8x8
+  digits), and leaves the critic's as it is (it is added to the fake score's denoising loss, a mean
+  like itself; the derivation is in :func:`gan_weight_scale`);
 - multi-step generator over fixed times (:func:`student_times`, :func:`sample_student`) trained with
   backward simulation (:func:`generator_input`);
 - DMD1's regression loss (:func:`regression_loss`), averaged over elements like the DM loss, on pairs
@@ -151,14 +153,44 @@ def regression_loss(x: torch.Tensor, x_ref: torch.Tensor, reduction: str = "mean
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def gan_weight_scale(sample_dim: int, reference_dim: int = PAPER_SAMPLE_DIM) -> float:
-    """Factor on the paper's GAN weights at ``sample_dim`` elements per sample: the DM and denoising
-    losses are averaged over B x d elements, the GAN losses over B samples, so the paper's weights
-    (set at d = ``reference_dim``) keep the paper's GAN-to-DM ratio when multiplied by reference_dim / d.
-    ``reference_dim`` 0 turns the scaling off (factor 1)."""
+def gan_weight_scale(sample_dim: int, reference_dim: int = PAPER_SAMPLE_DIM, role: str = "generator") -> float:
+    """Factor on the paper's GAN weight of ``role`` ("generator" or "critic") at ``sample_dim`` elements
+    per sample, so that each GAN term keeps the paper's weight relative to the loss it is added to.
+
+    Which loss is a mean over what (the paper's code and here alike):
+
+    - generator: the DM loss 0.5 mean_{B x d}(x - sg(x - g))^2 is a mean over B x d elements, so its
+      gradient reaches each element of x as g / (B d), with g of order 1 per element (DMD's normaliser);
+      the GAN loss softplus(-D(x_t)) is a mean over the B samples alone, and its push on x does not carry
+      the 1/d. At the paper's d = ``reference_dim`` (3 x 64 x 64) the weight 3e-3 balanced the two pushes;
+      at our d the DM push per element is reference_dim / d times larger, so the GAN weight is multiplied
+      by reference_dim / d to keep the paper's balance;
+    - critic: both losses train the same parameters (the fake score's trunk, the head) and both are means,
+      the fake-score denoising loss over B x d elements of squared error, the critic loss over B samples.
+      The gradient of a mean does not shrink with d (every element pushes the same parameters), so the
+      paper's ratio 1e-2 carries over unchanged: factor 1 at any d. (Scaling it like the generator's made
+      the critic 192x (8x8 digits) and 6144x (2-D) too strong against the fake-score loss.)
+
+    ``reference_dim`` 0 turns the scaling off (factor 1).
+    """
+    check_choice("GAN weight role", role, ("generator", "critic"))
     if sample_dim < 1:
         raise ValueError(f"sample_dim={sample_dim} must be >= 1")
-    return reference_dim / sample_dim if reference_dim else 1.0
+    if role == "critic" or not reference_dim:
+        return 1.0
+    return reference_dim / sample_dim
+
+
+def warmup_factor(update: int, warmup_steps: int) -> float:
+    """Learning-rate factor of generator update ``update`` (0-based) under a linear warm-up over
+    ``warmup_steps`` generator updates: min(1, (update + 1) / warmup_steps); 1 throughout when
+    ``warmup_steps`` is 0. The fake-score updates of round ``update`` (the ``ttur_ratio`` updates
+    before generator update ``update``) use the same factor, so both networks warm up together, as in
+    the authors' code (one constant-with-warm-up schedule per optimiser, both stepped every iteration).
+    The +1 makes the first update move (the authors' schedule starts at lr 0: one wasted update)."""
+    if warmup_steps < 0 or int(warmup_steps) != warmup_steps:
+        raise ValueError(f"warmup_steps={warmup_steps!r} must be an integer >= 0 (0: no warm-up)")
+    return 1.0 if warmup_steps == 0 else min(1.0, (update + 1) / warmup_steps)
 
 
 class GANHead(nn.Module):
@@ -468,7 +500,9 @@ class DMD2Config:
     gan_range: tuple[float, float] = FULL_RANGE  # noise fractions of the GAN term (paper: all)
     gan_critic_weight: float = 1e-2  # paper: about 1e-2 (at PAPER_SAMPLE_DIM); 0 disables the critic
     gan_generator_weight: float = 3e-3  # paper: 3e-3 (at PAPER_SAMPLE_DIM); 0 disables the GAN term in G
-    gan_reference_dim: int = PAPER_SAMPLE_DIM  # GAN weights x reference / d (gan_weight_scale); 0: as given
+    gan_reference_dim: int = PAPER_SAMPLE_DIM  # generator's GAN weight x reference / d (gan_weight_scale); 0: as given
+    warmup_steps: int = 0  # linear lr warm-up over this many generator updates (warmup_factor); paper: none stated,
+    #                        the authors' code: 500 iterations = 100 generator updates at ttur_ratio 5
     n_student_steps: int = 1
     backward_simulation: bool = True
     regression_weight: float = 0.0  # > 0: DMD1's regression term (one-step generator; needs regression pairs)
@@ -480,6 +514,7 @@ class DMD2Config:
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
         ttur_schedule(1, self.ttur_ratio)  # validates the ratio
+        warmup_factor(0, self.warmup_steps)  # validates the warm-up
         if self.regression_weight < 0 or self.gan_critic_weight < 0 or self.gan_generator_weight < 0:
             raise ValueError("loss weights must be >= 0; set a weight to 0 to switch its term off")
         if self.regression_weight > 0 and self.n_student_steps > 1:
@@ -641,7 +676,7 @@ def fake_score_losses(nets: DMD2Nets, cfg: DMD2Config, draws: _Draws, gan_scale:
 
     The fake score's denoising loss on detached generator samples at times over ``cfg.fake_range``
     (or the process's own training law, ``fake_times="process"``), plus ``gan_critic_weight x gan_scale``
-    x the critic loss on noised real and generator samples at times over ``cfg.gan_range``: one forward
+    (:func:`train_dmd2` passes the critic's factor, 1: :func:`gan_weight_scale`) x the critic loss on noised real and generator samples at times over ``cfg.gan_range``: one forward
     pass of the fake score on the three batches together."""
     S, b, p = nets.members, cfg.batch_size, nets.process
     with torch.no_grad():
@@ -801,7 +836,9 @@ def _train(teacher, data, cfg: DMD2Config, seeds, regression_pairs, eval_fn, che
     opt_g = torch.optim.AdamW(generator.parameters(), **adamw)
     opt_f = torch.optim.AdamW(fake_params, **adamw)
     draws = _Draws(seeds, device)
-    gan_scale = gan_weight_scale(math.prod(nets.shape), cfg.gan_reference_dim)
+    d = math.prod(nets.shape)
+    critic_scale = gan_weight_scale(d, cfg.gan_reference_dim, role="critic")
+    generator_scale = gan_weight_scale(d, cfg.gan_reference_dim, role="generator")
     ckpt = Checkpointer(checkpoint_path, generator=generator, fake_score=fake_score, gan_head=head,
                         opt_generator=opt_g, opt_fake=opt_f)
     ckpt.save(0)
@@ -819,11 +856,13 @@ def _train(teacher, data, cfg: DMD2Config, seeds, regression_pairs, eval_fn, che
     for update in ttur_schedule(cfg.steps, cfg.ttur_ratio):
         scales = {}
         if update == "fake":
-            total, losses = fake_score_losses(nets, cfg, draws, gan_scale)
+            total, losses = fake_score_losses(nets, cfg, draws, critic_scale)
             params, opt = fake_params, opt_f
         else:
-            total, losses = generator_losses(nets, cfg, draws, gan_scale, regression_pairs, scales)
+            total, losses = generator_losses(nets, cfg, draws, generator_scale, regression_pairs, scales)
             params, opt = list(generator.parameters()), opt_g
+        for grp in opt.param_groups:  # step counts the generator updates done: this round's is update `step`
+            grp["lr"] = cfg.lr * warmup_factor(step, cfg.warmup_steps)
         bad, big = _check_finite(losses), _blown_up(scales, limit)
         if bad or big or not math.isfinite(float(total.detach())):
             good = ckpt.restore()

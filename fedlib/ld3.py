@@ -15,7 +15,9 @@ set of (x_T, x_0*) pairs by backpropagating through the whole few-step solve.
 - :func:`teacher_pairs` - x_T and a high-NFE solve (UniPC, NFE 20, EDM schedule by default).
 - :func:`learned_timesteps` - starts from the best hand-made grid on the validation pairs (phi = 0),
   then the soft ball-relaxed objective with accept-if-better, two phases (theta alone, then theta and
-  phi), validation keeping the best, plateau decay. Never worse on validation than every hand-made grid.
+  phi), validation keeping the best, plateau decay with a reload of the best state. Never worse on
+  validation than every hand-made grid. The network time moves the whole data prediction
+  (:class:`fedlib.diffusion.denoiser.Denoiser` ``time_shift``).
 - :class:`LearnedSchedule` - the result, saved / reloaded per (model, solver, NFE).
 - :func:`held_out_study` - notebook 03: learned against hand-made grids, per seed, on held-out noise,
   reporting the validated quantity (its claims and summaries: :mod:`fedlib.studies`).
@@ -212,7 +214,7 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
                       momentum: float = 0.9, clip: float = 1.0, patience: int = 5, decay: float = 0.8,
                       ball_scale: float = 1e-3, soft: bool = True, validate_every: int = 1, seed: int = 0,
                       start: str = "best", significance: float = 0.0, model_name: str = "model",
-                      progress: bool = False) -> LearnedSchedule:
+                      reload_best: bool = True, callback=None, progress: bool = False) -> LearnedSchedule:
     """Learn the N+1 times (N = ``nfe`` steps) of ``solver`` for the frozen ``denoiser``.
 
     ``train_pairs`` / ``val_pairs``: (x_T, x_0*) tensors from :func:`teacher_pairs`. ``start``:
@@ -222,7 +224,16 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
     over the validation pairs. Returns the best-on-validation :class:`LearnedSchedule`, never worse
     on validation than its start; ``history``: ``start`` (its name), ``start_val_loss``,
     ``hand_made_val_loss`` (every candidate), ``val_loss`` (after every validation),
-    ``best_val_loss``, soft-move acceptances, steps, wall time.
+    ``best_val_loss``, soft-move acceptances, steps, wall time, ``reloads`` and ``time_shift`` (the
+    denoiser's convention for the network time, :mod:`fedlib.diffusion.denoiser`: a grid is sampled
+    under the convention it was learned with).
+
+    At a plateau (``patience`` steps without a better validation loss) the learning rates are
+    multiplied by ``decay`` and, with ``reload_best`` (the paper's), theta and phi are reset to the best
+    state so far: training resumes from the best grid with smaller steps rather than from wherever the
+    stale steps wandered. ``callback(info)``, if given, is called after every validation with
+    ``{"step", "val_loss", "theta", "phi"`` (the state just validated), ``"reloaded"``, ``"theta_next"``,
+    ``"phi_next"`` (the state the next step starts from)``}`` and once before the first step (step 0).
     """
     check_choice("LD3 solver", solver, LD3_SOLVERS, fix="Heun uses 2 NFE per step; learn its times with 'euler' or a multistep solver.")
     starts = SCHEDULES if start == "best" else (start,)
@@ -272,8 +283,15 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
     best, best_per = float(start_per.mean()), start_per
     hist = {"val_loss": [best], "start": start_name, "start_val_loss": best,
             "hand_made_val_loss": {k: float(v[0].mean()) for k, v in hand.items()}, "accepted": 0, "proposed": 0,
-            "steps": 0}
+            "steps": 0, "reloads": 0, "time_shift": getattr(denoiser, "time_shift", "prediction")}
     start_state = best_state = (theta.detach().clone(), phi.detach().clone())
+
+    def report(step_, v, validated, reloaded):
+        if callback is not None:
+            callback({"step": step_, "val_loss": v, "theta": validated[0], "phi": validated[1], "reloaded": reloaded,
+                      "theta_next": theta.detach().clone(), "phi_next": phi.detach().clone()})
+
+    report(0, best, start_state, False)
     stale, step = 0, 0
     phases = [("theta", rounds_theta), ("both", rounds_both)]
     for phase, rounds in phases:
@@ -319,16 +337,25 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
                 per_v = validate()
                 v = float(per_v.mean())
                 hist["val_loss"].append(v)
+                validated = (theta.detach().clone(), phi.detach().clone())
+                reloaded = False
                 if v < best:
                     best, best_per, stale = v, per_v, 0
-                    best_state = (theta.detach().clone(), phi.detach().clone())
+                    best_state = validated
                 else:
                     stale += validate_every  # patience counts steps, as in the paper, whatever the validation interval
                     if stale >= patience:
                         for opt in (opt_theta, opt_phi):
                             for grp in opt.param_groups:
                                 grp["lr"] *= decay
+                        if reload_best:  # LD3: a plateau resumes from the best state, with smaller steps
+                            with torch.no_grad():
+                                theta.copy_(best_state[0])
+                                phi.copy_(best_state[1])
+                            hist["reloads"] += 1
+                            reloaded = True
                         stale = 0
+                report(step, v, validated, reloaded)
     for prm, flag in zip(denoiser.parameters(), was_trainable):
         prm.requires_grad_(flag)
     hist["steps"] = step
@@ -350,6 +377,12 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
                            network_times=network_times(th, ph, process, space).tolist(), history=hist)
 
 
+def learned_under(schedule: LearnedSchedule, denoiser) -> bool:
+    """Whether ``schedule`` was learned under ``denoiser``'s network-time convention (``time_shift``;
+    schedules saved before it was recorded moved c_noise only)."""
+    return schedule.history.get("time_shift", "c_noise") == getattr(denoiser, "time_shift", "prediction")
+
+
 def load_or_learn(denoiser, solver: str, nfe: int, train_pairs, val_pairs, model_name: str,
                   retrain: bool = False, **kw) -> LearnedSchedule:
     """Reload the saved schedule of (model, solver, NFE) or learn and save it (also when the saved
@@ -365,6 +398,8 @@ def load_or_learn(denoiser, solver: str, nfe: int, train_pairs, val_pairs, model
         s, was_cached = learn(), False
     else:
         s, was_cached = load_or_build(path, LearnedSchedule.load, learn)
+        if not learned_under(s, denoiser):  # learned under the other network-time convention: stale
+            s, was_cached = learn(), False
     s.history["cached"] = was_cached
     return s
 

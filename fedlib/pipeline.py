@@ -172,7 +172,7 @@ def learn_grids(teacher: Denoiser, tag: str, nfes, *, shape, solver: str = "dpm_
     for nfe in nfes:
         path = ld3.schedule_path(name, solver, nfe)
         s = load_cache_entry(path, ld3.LearnedSchedule.load)
-        if s is None:
+        if s is None or not ld3.learned_under(s, teacher):
             hit = False
             s = ld3.load_or_learn(teacher, solver, nfe, pairs_of("train"), pairs_of("val"), model_name=name, seed=seed,
                                   **ld3_kw)

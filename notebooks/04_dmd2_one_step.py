@@ -138,7 +138,8 @@ _ = savefig(fig, "04_dm_gradient_teaching")
 # weights, cached; the same as notebook 03's). Two independent **stratified** samples of the true
 # mixture (the exact share of points per mode) serve as references: *validation* for the search,
 # *test* for the claims. The fake score is trained at times uniform in noise fraction over the whole
-# range and the GAN weights are rescaled to the paper's GAN-to-DM ratio (`fedlib.dmd2` docstring).
+# range; the generator's GAN weight is rescaled to the paper's GAN-to-DM ratio and the critic's keeps the
+# paper's ratio to the fake-score loss unscaled (both are means; `fedlib.dmd2.gan_weight_scale`).
 
 # %%
 seed_everything(teacher_seed)
@@ -167,13 +168,14 @@ print(f"{n_student_steps}-step student input times (sigma):",
       [round(t, 3) for t in dmd2.student_times(toy_teacher.process, n_student_steps).tolist()])
 print("DM-loss sigma range (2%-98% of the noise range):",
       [round(t, 4) for t in dmd2.t_from_noise_fraction(toy_teacher.process, torch.tensor(dmd2.DM_RANGE)).tolist()])
-print(f"GAN weights x {gan_scale:g} on 2-D (12288 / 2 elements per sample): the paper's ratio to the DM loss")
+print(f"generator's GAN weight x {gan_scale:g} on 2-D (12288 / 2 elements per sample): the paper's ratio to the DM loss; "
+      "the critic's x 1: the paper's ratio to the fake-score loss")
 
 # %% [markdown]
 # ## 2. Hyper-parameters searched on the validation distance
 # One at a time, each over its grid with the others at their best so far (`dmd2.coordinate_search`):
 # the GAN weights as a fraction of the paper's GAN-to-DM ratio (0: no GAN term; 1: the paper's ratio;
-# 1/6144 would be the paper's raw weights unscaled), then the learning rate, then the fake-score lag
+# 1/6144 would be the paper's raw generator weight unscaled), then the learning rate, then the fake-score lag
 # (TTUR ratio). The score is the late-training average (second half) of the sliced W2 to the
 # **validation** sample, mean over seeds; the test sample is never looked at here.
 

@@ -60,6 +60,7 @@ ld3_solver = "dpm_solver_pp_2m"  # ODE solver of the LD3 grids [one of euler, dd
 ld3_pairs = 16  # LD3 training pairs (noise, many-step solution); validation pairs twice as many [min 2; max 6400]
 ld3_rounds = 3  # LD3 rounds over the pairs (theta and phi) [min 1; max 500]
 teacher_nfe = 20  # NFE of the teacher's many-step reference solutions and samples [min 2; max 4000]
+teacher_solver = "unipc"  # solver of the teacher solutions (LD3's pairs and the held-out reference it is evaluated against; UniPC as LD3's) [in sampler_names()]
 dmd2_steps = 120  # DMD2 generator updates (5 fake-score updates each) [min 1; max 200000]
 dmd2_batch = 32  # DMD2 batch size [min 1; max 10000]
 dmd2_lr = 5e-4  # DMD2 AdamW learning rate (generator and fake score) [> 0]
@@ -148,7 +149,7 @@ print(f"U-Net {diff.model_bytes:,} bytes (float32); per seed: up {diff.bytes_up[
 # %% [markdown]
 # ## 2 · LD3: a few-step grid for the federated model
 # `pipeline.learn_grids` (LD3, `fedlib.ld3`) from pairs of prior noise and the model's own
-# `teacher_nfe`-step solution: it reads no images. Then every hand-made grid and LD3's on **held-out**
+# `teacher_nfe`-step `teacher_solver` solution: it reads no images. Then every hand-made grid and LD3's on **held-out**
 # noise: the distance to the many-step solution from the same noise (what LD3 optimises) and the Fréchet
 # distance to the test images.
 
@@ -158,12 +159,13 @@ t0 = time.perf_counter()
 for s in seeds:
     T = teachers[s]
     grids[s], _, hit = P.learn_grids(T, f"{diff.key}-s{s}", ld3_nfes, shape=shape, solver=ld3_solver,
-                                     n_train=ld3_pairs, n_val=2 * ld3_pairs, teacher_nfe=teacher_nfe, seed=s,
+                                     n_train=ld3_pairs, n_val=2 * ld3_pairs, teacher_solver=teacher_solver,
+                                     teacher_nfe=teacher_nfe, seed=s,
                                      rounds_both=ld3_rounds)
     stage_cached["2 LD3"] = stage_cached.get("2 LD3", True) and hit
     x_T = T.process.prior((n_fd, *shape), generator=torch.Generator().manual_seed(7 + s), device=dev)
     with torch.no_grad():
-        x_ref = solve(T, x_T, schedule("edm", T.process, teacher_nfe).to(dev), ld3_solver)[0]
+        x_ref = solve(T, x_T, schedule("edm", T.process, teacher_nfe).to(dev), teacher_solver)[0]
         x_one = solve(T, x_T, schedule("edm", T.process, 1).to(dev), "euler")[0]
     fd_teacher[s] = {f"NFE {teacher_nfe}": fd(x_ref), "NFE 1": fd(x_one)}
     x_show[s] = {f"teacher NFE {teacher_nfe}": x_ref[:32].cpu(), "teacher NFE 1": x_one[:32].cpu()}
@@ -202,7 +204,7 @@ gen_objects = {s: {"one_step": dmd2.SamplerGenerator(students[s], dmd2_info[s]["
                    "teacher_ld3": dmd2.SamplerGenerator(teachers[s], grids[s][nfe4].times, shape, solver=ld3_solver,
                                                         network_times=grids[s][nfe4].network_times),
                    "teacher_many": dmd2.SamplerGenerator(teachers[s], schedule("edm", teachers[s].process, teacher_nfe),
-                                                         shape, solver=ld3_solver)} for s in seeds}
+                                                         shape, solver=teacher_solver)} for s in seeds}
 quality = []
 for s in seeds:
     x1 = fedgo.sample(gen_objects[s]["one_step"], n_fd, torch.Generator().manual_seed(1))

@@ -612,3 +612,66 @@ def test_toy_evaluator_matches_the_library_metric_and_keeps_val_and_test_apart()
     assert dmd2.mode_weight_tv(ring, ring.means.repeat(3, 1)) == pytest.approx(0.0)
     assert dmd2.mode_weight_tv(ring, ring.means[:1].repeat(8, 1)) == pytest.approx(7 / 8)  # all mass on one mode
     assert set(ev(dmd2.exact_denoiser(ring), torch.tensor([1.0]))) >= {"sw_val", "sw_test", "off_mode_test", "mode_tv_test"}
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 8, 8)])
+def test_critic_weight_against_the_fake_score_loss_is_the_papers(monkeypatch, shape):
+    """Issue 25.1: the fake-score loss and the critic loss are both means (over B x d elements and over B
+    samples, in the paper's code and here), so the critic's weight relative to the fake-score loss is the
+    paper's 1e-2 at any d: read off what training backpropagates (the old code used 1e-2 x 12288 / d:
+    6144x too strong on 2-D, 192x on 8x8 digits). The generator's GAN weight keeps its 12288 / d."""
+    seen = {"fake": [], "generator": []}
+    real_f, real_g = dmd2.fake_score_losses, dmd2.generator_losses
+
+    def spy_f(*a, **k):
+        total, losses = real_f(*a, **k)
+        seen["fake"].append(((total - losses["loss_fake"].sum()) / losses["loss_gan_critic"].sum()).item())
+        return total, losses
+
+    def spy_g(*a, **k):
+        total, losses = real_g(*a, **k)
+        seen["generator"].append(((total - losses["loss_dm"].sum()) / losses["loss_gan_generator"].sum()).item())
+        return total, losses
+
+    monkeypatch.setattr(dmd2, "fake_score_losses", spy_f)
+    monkeypatch.setattr(dmd2, "generator_losses", spy_g)
+    d = math.prod(shape)
+    process = EDM()
+    teacher = Denoiser(Affine(0.3, 0.0, shape[0]), process, "x0")
+    teacher.net.feature_channels = d
+    cfg = dmd2.DMD2Config(steps=2, ttur_ratio=2, batch_size=8, gan_critic_weight=1e-2, gan_generator_weight=3e-3)
+    monkeypatch.setattr(dmd2, "_gan_head", lambda *a: dmd2.GANHead(d, hidden=8, kind="mlp"))
+    dmd2.train_dmd2(teacher, torch.randn(32, *shape), cfg, progress=False)
+    assert len(seen["fake"]) == 4 and len(seen["generator"]) == 2
+    for w in seen["fake"]:
+        assert w == pytest.approx(1e-2, rel=1e-2)  # float32 rounding of total - loss_fake
+    for w in seen["generator"]:
+        assert w == pytest.approx(3e-3 * 12288 / d, rel=1e-2)
+    assert dmd2.gan_weight_scale(d, role="critic") == 1.0
+
+
+def test_warmup_factor_is_linear_then_constant():
+    """The optional linear warm-up (the authors' code warms 500 iterations = 100 generator updates at
+    ttur_ratio 5; the paper states none, so fedlib's default is off)."""
+    assert [dmd2.warmup_factor(u, 4) for u in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert all(dmd2.warmup_factor(u, 0) == 1.0 for u in range(5))
+    assert dmd2.DMD2Config().warmup_steps == 0
+    with pytest.raises(ValueError, match="warmup_steps"):
+        dmd2.DMD2Config(warmup_steps=-1)
+
+
+def test_warmup_sets_both_optimisers_learning_rates(monkeypatch):
+    """Every update (fake-score and generator) of generator round u runs at lr x warmup_factor(u)."""
+    lrs = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    cfg = dmd2.DMD2Config(steps=4, ttur_ratio=2, batch_size=8, lr=0.01, warmup_steps=2, gan_critic_weight=0.0,
+                          gan_generator_weight=0.0)
+    dmd2.train_dmd2(_toy_teacher(), torch.randn(32, 2), cfg, progress=False)
+    expected = [0.01 * f for f in (0.5, 0.5, 0.5, 1, 1, 1, 1, 1, 1, 1, 1, 1)]
+    assert lrs == pytest.approx(expected)

@@ -47,3 +47,36 @@ def test_dpm_solver_pp_2m_matches_diffusers(n_steps, prediction):
     err = ((ours - ref).abs().max() / ref.abs().max()).item()
     print(f"max |fedlib - diffusers| / max |diffusers| = {err:.1e} (n_steps={n_steps}, {prediction})")
     assert err < TOLERANCE, err
+
+
+@pytest.mark.parametrize("n_steps", [5, 16])
+def test_lower_order_final_matches_diffusers_sigma_min_convention(n_steps):
+    """Issue 25.5: with final_sigmas_type="sigma_min" diffusers makes the last step first order below 15
+    steps (lower_order_final); fedlib's dpm_solver_pp_2m does so with lower_order_final=True, and by
+    default keeps it second order (which then differs from diffusers below 15 steps)."""
+    unet = _tiny_unet()
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                  algorithm_type="dpmsolver++", solver_order=2,
+                                                  prediction_type="epsilon", final_sigmas_type="sigma_min",
+                                                  lower_order_final=True)
+    sched.set_timesteps(n_steps)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = x_T * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+        ref = x
+        den = from_diffusers(unet, sched)
+        # diffusers' sigma_min is the noise level of DDPM step 0, i.e. fedlib's t = 1/N
+        times = torch.cat([diffusers_timesteps_to_times(sched.timesteps, final_zero=False),
+                           torch.tensor([1 / 1000], dtype=torch.float64)])
+        ours, nfe = dpm_solver_pp_2m(den, x_T, times, lower_order_final=True)
+        plain, _ = dpm_solver_pp_2m(den, x_T, times)
+    assert nfe == n_steps
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    assert err < TOLERANCE, err
+    plain_err = ((plain - ref).abs().max() / ref.abs().max()).item()
+    if n_steps < 15:
+        assert plain_err > 100 * TOLERANCE, plain_err
+    else:  # 15 steps or more: diffusers keeps the last step second order, like fedlib's default
+        assert plain_err < TOLERANCE, plain_err

@@ -219,3 +219,77 @@ def test_ld3_cases_for_a_mixture_and_a_pooled_cheap_image_teacher(tmp_path, monk
     small = pooled(ds, 4)
     torch.testing.assert_close(small.x[:, :, 0, 0], ds.x[:, :, :2, :2].mean((-1, -2)))
     assert pooled(ds, 8) is ds
+
+
+class _EpsNet(torch.nn.Module):
+    """A network whose output depends on its input and its time input (so that any time it is given shows)."""
+
+    def forward(self, x, t_net, return_features=False):
+        return torch.tanh(x) * (1 + 0.1 * t_net.view(-1, *[1] * (x.ndim - 1)))
+
+
+@pytest.mark.parametrize("process,prediction", [(VP("linear"), "eps"), (VP("cosine"), "v"), (EDM(), "edm")])
+def test_the_shifted_network_time_moves_the_whole_data_prediction(process, prediction):
+    """Issue 25.5: LD3 evaluates x_theta(x_{t_i}, s'_i) entirely at the shifted time s'_i: c_in, c_noise and
+    the eps/v/F -> x0 conversion (the old code moved only c_noise). ``time_shift="c_noise"`` keeps the old."""
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(0.5 if isinstance(process, VP) else 2.0, dtype=torch.float64)
+    s = t * 0.8  # the shifted network time
+    den = Denoiser(_EpsNet(), process, prediction)
+    torch.testing.assert_close(den(x, t, s), den(x, s))
+    assert not torch.allclose(den(x, t, s), den(x, t))
+    old = Denoiser(_EpsNet(), process, prediction, time_shift="c_noise")
+    torch.testing.assert_close(old(x, t, s), old.to_x0(old.raw(x, t, s), x, t))
+    assert not torch.allclose(old(x, t, s), den(x, t, s))
+    # a sampler's step reads the whole prediction at the network time, its coefficients at the solver time
+    times = torch.tensor([float(t), float(t) * 0.5], dtype=torch.float64)
+    tn = torch.tensor([float(s), float(t) * 0.5], dtype=torch.float64)
+    out, _ = get_sampler("euler")(den, x, times, tn)
+    alpha, sigma = process.alpha(times), process.sigma(times)
+    h = process.lambda_(times[1]) - process.lambda_(times[0])
+    expected = (sigma[1] / sigma[0]) * x + alpha[1] * (-torch.expm1(-h)) * den(x, s)
+    torch.testing.assert_close(out, expected.to(x.dtype))
+    with pytest.raises(ValueError, match="time_shift"):
+        Denoiser(_EpsNet(), process, prediction, time_shift="t")
+
+
+def test_a_plateau_reloads_the_best_state():
+    """Issue 25.5: after `patience` steps without a better validation loss LD3 decays the learning rates
+    and resumes from the best state so far (the old code kept the stale state)."""
+    den = _gaussian_denoiser()
+    tr = ld3.teacher_pairs(den, 8, (4,), seed=0)
+    va = ld3.teacher_pairs(den, 8, (4,), seed=1)
+    seen = []
+    # a learning rate large enough to make most steps worse: plateaus come quickly
+    s = ld3.learned_timesteps(den, "dpm_solver_pp_2m", 3, tr, va, rounds_theta=2, rounds_both=2, lr_theta=0.5,
+                              patience=2, start="uniform_lambda", callback=seen.append)
+    assert seen[0]["step"] == 0 and s.history["reloads"] >= 1
+    best_v, best_theta, best_phi = float("inf"), None, None
+    reloads = 0
+    for info in seen:
+        if info["val_loss"] < best_v:
+            best_v, best_theta, best_phi = info["val_loss"], info["theta"], info["phi"]
+        if info["reloaded"]:
+            reloads += 1
+            torch.testing.assert_close(info["theta_next"], best_theta, rtol=0, atol=0)
+            torch.testing.assert_close(info["phi_next"], best_phi, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(info["theta_next"], info["theta"], rtol=0, atol=0)
+    assert reloads == s.history["reloads"]
+    off = ld3.learned_timesteps(den, "dpm_solver_pp_2m", 3, tr, va, rounds_theta=2, rounds_both=2, lr_theta=0.5,
+                                patience=2, start="uniform_lambda", reload_best=False)
+    assert off.history["reloads"] == 0
+
+
+def test_a_schedule_learned_under_the_other_time_convention_is_learned_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLIB_CACHE", str(tmp_path))
+    den = _gaussian_denoiser()
+    tr = ld3.teacher_pairs(den, 4, (4,), seed=0)
+    va = ld3.teacher_pairs(den, 4, (4,), seed=1)
+    kw = dict(model_name="conv", rounds_theta=1, rounds_both=0)
+    s = ld3.load_or_learn(den, "euler", 3, tr, va, **kw)
+    assert s.history["time_shift"] == "prediction" and ld3.learned_under(s, den)
+    assert ld3.load_or_learn(den, "euler", 3, tr, va, **kw).history["cached"]
+    s.history["time_shift"] = "c_noise"
+    s.save(ld3.schedule_path("conv", "euler", 3))
+    assert not ld3.load_or_learn(den, "euler", 3, tr, va, **kw).history["cached"]

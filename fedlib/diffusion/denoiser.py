@@ -3,9 +3,12 @@
 :class:`Denoiser` wraps a raw network ``net(x, t_net) -> output`` trained to predict
 ``"eps"``, ``"x0"``, ``"v"`` or ``"edm"`` (the EDM-preconditioned F of Karras et al. 2022:
 D = c_skip x + c_out F(c_in x, c_noise)) and always returns the x_0 estimate, which is what every
-sampler in :mod:`fedlib.diffusion.samplers` consumes. ``t_net`` (optional) is the time fed to the
-network when it differs from the solver's time (LD3's decoupled network time); the conversion
-coefficients always use ``t``.
+sampler in :mod:`fedlib.diffusion.samplers` consumes. ``t_net`` (optional) is LD3's decoupled network
+time s'_i, given where it differs from the solver's time t_i. ``time_shift`` says what it moves:
+``"prediction"`` (default, LD3's): the whole data prediction is evaluated at s', i.e. D(x, s') with the
+input scaling c_in, c_noise and the eps/v/F -> x0 conversion all at s' (LD3 replaces x_theta(x_{t_i}, t_i)
+by x_theta(x_{t_i}, s'_i) in the solver step, the solver's coefficients staying at t_i); ``"c_noise"``
+(fedlib before issue 25): only the time embedding c_noise moves, c_in and the conversion stay at t.
 
 :func:`diffusion_loss` is a pure function of (denoiser, x0, eps, t[, params]) so callers can draw
 eps and t themselves (e.g. outside ``torch.func.vmap``) and pass ``params`` for
@@ -24,15 +27,21 @@ from ..utils import check_choice
 from .process import EDM, Process, _bcast
 
 PREDICTIONS = ("eps", "x0", "v", "edm")
+TIME_SHIFTS = ("prediction", "c_noise")  # what LD3's network time t_net moves (module docstring)
 
 
 class Denoiser(nn.Module):
-    """x_0-predicting wrapper around ``net``; ``denoiser(x, t, t_net=None) -> x0_hat``."""
+    """x_0-predicting wrapper around ``net``; ``denoiser(x, t, t_net=None) -> x0_hat``. ``time_shift``:
+    what a ``t_net`` different from ``t`` moves (``TIME_SHIFTS``; module docstring)."""
 
-    def __init__(self, net: nn.Module, process: Process, prediction: str = "eps"):
+    def __init__(self, net: nn.Module, process: Process, prediction: str = "eps", time_shift: str = "prediction"):
         super().__init__()
         check_choice("prediction", prediction, PREDICTIONS,
                      fix="Use 'edm' for an EDM-preconditioned network, else what the network was trained to output.")
+        check_choice("time_shift", time_shift, TIME_SHIFTS,
+                     fix="'prediction' evaluates the whole data prediction at LD3's network time (the paper's); "
+                         "'c_noise' moves only the time embedding.")
+        self.time_shift = time_shift
         if prediction == "edm" and not isinstance(process, EDM):
             raise ValueError("prediction='edm' needs the EDM process (its sigma_data); "
                              f"got process {process!r}. Use 'eps', 'x0' or 'v' with a VP process.")
@@ -94,10 +103,14 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, t_net: torch.Tensor | None = None,
                 params=None) -> torch.Tensor:
+        if t_net is not None and self.time_shift == "prediction":
+            t, t_net = t_net, None  # LD3: x_theta(x, s') entirely at the shifted time s'
         return self.to_x0(self.raw(x, t, t_net, params), x, t)
 
     def features(self, x: torch.Tensor, t: torch.Tensor, t_net: torch.Tensor | None = None):
         """(x0_hat, bottleneck features) - for discriminator heads that read the network (DMD2)."""
+        if t_net is not None and self.time_shift == "prediction":
+            t, t_net = t_net, None
         out, feats = self.raw(x, t, t_net, return_features=True)
         return self.to_x0(out, x, t), feats
 

@@ -6,6 +6,13 @@ scheduler's ``betas`` (t = (n+1)/N for DDPM step n; the network is fed the step 
 the prediction type is the scheduler's ``prediction_type`` ("epsilon" -> eps, "v_prediction" -> v,
 "sample" -> x0). ``diffusers_timesteps_to_times(timesteps)`` maps a diffusers integer schedule to
 fedlib times (with t = 0, i.e. sigma = 0, appended as diffusers' final "zero" sigma).
+
+Conventions beside diffusers: ``DPMSolverMultistepScheduler(final_sigmas_type="sigma_min",
+lower_order_final=True)`` (its default lower_order_final) ends on sigma_min (fedlib's t = 1/N: append it
+to ``diffusers_timesteps_to_times(..., final_zero=False)``) and, below 15 steps, takes that last step at
+first order; fedlib's :func:`~fedlib.diffusion.samplers.dpm_solver_pp_2m` keeps it second order unless
+called with ``lower_order_final=True`` (then they agree; ``tests/test_interop.py``). With
+``final_sigmas_type="zero"`` both make the last step first order.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Samplers (data-prediction / EDM forms; x_bar = x / alpha, sigma_bar = sigma / al
   h_i = lambda_{i+1} - lambda_i. Order 1, NFE N.
 - :func:`heun`: EDM's 2nd-order Heun in (x_bar, sigma_bar); NFE 2N (2N - 1 when t_N = 0).
 - :func:`dpm_solver_pp_2m`: DPM-Solver++(2M) (Lu et al. 2022), variable step, first step
-  first-order. Order 2, NFE N.
+  first-order (``lower_order_final=True``: the last too below 15 steps, diffusers' convention). Order 2, NFE N.
 - :func:`dpm_solver_pp_3m`: multistep 3rd order with exact exponential-integrator weights
   (phi functions) on the quadratic interpolant of D in lambda. Order 3, NFE N.
 - :func:`ipndm`: improved PNDM (Zhang & Chen 2023): Adams-Bashforth in sigma_bar on
@@ -155,12 +155,23 @@ def _phi(h: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(small, series, out)
 
 
-def dpm_solver_pp_2m(denoiser, x: torch.Tensor, times, network_times=None):
-    """DPM-Solver++(2M): D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1}/h_i."""
+LOWER_ORDER_FINAL_BELOW = 15  # diffusers' DPMSolverMultistepScheduler: lower_order_final acts below 15 steps
+
+
+def dpm_solver_pp_2m(denoiser, x: torch.Tensor, times, network_times=None, lower_order_final: bool = False):
+    """DPM-Solver++(2M): D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1}/h_i.
+
+    The first step is first order, and so is a last step onto sigma = 0 (t_N = 0). ``lower_order_final``
+    (default False: fedlib's convention, the last step onto sigma_min > 0 stays second order) follows
+    diffusers' ``DPMSolverMultistepScheduler(lower_order_final=True, final_sigmas_type="sigma_min")``:
+    with fewer than 15 steps its last step is first order whatever the final sigma. Pass True to match
+    diffusers (e.g. a grid from :func:`fedlib.diffusion.interop.diffusers_timesteps_to_times` with
+    ``final_zero=False`` and sigma_min appended)."""
     g = _Grid(denoiser, x, times, network_times)
     base = g.alpha[1:] * g.one_minus_exp
     c0, c1 = base.clone(), torch.zeros_like(base)
-    last = g.N - 1 if g.final_zero else g.N  # the step onto sigma = 0 stays first order
+    lower_final = g.final_zero or (lower_order_final and g.N < LOWER_ORDER_FINAL_BELOW)
+    last = g.N - 1 if lower_final else g.N  # the last step stays first order
     if last > 1:
         r = g.h[: last - 1] / g.h[1:last]
         c0 = torch.cat([base[:1], base[1:last] * (1 + 0.5 / r), base[last:]])
