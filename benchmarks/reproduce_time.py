@@ -78,6 +78,7 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=None, help="notebooks at once (default: the runner's, the cores)")
     ap.add_argument("--out", default=None, help="results root of the cold run (default: a temporary folder)")
     ap.add_argument("--update-notebooks", action="store_true", help="pass --update-notebooks to the cold run")
+    ap.add_argument("--cache", default=None, help="the cache folder to fill (must not exist yet: the run is cold)")
     ap.add_argument("--peer", action="store_true", help="also time the cold run with --jobs 1")
     ap.add_argument("--no-warm", action="store_true")
     ap.add_argument("--readme", action="store_true", help="only write README's times block from the JSON")
@@ -90,7 +91,9 @@ def main(argv=None):
 
     jobs = args.jobs or default_jobs()
     work = Path(tempfile.mkdtemp(prefix="fedlib-reproduce-time-"))
-    cache = work / "cache"  # cold: nothing trained yet
+    cache = Path(args.cache).resolve() if args.cache else work / "cache"
+    if cache.exists() and any(cache.iterdir()):
+        raise SystemExit(f"--cache {cache} is not empty: a cold run needs an empty cache; allowed: a new folder")
     runs = {}
     cold_out = Path(args.out).resolve() if args.out else work / "cold"
     extra = ["--update-notebooks"] if args.update_notebooks else []

@@ -89,3 +89,22 @@ def test_committed_notebooks_show_the_committed_claims(name):
     shown = [o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
              for o in c.get("outputs", [])]
     assert expect in shown, f"{name}.ipynb does not show the claims of its committed metrics.json"
+
+
+def test_the_readme_times_are_what_the_reproduce_benchmark_measured():
+    """The README's "Two commands" times come from benchmarks/results/reproduce_time-cpu.json (written by
+    benchmarks/reproduce_time.py), never typed."""
+    import runpy
+
+    bench = runpy.run_path(str(REPO / "benchmarks" / "reproduce_time.py"))
+    start, end = bench["README_BLOCK"]
+    text = (REPO / "README.md").read_text()
+    assert start in text and end in text, "README.md has no times block"
+    block = text.split(start, 1)[1].split(end, 1)[0].strip()
+    result = Path(bench["RESULT"])
+    if not result.exists():
+        assert block == "", "times in the README without the benchmark file behind them"
+        return
+    doc = json.loads(result.read_text())
+    assert block == bench["render"](doc).strip(), "run `python benchmarks/reproduce_time.py --readme`"
+    assert doc["cores"] >= 1 and all(r["wall_time_s"] > 0 for r in doc["runs"].values())
