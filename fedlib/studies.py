@@ -43,6 +43,11 @@ class TeacherStudy:
         comparable to published FID)."""
         return metrics.classifier_fd(self.features, x, self.ref_stats)
 
+    def real_fd(self, n: int) -> float:
+        """The floor a generator's :meth:`fd` is read against: the Fréchet distance of ``n`` held-out test
+        images (the reference's own split, never the training images a teacher was fitted to)."""
+        return self.fd(self.test.x[:n])
+
 
 def pooled(ds: fdata.ArrayDataset, side: int) -> fdata.ArrayDataset:
     """``ds`` with its images average-pooled to ``side`` x ``side`` (unchanged when already that size)."""

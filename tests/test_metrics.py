@@ -88,3 +88,17 @@ def test_teacher_study_loads_the_same_teacher_and_features_for_every_notebook(tm
     for pa, pb in zip(a.teacher.parameters(), b.teacher.parameters()):
         assert torch.equal(pa, pb)
     assert a.shape == (1, 8, 8) and a.fd(a.test.x[:200]) < a.fd(torch.rand(200, 1, 8, 8) * 2 - 1)
+
+
+def test_real_image_floor_of_a_teacher_study_reads_the_held_out_test_images():
+    """Notebook 04's 'real test images' FD row: the images scored are test images (the FD's reference split),
+    not the training images the teacher was fitted to."""
+    from fedlib.studies import TeacherStudy
+
+    train = ArrayDataset(torch.full((30, 1, 8, 8), -0.5), torch.zeros(30, dtype=torch.long), 10, "train")
+    test = ArrayDataset(torch.full((20, 1, 8, 8), 0.5), torch.zeros(20, dtype=torch.long), 10, "test")
+    study = TeacherStudy(train, test, teacher=None, features=None, ref_stats=None)
+    seen = []
+    study.fd = lambda x: seen.append(x) or 0.0
+    study.real_fd(12)
+    assert len(seen) == 1 and seen[0].shape == (12, 1, 8, 8) and torch.equal(seen[0], test.x[:12])
