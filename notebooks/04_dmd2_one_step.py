@@ -308,7 +308,7 @@ if run_images:
         img_samples[name] = x
         rows.append({"model": f"{name} (late average)", "NFE": len(res[0].times), "FD": np.mean(fd_student[name]),
                      "sd over seeds": np.std(fd_student[name], ddof=1), "s / 1000 samples": sec})
-    rows.append({"model": "real test images", "NFE": 0, "FD": study.real_fd(n_eval), "sd over seeds": np.nan,
+    rows.append({"model": "real training images (not in the FD reference)", "NFE": 0, "FD": study.real_fd(n_eval), "sd over seeds": np.nan,
                  "s / 1000 samples": 0.0})
     img_table = pd.DataFrame(rows)
     fd_t = {r["nfe"]: r["score"] for r in img_teacher_rows if r["best"]}
@@ -480,7 +480,7 @@ run.claims_table()
 # **The digits student does not match the teacher.** Its FD ratio to the teacher at NFE 50 falls
 # steeply over the quick budget (about 50 → 2 in 40 updates, the digits figure); in the long set
 # (160 updates) it falls to about 1.8 by 52 updates and then flattens near 1.4–1.7 (late average FD 1.03
-# against the teacher's 0.69; real test images 0.49). What is missing: **budget** (the paper trains
+# against the teacher's 0.69; real training images 0.49). What is missing: **budget** (the paper trains
 # hundreds of thousands of iterations) and a learning rate searched for images (ours is not), and the
 # GAN term with real data, the paper's route past the teacher, which needs the GPU scale above.
 
