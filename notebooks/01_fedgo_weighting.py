@@ -614,12 +614,14 @@ run.claims_table()
 #   generator steps per round here, where the papers train their generators for hundreds to thousands
 #   of steps, and Co-Boosting's single round is one round of `oneshot_local_epochs` local epochs on 8x8
 #   digits. So this is a statement about our scale, not about the methods.
-# * **Overhead**: not negligible at our scale (E_d discriminator epochs against 5 × 1 local epochs of a
-#   3.9k-parameter classifier), negligible at the paper's scale by the same accounting (§7): the one-off
-#   cost is amortised by rounds and by the classifier's size.
+# * **Overhead**: not negligible at our scale (E_d discriminator epochs, and for data-free the warm-up
+#   round, against 5 × 1 local epochs of a 3.9k-parameter classifier), negligible at the paper's scale
+#   by the same accounting (§7; an estimate: the paper-size models' bytes and FLOPs are measured, the
+#   protocol sizes assumed): the one-off cost is amortised by rounds and by the classifier's size.
 #
 # Checked against docs/methods.md §1.2 point by point, with a test each (`tests/test_fedgo.py`): the
 # discriminators' labels (real 1, G 0: their logit is log p_k − log p_G), which samples they see (their
 # own data and as many G samples, padding masked), the weights' normalisation (over clients, with n_k;
-# p_G cancels), and that the data-free scenario never reads the server half.
+# p_G cancels), and that the data-free scenario never reads the server half (nor do its choices: its
+# E_d is searched against the search seed's own data-free G, §3).
 
