@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import os
+import random
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -346,9 +347,14 @@ def server_data_check(train, test, n_clients: int, alpha: float, seed: int, *, f
     poisoned.x[torch.as_tensor(server)] = sentinel
     kw = dict(feddm_kw=feddm_kw, ld3_kw=ld3_kw, dmd2_kw=dmd2_kw, fedgo_kw=fedgo_kw, device=device)
     outs = []
-    for ds in (train, poisoned):
-        with _own_cache():
-            outs.append(_whole_pipeline(ds, test, n_clients, alpha, seed, **kw))
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=cuda):  # the caller's random streams are left as they were
+        for ds in (train, poisoned):
+            with _own_cache():
+                outs.append(_whole_pipeline(ds, test, n_clients, alpha, seed, **kw))
+    random.setstate(py_state)
+    np.random.set_state(np_state)
     stages = {name: {"identical": bool(torch.equal(outs[0][name], outs[1][name])),
                      "finite": bool(torch.isfinite(outs[1][name]).all())} for name in outs[0]}
     return {"stages": stages, "server_rows": int(len(server)), "client_rows": int(sum(len(p) for p in parts)),

@@ -174,7 +174,11 @@ SMALL = dict(feddm_kw=dict(rounds=1, local_steps=2, batch_size=8, lr=0.05, chann
 def test_the_whole_pipeline_run_on_nan_server_images_gives_identical_finite_outputs(cache):
     train, test = fdata.load_train_test("digits")
     train, test = train.stratified(120), test.stratified(40)
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
     check = pipeline.server_data_check(train, test, 3, 0.5, 0, **SMALL)
+    assert torch.equal(torch.rand(3), want), "the check leaves the caller's random stream where it was"
     assert set(check["stages"]) == {"1 FedDM model", "2 LD3 grid", "3 DMD2 generator",
                                     "4 FedGO discriminators and server model"}
     assert check["reads_none"] and all(v == {"identical": True, "finite": True} for v in check["stages"].values())
