@@ -123,7 +123,8 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
                  gen_width: int = 32, disc_width: int = 8, model=None, init=None, warmup_epochs: int = 1,
                  local_lr: float = 0.05, free_steps: int = 200, free_lr: float = 1e-3, dense: bool = True,
                  generator: torch.Generator | None = None, device="cpu", progress=None,
-                 server_generators: dict | None = None, free_disc_epochs: int | None = None) -> FedGOSetups:
+                 server_generators: dict | None = None, free_disc_epochs: int | None = None,
+                 free_gen_width: int | None = None) -> FedGOSetups:
     """FedGO split of ``train`` (half of each class, unlabeled, to the server: the same half for every
     K and alpha of a seed) for every (K, alpha, seed), and per scenario of :data:`SCENARIOS`:
 
@@ -142,8 +143,8 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
     client's discriminator against that seed's G, server data = as many G samples, no DENSE generator.
     Nothing of the server half is read for them: they are data-free when their G is.
 
-    ``free_disc_epochs``: E_d of the data-free scenario (None: ``disc_epochs``), so that a data-free run
-    can use an E_d chosen without server data."""
+    ``free_disc_epochs``, ``free_gen_width``: E_d and G's width of the data-free scenario (None:
+    ``disc_epochs``, ``gen_width``), so that a data-free run can use settings chosen without server data."""
     import time
 
     from . import distill
@@ -240,7 +241,8 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
                                   momentum=0.9, batch_size=32, generator=generator)
             clock("warmup", t)
             torch.manual_seed(K)
-            G = fedgo.LabelConditioned(fm.make_generator(shape, z_dim=z_dim + C, width=gen_width), C).to(device)
+            G = fedgo.LabelConditioned(fm.make_generator(shape, z_dim=z_dim + C, width=free_gen_width or gen_width),
+                                       C).to(device)
             t = time.perf_counter()
             g_all = fedgo.train_generator_data_free(
                 G, model, {n: p.reshape(len(keys), K, *p.shape[1:]) for n, p in warm.items()}, steps=free_steps,

@@ -164,8 +164,8 @@ toy_table
 # (overconfident discriminators are penalised), while the teacher needs *well-ranked* logits.
 # That search trains its discriminators against a GAN of the search seed's real server half, so the
 # data-free scenario does not use its choice: its E_d is searched the same way against the search seed's
-# own data-free G (a warm-up round and a G trained against the clients' ensemble: no server image read).
-# G's width is the one above (one value in the `quick` set; the `long` set's width search uses the GAN).
+# own data-free G (a warm-up round and a G trained against the clients' ensemble: no server image read),
+# and so is that G's width where `gan_width_grid` has several.
 
 # %%
 train, test = fdata.load_train_test(dataset, stand_in_n=(max_train or 2000, max_test or 2000))
@@ -187,18 +187,25 @@ run.metrics["search_discriminators"] = {"table": search.to_dict("list"), "gan_wi
 print(f"chosen on the search seed: generator width {gan_width}, discriminator epochs {disc_epochs}")
 
 # %%
-disc_epochs_free = disc_epochs
+free_gen_width, disc_epochs_free = gan_width, disc_epochs
 if "data_free" in scenarios:
-    search_free = studies.fedgo_setups(train, test, client_counts=client_counts[:1], alphas=alphas[:1],
+    search_free = []
+    for w in gan_width_grid:
+        st_free = studies.fedgo_setups(train, test, client_counts=client_counts[:1], alphas=alphas[:1],
                                        seeds=[search_seed], scenarios=["data_free"], gan_steps=0, disc_epochs=1,
-                                       gen_width=gan_width, model=clf, init=init, warmup_epochs=warmup_epochs,
-                                       local_lr=lr, free_steps=free_gen_steps, dense=False, generator=g, device=dev)
-    G_search_free = search_free.generators[("data_free", search_free.keys[0])]
-    table_free, disc_epochs_free = studies.discriminator_epoch_search(
-        train, clf, client_counts=client_counts, alphas=alphas, seed=search_seed, grid=disc_epoch_grid, G=G_search_free,
-        generator=g, device=dev)
-    run.metrics["search_discriminators_data_free"] = {"table": table_free.to_dict("list"), "disc_epochs": disc_epochs_free}
-    print(f"data-free scenario, chosen against the search seed's data-free G: discriminator epochs {disc_epochs_free}")
+                                       gen_width=w, model=clf, init=init, warmup_epochs=warmup_epochs, local_lr=lr,
+                                       free_steps=free_gen_steps, dense=False, generator=g, device=dev)
+        table, _ = studies.discriminator_epoch_search(
+            train, clf, client_counts=client_counts, alphas=alphas, seed=search_seed, grid=disc_epoch_grid,
+            G=st_free.generators[("data_free", st_free.keys[0])], generator=g, device=dev)
+        search_free.append(table.assign(gen_width=w))
+    search_free = pd.concat(search_free, ignore_index=True)
+    best_free = search_free.groupby(["gen_width", "epochs"])["teacher_val_acc"].mean().idxmax()
+    free_gen_width, disc_epochs_free = int(best_free[0]), int(best_free[1])
+    run.metrics["search_discriminators_data_free"] = {"table": search_free.to_dict("list"), "gan_width": free_gen_width,
+                                                      "disc_epochs": disc_epochs_free}
+    print(f"data-free, chosen against the search seed's data-free G: generator width {free_gen_width}, "
+          f"discriminator epochs {disc_epochs_free}")
 
 # %%
 fig = plots.fedgo_search_figure(search[search.gen_width == gan_width], "epochs",
@@ -209,7 +216,7 @@ _ = savefig(fig, "01_search_discriminators")
 # %%
 setups = studies.fedgo_setups(train, test, client_counts=client_counts, alphas=alphas, seeds=seeds,
                               scenarios=scenarios, gan_steps=gan_steps, disc_epochs=disc_epochs, gen_width=gan_width,
-                              free_disc_epochs=disc_epochs_free,
+                              free_disc_epochs=disc_epochs_free, free_gen_width=free_gen_width,
                               model=clf, init=init, warmup_epochs=warmup_epochs, local_lr=lr,
                               free_steps=free_gen_steps, dense="dense" in data_free_methods, generator=g,
                               device=dev)
@@ -358,7 +365,7 @@ if sweep_free_steps and "data_free" in scenarios:
         train, test, clf, init, steps_grid=sweep_free_steps, client_counts=client_counts[:1], alphas=alphas,
         seeds=seeds, methods=data_free_methods, run_kw=dict(common, distill_lr=distill_lr), pre_frame=frame,
         fd=lambda x: metrics.classifier_fd(feat, x, ref), known={free_gen_steps: (frame, setups.all("data_free"))},
-        gan_steps=gan_steps, disc_epochs=disc_epochs_free, gen_width=gan_width, warmup_epochs=warmup_epochs, generator=g,
+        gan_steps=gan_steps, disc_epochs=disc_epochs_free, gen_width=free_gen_width, warmup_epochs=warmup_epochs, generator=g,
         device=dev)
     fig = plots.gap_sweep_figure(sweep, "free_steps", paper=0.0, paper_label="paper: FedGO ahead (> 0)", log_x=True,
                                  xlabel="data-free G training steps",

@@ -273,9 +273,13 @@ def test_scenario_overhead_counts_the_data_free_warm_up_round_and_its_own_e_d():
     clf = models.make_classifier("small_cnn", (1, 8, 8), 10, width=4)
     st = studies.fedgo_setups(train, test, client_counts=[3], alphas=[0.5], seeds=[0], scenarios=("pre", "data_free"),
                               gan_steps=2, disc_epochs=2, free_disc_epochs=5, warmup_epochs=3, free_steps=2,
-                              dense=False, model=clf, generator=torch.Generator().manual_seed(0))
+                              gen_width=16, free_gen_width=8, dense=False, model=clf,
+                              generator=torch.Generator().manual_seed(0))
     assert st.disc_epochs == {"pre": 2, "data_free": 5} and st.warmup_epochs == {"pre": 0, "data_free": 3}
     key = st.keys[0]
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(st.generators[("data_free", key)]) == n_params(models.make_generator((1, 8, 8), z_dim=26, width=8))
+    assert n_params(st.generators[("pre", key)]) == n_params(models.make_generator((1, 8, 8), z_dim=16, width=16))
     n_k = [len(i) for i in st.client_indices[key]]
     for scen, warm, e_d in (("pre", 0, 2), ("data_free", 3, 5)):
         got = studies.scenario_overhead(st, scen, clf, train.x, local_epochs=1, rounds=4)
