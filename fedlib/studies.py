@@ -252,7 +252,8 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
             for part in _groups_of(range(len(keys)), K, limit=128):  # discriminators of <= 128 clients at once
                 t = time.perf_counter()
                 d_all = fedgo.train_discriminators(D, [gens[i] for i in part], fl.concat_clients([packs[i] for i in part]),
-                                                   epochs=free_disc_epochs, lr=disc_lr, generator=generator, init=d_init,
+                                                   epochs=free_disc_epochs, lr=disc_lr, generator=generator,
+                                                   init=d_init,
                                                    generator_of=torch.arange(len(part)).repeat_interleave(K))
                 clock("discriminators", t)
                 for j, i in enumerate(part):

@@ -308,8 +308,8 @@ if run_images:
         img_samples[name] = x
         rows.append({"model": f"{name} (late average)", "NFE": len(res[0].times), "FD": np.mean(fd_student[name]),
                      "sd over seeds": np.std(fd_student[name], ddof=1), "s / 1000 samples": sec})
-    rows.append({"model": "real training images (not in the FD reference)", "NFE": 0, "FD": study.real_fd(n_eval), "sd over seeds": np.nan,
-                 "s / 1000 samples": 0.0})
+    rows.append({"model": "real training images (not in the FD reference)", "NFE": 0, "FD": study.real_fd(n_eval),
+                 "sd over seeds": np.nan, "s / 1000 samples": 0.0})
     img_table = pd.DataFrame(rows)
     fd_t = {r["nfe"]: r["score"] for r in img_teacher_rows if r["best"]}
     img_budget = pd.DataFrame([{"budget": e["step"], "seed": r.seed, "ratio": e["fd"] / fd_t[nfe_hi]}

@@ -285,7 +285,8 @@ def test_scenario_overhead_counts_the_data_free_warm_up_round_and_its_own_e_d():
         got = studies.scenario_overhead(st, scen, clf, train.x, local_epochs=1, rounds=4)
         costs = fedgo.model_costs(clf, st.generators[(scen, key)], st.discriminator, train.x[:8])
         bare = fedgo.fedgo_overhead(**costs, n_clients=3, n_k=n_k, rounds=4, local_epochs=1, disc_epochs=e_d)
-        assert got["extra_client_flops"] - bare["extra_client_flops"] == pytest.approx(sum(n_k) * warm * costs["clf_flops"])
+        warm_flops = sum(n_k) * warm * costs["clf_flops"]
+        assert got["extra_client_flops"] - bare["extra_client_flops"] == pytest.approx(warm_flops)
         assert got["extra_bytes"] - bare["extra_bytes"] == (3 * costs["classifier_bytes"] if warm else 0)
     free = studies.scenario_overhead(st, "data_free", clf, train.x, local_epochs=1, rounds=4)
     assert free["extra_client_flops"] > 0 and free["training_client_flops"] > 0
