@@ -14,6 +14,10 @@ leaving a client:
 
 Every stage's output is cached under ``cache_dir("pipeline", stage)`` by a key of everything it was built
 from (:func:`cached`; the upstream stage's key included), so re-runs and the explorer reload in seconds.
+
+That no stage reads server data is measured, not assumed (:func:`server_data_check`): the stages run twice,
+uncached, the second time with every server image replaced by NaN, and every output must be bit-identical
+and finite.
 """
 
 from __future__ import annotations
