@@ -14,13 +14,21 @@ leaving a client:
 
 Every stage's output is cached under ``cache_dir("pipeline", stage)`` by a key of everything it was built
 from (:func:`cached`; the upstream stage's key included), so re-runs and the explorer reload in seconds.
+
+That no stage reads server data is measured, not assumed (:func:`server_data_check`): the stages run twice,
+uncached, the second time with every server image replaced by NaN, and every output must be bit-identical
+and finite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import os
+import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -271,3 +279,88 @@ def samples_per_second(G, n: int = 512, repeats: int = 3, seed: int = 0) -> floa
 def reads_no_server_data(indices_read, server_indices) -> bool:
     """True when none of the training rows a stage read (``indices_read``) is a server row."""
     return not bool(np.intersect1d(np.asarray(indices_read), np.asarray(server_indices)).size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The no-server-data check, measured
+
+
+@contextlib.contextmanager
+def _own_cache():
+    """Every stage built afresh in a throw-away cache: stage 1's key covers the client rows only, so a
+    cached entry would be reloaded whatever the server rows hold, and the check would measure nothing."""
+    old = os.environ.get("FEDLIB_CACHE")
+    with tempfile.TemporaryDirectory(prefix="fedlib-server-check-") as tmp:
+        os.environ["FEDLIB_CACHE"] = tmp
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("FEDLIB_CACHE", None)
+            else:
+                os.environ["FEDLIB_CACHE"] = old
+
+
+def _whole_pipeline(train, test, n_clients: int, alpha: float, seed: int, *, feddm_kw: dict, ld3_kw: dict,
+                    dmd2_kw: dict, fedgo_kw: dict, device) -> dict:
+    """Stages 1-4 of one seed, uncached: what each stage hands on (flat tensors, for comparison)."""
+    from . import data as fdata
+    from . import distill, models, studies
+    from .utils import seed_everything
+
+    seed_everything(seed)
+    shape = tuple(train.x.shape[1:])
+    parts = fdata.fedgo_split(train.y.numpy(), n_clients, alpha, seed=seed)[0]
+    diff = federated_diffusion(train.x, {seed: parts}, device=device, progress=False, **feddm_kw)
+    teacher = diff.denoisers[seed]
+    nfe = ld3_kw["nfes"][0]
+    grids, _, _ = learn_grids(teacher, f"check-s{seed}", [nfe], shape=shape, seed=seed,
+                              **{k: v for k, v in ld3_kw.items() if k != "nfes"})
+    student, info, _ = distil_one_step(teacher, f"check-s{seed}", shape=shape, seed=seed, progress=False, **dmd2_kw)
+    G = dmd2.SamplerGenerator(student, info["times"], shape)
+    clf = models.make_classifier("small_cnn", shape, train.n_classes, width=8).to(device)
+    g = seed_everything(seed)
+    st = studies.fedgo_setups(train, test, client_counts=[n_clients], alphas=[alpha], seeds=[seed], scenarios=(),
+                              dense=False, generator=g, device=device, server_generators={"pipeline": {seed: G}},
+                              gan_steps=0, disc_epochs=fedgo_kw["disc_epochs"])
+    res = distill.run_rounds(clf, st.setups["pipeline"][n_clients], ["fedgo"], rounds=fedgo_kw["rounds"],
+                             distill_epochs=fedgo_kw["distill_epochs"], generator=g, init=fl.get_params(clf))
+    flat = lambda params: torch.cat([p.detach().float().cpu().flatten() for p in params])  # noqa: E731
+    (setup,) = st.setups["pipeline"][n_clients]
+    return {"1 FedDM model": flat(teacher.parameters()),
+            "2 LD3 grid": torch.cat([t.detach().cpu().flatten() for t in grids[nfe].tensors() if t is not None]),
+            "3 DMD2 generator": flat(student.parameters()),
+            "4 FedGO discriminators and server model": torch.cat([setup.disc_logits.float().cpu().flatten(),
+                                                                  flat(res.params.values())])}
+
+
+def server_data_check(train, test, n_clients: int, alpha: float, seed: int, *, feddm_kw: dict, ld3_kw: dict,
+                      dmd2_kw: dict, fedgo_kw: dict, device="cpu", sentinel: float = float("nan")) -> dict:
+    """Whether the pipeline reads server data, measured rather than assumed: stages 1-4 of one seed run twice,
+    each in its own empty cache, on ``train`` and on ``train`` with every server image (the server half of
+    :func:`fedlib.data.fedgo_split`) replaced by ``sentinel`` (NaN poisons whatever reads it). Returns
+    ``{"stages": {stage: {"identical", "finite"}}, "server_rows", "client_rows", "seconds", "reads_none"}``;
+    ``reads_none`` holds when every stage's output (model parameters, the grid, the FedGO discriminators'
+    logits and server model) is bit-identical across the two runs and finite. The server labels are kept:
+    the split itself is drawn per class, before any stage runs."""
+    from . import data as fdata
+
+    t0 = time.perf_counter()
+    parts, server = fdata.fedgo_split(train.y.numpy(), n_clients, alpha, seed=seed)
+    poisoned = fdata.ArrayDataset(train.x.clone(), train.y, train.n_classes, train.name)
+    poisoned.x[torch.as_tensor(server)] = sentinel
+    kw = dict(feddm_kw=feddm_kw, ld3_kw=ld3_kw, dmd2_kw=dmd2_kw, fedgo_kw=fedgo_kw, device=device)
+    outs = []
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=cuda):  # the caller's random streams are left as they were
+        for ds in (train, poisoned):
+            with _own_cache():
+                outs.append(_whole_pipeline(ds, test, n_clients, alpha, seed, **kw))
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    stages = {name: {"identical": bool(torch.equal(outs[0][name], outs[1][name])),
+                     "finite": bool(torch.isfinite(outs[1][name]).all())} for name in outs[0]}
+    return {"stages": stages, "server_rows": int(len(server)), "client_rows": int(sum(len(p) for p in parts)),
+            "seconds": time.perf_counter() - t0,
+            "reads_none": all(v["identical"] and v["finite"] for v in stages.values())}

@@ -18,7 +18,7 @@ A notebook cell stays short when what it needs is built here once, as a dataclas
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,13 @@ class TeacherStudy:
         """Fréchet distance of images ``x`` to the test set in fedlib's classifier feature space (not
         comparable to published FID)."""
         return metrics.classifier_fd(self.features, x, self.ref_stats)
+
+    def real_fd(self, n: int) -> float:
+        """The floor a generator's :meth:`fd` is read against: the Fréchet distance of ``n`` real images that
+        are not in the reference. The reference is every test image, so scoring test images would score
+        the reference against (part of) itself (0 for digits' 360 test images at n >= 360): the images
+        scored are training images, and a table must call them so."""
+        return self.fd(self.train.x[:n])
 
 
 def pooled(ds: fdata.ArrayDataset, side: int) -> fdata.ArrayDataset:
@@ -104,6 +111,10 @@ class FedGOSetups:
     client_indices: dict
     server_indices: dict
     seconds: dict
+    # what each scenario cost the clients beyond the rounds: its E_d, and the local epochs of a warm-up
+    # round (data_free's; 0 elsewhere). Read by scenario_overhead, so that no caller can leave one out.
+    disc_epochs: dict = field(default_factory=dict)
+    warmup_epochs: dict = field(default_factory=dict)
 
     def all(self, scenario: str) -> list:
         """Every setup of ``scenario`` (all client counts)."""
@@ -115,7 +126,8 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
                  gen_width: int = 32, disc_width: int = 8, model=None, init=None, warmup_epochs: int = 1,
                  local_lr: float = 0.05, free_steps: int = 200, free_lr: float = 1e-3, dense: bool = True,
                  generator: torch.Generator | None = None, device="cpu", progress=None,
-                 server_generators: dict | None = None) -> FedGOSetups:
+                 server_generators: dict | None = None, free_disc_epochs: int | None = None,
+                 free_gen_width: int | None = None) -> FedGOSetups:
     """FedGO split of ``train`` (half of each class, unlabeled, to the server: the same half for every
     K and alpha of a seed) for every (K, alpha, seed), and per scenario of :data:`SCENARIOS`:
 
@@ -132,7 +144,10 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
     ``server_generators`` ({scenario name: {seed: G}}) adds one scenario per name whose server G is
     given (e.g. notebook 05's one-step generator distilled from a federated diffusion model): every
     client's discriminator against that seed's G, server data = as many G samples, no DENSE generator.
-    Nothing of the server half is read for them: they are data-free when their G is."""
+    Nothing of the server half is read for them: they are data-free when their G is.
+
+    ``free_disc_epochs``, ``free_gen_width``: E_d and G's width of the data-free scenario (None:
+    ``disc_epochs``, ``gen_width``), so that a data-free run can use settings chosen without server data."""
     import time
 
     from . import distill
@@ -164,6 +179,11 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
 
     def clock(part, t0):
         out.seconds[part] += time.perf_counter() - t0
+
+    free_disc_epochs = disc_epochs if free_disc_epochs is None else free_disc_epochs
+    for scen in [*scenarios, *given]:
+        out.disc_epochs[scen] = free_disc_epochs if scen == "data_free" else disc_epochs
+        out.warmup_epochs[scen] = warmup_epochs if scen == "data_free" else 0
 
     for seed in (seeds if progress is None else progress(seeds)):
         grid = [(K, a) for K in client_counts for a in alphas]
@@ -224,7 +244,8 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
                                   momentum=0.9, batch_size=32, generator=generator)
             clock("warmup", t)
             torch.manual_seed(K)
-            G = fedgo.LabelConditioned(fm.make_generator(shape, z_dim=z_dim + C, width=gen_width), C).to(device)
+            G = fedgo.LabelConditioned(fm.make_generator(shape, z_dim=z_dim + C, width=free_gen_width or gen_width),
+                                       C).to(device)
             t = time.perf_counter()
             g_all = fedgo.train_generator_data_free(
                 G, model, {n: p.reshape(len(keys), K, *p.shape[1:]) for n, p in warm.items()}, steps=free_steps,
@@ -234,7 +255,8 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
             for part in _groups_of(range(len(keys)), K, limit=128):  # discriminators of <= 128 clients at once
                 t = time.perf_counter()
                 d_all = fedgo.train_discriminators(D, [gens[i] for i in part], fl.concat_clients([packs[i] for i in part]),
-                                                   epochs=disc_epochs, lr=disc_lr, generator=generator, init=d_init,
+                                                   epochs=free_disc_epochs, lr=disc_lr, generator=generator,
+                                                   init=d_init,
                                                    generator_of=torch.arange(len(part)).repeat_interleave(K))
                 clock("discriminators", t)
                 for j, i in enumerate(part):
@@ -497,6 +519,20 @@ def overhead_curve(costs: dict, *, n_clients: int, n_k, local_epochs: int, disc_
     return pd.DataFrame([{"rounds": r, **fedgo.fedgo_overhead(**costs, n_clients=n_clients, n_k=n_k, rounds=r,
                                                               local_epochs=local_epochs, disc_epochs=disc_epochs,
                                                               warmup_epochs=warmup_epochs)} for r in rounds])
+
+
+def scenario_overhead(setups: FedGOSetups, scenario: str, classifier, x, *, local_epochs: int, rounds: int) -> dict:
+    """FedGO's overhead (:func:`fedlib.fedgo.fedgo_overhead`) of one scenario of ``setups`` as it ran: its
+    first problem's G, D and clients, its E_d and its warm-up round (the data-free G's: one more round of
+    local epochs and uploads), both read from ``setups``, against ``rounds`` rounds of ``classifier``."""
+    from . import fedgo
+
+    key = next(k for k in setups.keys if (scenario, k) in setups.generators)
+    costs = fedgo.model_costs(classifier, setups.generators[(scenario, key)], setups.discriminator, x[:8])
+    return fedgo.fedgo_overhead(**costs, n_clients=len(setups.client_indices[key]),
+                                n_k=[len(i) for i in setups.client_indices[key]], rounds=rounds,
+                                local_epochs=local_epochs, disc_epochs=setups.disc_epochs[scenario],
+                                warmup_epochs=setups.warmup_epochs[scenario])
 
 
 def overhead_study(classifier, G, D, x, *, n_k, local_epochs: int, disc_epochs: int, rounds: int,

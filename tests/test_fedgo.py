@@ -263,3 +263,30 @@ def test_exact_weight_setups_give_the_label_posterior_and_are_no_baseline(small_
     assert torch.allclose(a, expected, atol=1e-4)
     frame = pd.DataFrame({"scenario": ["pre"] * 3, "method": ["fedavg", "fedgo", "fedgo_exact"]})
     assert studies.baselines_of(frame, "pre") == ["fedavg"]
+
+
+def test_scenario_overhead_counts_the_data_free_warm_up_round_and_its_own_e_d():
+    """The overhead of a run is read from its set-ups: the data-free scenario's warm-up round (local epochs
+    and one upload per client) and its E_d are counted without the caller stating them."""
+    train, test = fdata.load_train_test("digits")
+    train, test = train.stratified(200), test.stratified(50)
+    clf = models.make_classifier("small_cnn", (1, 8, 8), 10, width=4)
+    st = studies.fedgo_setups(train, test, client_counts=[3], alphas=[0.5], seeds=[0], scenarios=("pre", "data_free"),
+                              gan_steps=2, disc_epochs=2, free_disc_epochs=5, warmup_epochs=3, free_steps=2,
+                              gen_width=16, free_gen_width=8, dense=False, model=clf,
+                              generator=torch.Generator().manual_seed(0))
+    assert st.disc_epochs == {"pre": 2, "data_free": 5} and st.warmup_epochs == {"pre": 0, "data_free": 3}
+    key = st.keys[0]
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(st.generators[("data_free", key)]) == n_params(models.make_generator((1, 8, 8), z_dim=26, width=8))
+    assert n_params(st.generators[("pre", key)]) == n_params(models.make_generator((1, 8, 8), z_dim=16, width=16))
+    n_k = [len(i) for i in st.client_indices[key]]
+    for scen, warm, e_d in (("pre", 0, 2), ("data_free", 3, 5)):
+        got = studies.scenario_overhead(st, scen, clf, train.x, local_epochs=1, rounds=4)
+        costs = fedgo.model_costs(clf, st.generators[(scen, key)], st.discriminator, train.x[:8])
+        bare = fedgo.fedgo_overhead(**costs, n_clients=3, n_k=n_k, rounds=4, local_epochs=1, disc_epochs=e_d)
+        warm_flops = sum(n_k) * warm * costs["clf_flops"]
+        assert got["extra_client_flops"] - bare["extra_client_flops"] == pytest.approx(warm_flops)
+        assert got["extra_bytes"] - bare["extra_bytes"] == (3 * costs["classifier_bytes"] if warm else 0)
+    free = studies.scenario_overhead(st, "data_free", clf, train.x, local_epochs=1, rounds=4)
+    assert free["extra_client_flops"] > 0 and free["training_client_flops"] > 0

@@ -88,3 +88,19 @@ def test_teacher_study_loads_the_same_teacher_and_features_for_every_notebook(tm
     for pa, pb in zip(a.teacher.parameters(), b.teacher.parameters()):
         assert torch.equal(pa, pb)
     assert a.shape == (1, 8, 8) and a.fd(a.test.x[:200]) < a.fd(torch.rand(200, 1, 8, 8) * 2 - 1)
+
+
+def test_real_image_floor_of_a_teacher_study_scores_real_images_outside_its_reference():
+    """Notebook 04's real-image FD row: the reference is every test image, so the floor must score other
+    real images (the training images; the row says so). Scoring the test images scores the reference
+    against itself: 0 for digits at the notebook's n_eval (500 > its 360 test images), a floor of nothing."""
+    from fedlib.studies import TeacherStudy
+
+    train = ArrayDataset(torch.full((30, 1, 8, 8), -0.5), torch.zeros(30, dtype=torch.long), 10, "train")
+    test = ArrayDataset(torch.full((20, 1, 8, 8), 0.5), torch.zeros(20, dtype=torch.long), 10, "test")
+    study = TeacherStudy(train, test, teacher=None, features=None, ref_stats=None)
+    seen = []
+    study.fd = lambda x: seen.append(x) or 0.0
+    study.real_fd(12)
+    assert len(seen) == 1 and seen[0].shape == (12, 1, 8, 8) and torch.equal(seen[0], train.x[:12])
+    assert not any(torch.equal(img, ref) for img in seen[0] for ref in test.x), "an image of the reference scored"

@@ -163,3 +163,43 @@ def test_distil_one_step_traces_fixed_noise_whose_last_point_is_the_returned_gen
     _, plain, hit3 = pipeline.distil_one_step(T, "toy", shape=(2,), steps=6, batch_size=8, n_data=32, data_nfe=4,
                                               progress=False)
     assert not hit3 and plain["trace"] == [], "no trace asked: another cache entry, none stored"
+
+
+SMALL = dict(feddm_kw=dict(rounds=1, local_steps=2, batch_size=8, lr=0.05, channels=4, channel_mults=(1,)),
+             ld3_kw=dict(nfes=[3], n_train=2, n_val=2, teacher_nfe=4, rounds_both=1),
+             dmd2_kw=dict(steps=2, batch_size=4, n_data=8, data_nfe=4),
+             fedgo_kw=dict(rounds=1, disc_epochs=1, distill_epochs=1))
+
+
+def test_the_whole_pipeline_run_on_nan_server_images_gives_identical_finite_outputs(cache):
+    train, test = fdata.load_train_test("digits")
+    train, test = train.stratified(120), test.stratified(40)
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    check = pipeline.server_data_check(train, test, 3, 0.5, 0, **SMALL)
+    assert torch.equal(torch.rand(3), want), "the check leaves the caller's random stream where it was"
+    assert set(check["stages"]) == {"1 FedDM model", "2 LD3 grid", "3 DMD2 generator",
+                                    "4 FedGO discriminators and server model"}
+    assert check["reads_none"] and all(v == {"identical": True, "finite": True} for v in check["stages"].values())
+    assert check["server_rows"] > 0 and check["server_rows"] + check["client_rows"] == len(train)
+    assert not list(cache.iterdir()) or not list((cache / "pipeline").glob("*/*.pt")), "the check leaves no cache entry"
+
+
+def test_the_server_data_check_catches_a_stage_that_reads_a_server_row(cache, monkeypatch):
+    """The check can fail: a FedDM stage that also trains on one server row makes its output differ, and
+    every stage downstream with it (with the NaN sentinel its quantised uplink refuses outright)."""
+    train, test = fdata.load_train_test("digits")
+    train, test = train.stratified(120), test.stratified(40)
+    server = fdata.fedgo_split(train.y.numpy(), 3, 0.5, seed=0)[1]
+    honest = pipeline.federated_diffusion
+
+    def leaky(x, client_indices, **kw):
+        return honest(x, {s: [np.append(p[0], server[0]), *p[1:]] for s, p in client_indices.items()}, **kw)
+
+    monkeypatch.setattr(pipeline, "federated_diffusion", leaky)
+    check = pipeline.server_data_check(train, test, 3, 0.5, 0, sentinel=5.0, **SMALL)
+    assert not check["reads_none"]
+    assert not any(v["identical"] for v in check["stages"].values()), check["stages"]
+    with pytest.raises(ValueError, match="NaN"):
+        pipeline.server_data_check(train, test, 3, 0.5, 0, **SMALL)
