@@ -225,6 +225,16 @@ def _unpack_fashion(src: Path) -> Path:
     return root
 
 
+def to_uint8(x):
+    """Images in [-1, 1] (tensor [..., C, H, W]) -> uint8 0..255: the compact form explorers store."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(x):
+    """Inverse of :func:`to_uint8` (up to its rounding): uint8 -> float in [-1, 1]."""
+    return x.float() / 127.5 - 1.0
+
+
 def _to_dataset(images: torch.Tensor, labels: torch.Tensor, n_classes: int, name: str) -> ArrayDataset:
     """uint8 images [N, H, W] or [N, H, W, C] -> float [N, C, H, W] in [-1, 1]."""
     x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from .data import to_uint8
 from .diffusion.samplers import solve
 from .diffusion.schedules import SCHEDULES
 from .diffusion.schedules import schedule as hand_schedule
@@ -472,7 +473,7 @@ def explorer_data(results: dict, cases: dict, solvers, schedules) -> dict:
         process = cases[name].teacher.process
         for (solver, grid, nfe), x in res.samples.items():
             k = f"{name}|{solver}|{grid}|{nfe}"
-            samples[k] = (((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) if x.ndim == 4 else x.half())
+            samples[k] = (to_uint8(x) if x.ndim == 4 else x.half())
             if grid == "ld3":
                 seed = min(s for s, so, n in res.learned if (so, n) == (solver, nfe))
                 t = torch.tensor(res.learned[(seed, solver, nfe)].times, dtype=torch.float64)

@@ -23,6 +23,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -237,3 +238,12 @@ def inception_fid(x: torch.Tensor, reference: torch.Tensor, device="auto", featu
             b = ((imgs[i:i + 256].to(device).clamp(-1, 1) + 1) / 2)
             fid.update(b.expand(-1, 3, -1, -1) if b.shape[1] == 1 else b, real=real)
     return float(fid.compute())
+
+
+def label_tv(counts) -> float:
+    """Mean over clients of the total-variation distance between a client's label mix and the global
+    one, from label counts [K, C] (0: IID; 1: clients with disjoint classes)."""
+    counts = np.asarray(counts, dtype=float)
+    local = counts / np.maximum(counts.sum(1, keepdims=True), 1e-12)
+    glob = counts.sum(0) / counts.sum()
+    return float(0.5 * np.abs(local - glob).sum(1).mean())

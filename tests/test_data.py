@@ -245,3 +245,27 @@ def test_labels_that_are_not_class_indices_are_refused(fn, bad):
     parts = LABEL_TAKERS[fn](y)  # integer-valued float labels are class indices too
     parts = parts[0] + [parts[1]] if fn == "fedgo_split" else parts
     assert sorted(np.concatenate(parts).tolist()) == list(range(60))
+
+
+def test_uint8_conversion_is_the_one_every_call_site_wrote():
+    """``to_uint8`` / ``from_uint8`` (written once, used by plots and ld3) give the arrays the call
+    sites' own expressions gave: ld3's explorer samples (float32) and the explorers' uint8 grids."""
+    from fedlib.data import from_uint8, to_uint8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(500, 1, 8, 8, generator=g) * 1.2,  # beyond [-1, 1] too
+                   (torch.arange(0, 256, dtype=torch.float32) / 127.5 - 1).reshape(4, 1, 8, 8)])  # every level
+    u = to_uint8(x)
+    assert u.dtype == torch.uint8
+    assert torch.equal(u, ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    assert torch.equal(from_uint8(u), u.float() / 127.5 - 1.0)
+    assert torch.equal(from_uint8(u), u.float() / 127.5 - 1)
+    assert torch.equal(to_uint8(from_uint8(u)), u)
+
+
+def test_label_tv_lives_in_metrics_and_plots_still_names_it():
+    from fedlib import metrics, plots
+
+    assert plots.label_tv is metrics.label_tv
+    assert metrics.label_tv([[5, 5], [5, 5]]) == 0.0
+    assert metrics.label_tv([[10, 0], [0, 10]]) == 0.5
