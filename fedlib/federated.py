@@ -438,3 +438,97 @@ def rounds_bytes(model_bytes: int, n_clients: int, rounds: int) -> int:
     """Bytes of plain FedAvg-style training: the model down and up for every client and round."""
     return 2 * model_bytes * n_clients * rounds
 
+
+# ---------------------------------------------------------------------------------------------
+# Several seeds in one network (2-D): one weight per seed in every linear layer
+
+
+class StackedLinear(nn.Module):
+    """S linear layers applied to S member-major blocks of the batch: x [S*B, in] -> [S*B, out]
+    with member s's rows through layer s (one batched matmul)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        if any(lin.bias is None for lin in linears):
+            raise ValueError("StackedLinear needs linear layers with a bias")
+        self.weight = nn.Parameter(torch.stack([lin.weight.detach().t() for lin in linears]).clone())
+        self.bias = nn.Parameter(torch.stack([lin.bias.detach() for lin in linears])[:, None].clone())
+
+    @property
+    def members(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.baddbmm(self.bias, x.reshape(self.members, -1, x.shape[-1]), self.weight)
+        return y.reshape(-1, y.shape[-1])
+
+    def member(self, i: int) -> nn.Linear:
+        lin = nn.Linear(self.weight.shape[1], self.weight.shape[2]).to(self.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight[i].t())
+            lin.bias.copy_(self.bias[i, 0])
+        return lin
+
+
+def can_stack(module: nn.Module) -> bool:
+    """True when every parameter of ``module`` lives in an ``nn.Linear`` layer (then
+    :func:`stack_members` can vectorise it over seeds)."""
+    in_linear = {id(p) for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    return all(id(p) in in_linear for p in module.parameters())
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def stack_members(modules: list[nn.Module]) -> nn.Module:
+    """One module computing ``len(modules)`` copies of the same architecture at once on a member-major
+    batch [S*B, ...] (member s = rows s*B..(s+1)*B-1). Every parameter must live in an ``nn.Linear``
+    (:func:`can_stack`); everything else in the forward pass must act per sample."""
+    if not all(can_stack(m) for m in modules):
+        raise ValueError("only networks whose parameters all live in nn.Linear layers can be stacked over seeds "
+                         "(the 2-D MLPs); train other networks one seed at a time")
+    base = copy.deepcopy(modules[0])
+    for name, m in list(base.named_modules()):
+        if isinstance(m, nn.Linear):
+            _replace(base, name, StackedLinear([mod.get_submodule(name) for mod in modules]))
+    base.members = len(modules)
+    return base
+
+
+def unstack_member(module: nn.Module, i: int) -> nn.Module:
+    """Member ``i`` of a :func:`stack_members` module as an ordinary module (its own copy)."""
+    out = copy.deepcopy(module)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, StackedLinear):
+            _replace(out, name, m.member(i))
+    if hasattr(out, "members"):
+        del out.members
+    return out
+
+
+def _member_cat(tensors: list[torch.Tensor], members: int) -> torch.Tensor:
+    """Concatenate member-major batches so that the result is member-major again."""
+    return torch.cat([t.reshape(members, -1, *t.shape[1:]) for t in tensors], 1).flatten(0, 1)
+
+
+def _member_split(x: torch.Tensor, members: int, sizes: list[int]) -> list[torch.Tensor]:
+    return [p.flatten(0, 1) for p in x.reshape(members, -1, *x.shape[1:]).split(sizes, 1)]
+
+
+def _member_mean(v: torch.Tensor, members: int) -> torch.Tensor:
+    return v.reshape(members, -1).mean(1)
+
+
+def _clip_per_member(params: list[torch.Tensor], max_norm: float, members: int) -> torch.Tensor:
+    """Clip each member's gradient to ``max_norm`` on its own (as S separate runs would); returns the
+    S norms before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if members == 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).reshape(1)
+    norms = torch.sqrt(sum(g.reshape(members, -1).pow(2).sum(1) for g in grads))
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(members, *[1] * (g.ndim - 1)))
+    return norms

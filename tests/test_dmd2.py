@@ -531,8 +531,8 @@ def test_training_iterates_the_ttur_schedule(monkeypatch):
     every generator update."""
     calls = []
     real_f, real_g = dmd2.fake_score_losses, dmd2.generator_losses
-    monkeypatch.setattr(dmd2, "fake_score_losses", lambda *a, **k: (calls.append("fake"), real_f(*a, **k))[1])
-    monkeypatch.setattr(dmd2, "generator_losses", lambda *a, **k: (calls.append("generator"), real_g(*a, **k))[1])
+    monkeypatch.setattr(dmd2.training, "fake_score_losses", lambda *a, **k: (calls.append("fake"), real_f(*a, **k))[1])
+    monkeypatch.setattr(dmd2.training, "generator_losses", lambda *a, **k: (calls.append("generator"), real_g(*a, **k))[1])
     cfg = dmd2.DMD2Config(steps=3, ttur_ratio=4, batch_size=8, gan_critic_weight=0.0, gan_generator_weight=0.0)
     dmd2.train_dmd2(_toy_teacher(), torch.randn(32, 2), cfg, progress=False)
     assert calls == dmd2.ttur_schedule(3, 4)
@@ -633,14 +633,14 @@ def test_critic_weight_against_the_fake_score_loss_is_the_papers(monkeypatch, sh
         seen["generator"].append(((total - losses["loss_dm"].sum()) / losses["loss_gan_generator"].sum()).item())
         return total, losses
 
-    monkeypatch.setattr(dmd2, "fake_score_losses", spy_f)
-    monkeypatch.setattr(dmd2, "generator_losses", spy_g)
+    monkeypatch.setattr(dmd2.training, "fake_score_losses", spy_f)
+    monkeypatch.setattr(dmd2.training, "generator_losses", spy_g)
     d = math.prod(shape)
     process = EDM()
     teacher = Denoiser(Affine(0.3, 0.0, shape[0]), process, "x0")
     teacher.net.feature_channels = d
     cfg = dmd2.DMD2Config(steps=2, ttur_ratio=2, batch_size=8, gan_critic_weight=1e-2, gan_generator_weight=3e-3)
-    monkeypatch.setattr(dmd2, "_gan_head", lambda *a: dmd2.GANHead(d, hidden=8, kind="mlp"))
+    monkeypatch.setattr(dmd2.training, "_gan_head", lambda *a: dmd2.GANHead(d, hidden=8, kind="mlp"))
     dmd2.train_dmd2(teacher, torch.randn(32, *shape), cfg, progress=False)
     assert len(seen["fake"]) == 4 and len(seen["generator"]) == 2
     for w in seen["fake"]:

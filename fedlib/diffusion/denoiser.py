@@ -143,3 +143,33 @@ def frozen(module: nn.Module) -> nn.Module:
     for p in m.parameters():
         p.requires_grad_(False)
     return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Teaching helper: exact denoisers of a 2-D Gaussian mixture
+
+
+class _MixtureNet(nn.Module):
+    """x0-prediction 'network' of the exact EDM denoiser of a 2-D Gaussian mixture:
+    D(x, sigma) = x + sigma^2 grad log p_sigma(x)."""
+
+    def __init__(self, mixture):
+        super().__init__()
+        self.mixture = mixture
+        self.feature_channels = 2
+        self.dummy = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, x, t_net, return_features=False):
+        m = self.mixture
+        sigma2 = (t_net.to(x.dtype) ** 2)[:, None]  # [B, 1]
+        var = m.std**2 + sigma2  # every noised component is N(mu_m, var I)
+        d = x[:, None, :] - m.means[None].to(x)  # [B, M, 2]
+        r = torch.softmax(m.weights.log()[None].to(x) - 0.5 * (d**2).sum(-1) / var, dim=1)
+        out = x - sigma2 / var * (r[..., None] * d).sum(1)  # x + sigma^2 * grad log p_sigma(x)
+        return (out, x) if return_features else out
+
+
+def exact_denoiser(mixture) -> Denoiser:
+    """The exact EDM denoiser E[x_0 | x_t] of a :class:`fedlib.data.GaussianMixture2D` (no training):
+    the ideal real score of the teaching cell and of tests."""
+    return Denoiser(_MixtureNet(mixture), EDM(), prediction="x0")
