@@ -2,9 +2,11 @@
 in the notebooks' order (00 data, 01 FedGO, 02 FedDM, 03 LD3, 04 DMD2, 05 the pipeline). Notebooks
 call ``plots.<name>``: every public name is re-exported here."""
 
-from .style import (INTERACTIVE_FIGURES, STYLE, figures_dir, from_uint8, image_grid, method_colours, savefig,
-                    to_numpy_images, to_uint8, use_style)
-from .data import label_heatmaps, label_tv
+from ..data import from_uint8, to_uint8  # the one images [-1, 1] <-> uint8 conversion (explorers store uint8)
+from ..metrics import label_tv  # a metric; notebook 00 calls plots.label_tv
+from .style import (INTERACTIVE_FIGURES, STYLE, figures_dir, image_grid, method_colours, savefig, to_numpy_images,
+                    use_style)
+from .data import label_heatmaps
 from .fedgo import (accuracy_rounds_figure, fedgo_search_figure, gap_sweep_figure, oneshot_figure, overhead_figure,
                     teacher_student_figure, toy_weights_figure)
 from .feddm import feddm_budget, feddm_quality, feddm_view

@@ -5,8 +5,6 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..metrics import label_tv  # noqa: F401  (notebook 00 calls plots.label_tv)
-
 
 def label_heatmaps(panels: dict, width: float = 3.2):
     """One heatmap per panel title -> label counts [K, C]: rows are clients, columns classes, colour the

@@ -11,7 +11,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..data import from_uint8, to_uint8  # noqa: F401  (the one conversion, re-exported)
 from ..utils import REPO_ROOT
 
 STYLE = {
