@@ -305,6 +305,20 @@ def fedgen_server(model, start, client_params, setup, n_classes, cfg, ctx):
     return start
 
 
+def fedgen_noreg_server(model, start, client_params, setup, n_classes, cfg, ctx):
+    """The ablation of FedGen without its regulariser: FedGen's settings with the client term's weight 0
+    (so FedAvg, its clients drawing the same random numbers as FedGen's); its generator is never used,
+    so it is built (the draws need one) but not trained."""
+    o = options(cfg, "fedgen")
+    feature_dim = model.get_submodule(fm.head_name(model)).in_features
+    _generator(ctx.state, "G", ctx.rng, lambda: fm.FeatureGenerator(n_classes, feature_dim, o["noise_dim"], o["hidden"]),
+               _device(start))
+    counts = label_counts(setup.clients, n_classes, ctx.accepted).to(_device(start))
+    ctx.state["prior"], ctx.state["weight"] = label_prior(counts), 0.0
+    ctx.state["latent"], ctx.state["held"] = float(o["latent"]), float(o["labels"] == "held")
+    return start
+
+
 def _fedgen_payload(state: dict, n_classes: int, cfg):
     """G_w's parameters (``G.*``), p(y), the regulariser's weight, the latent term's relative weight and
     the label rule (1: uniform over the labels a client holds, 0: p(y)): None before G_w's first training."""
@@ -587,7 +601,7 @@ def coboosting_distill(model: nn.Module, start: fl.Params, client_params: fl.Par
             q = torch.softmax(a / temperature, -1)
             loss_g = hard_sample_loss(a, y, gamma) - beta_adv * kl_to_targets(net(x), q, temperature).mean()
             if float(loss_g.detach()) < best:  # the authors keep the best batch of a generator's iterations
-                best, best_x = float(loss_g), x.detach()
+                best, best_x = float(loss_g.detach()), x.detach()
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
@@ -663,6 +677,8 @@ register_method(Method("dense", server=dense_server, setup_needs=("dense_generat
                        doc="DENSE-style data-free distillation with a generator against the ensemble"))
 register_method(Method("fedgen", server=fedgen_server, client=FEDGEN,
                        doc="FedGen: a feature-space generator learnt from the heads regularises the clients"))
+register_method(Method("fedgen_noreg", server=fedgen_noreg_server, client=FEDGEN,
+                       doc="FedGen's ablation: the client regulariser's weight 0 (FedAvg with FedGen's draws)"))
 register_method(Method("fedftg", server=fedftg_server,
                        doc="FedFTG: the global model fine-tuned on hard samples of a conditional generator"))
 register_method(Method("coboosting", server=coboosting_server,

@@ -441,3 +441,19 @@ def test_coboosting_pool_holds_clean_samples_perturbed_at_every_distillation_ste
     assert all(t == 4.0 for _, t in n["kl"])
     # epochs of 2 generator steps each, then 1, 2, 3 student batches of 8 over the growing pool (pool size 8, 16, 24)
     assert len(n["kl"]) == 3 * 2 + (1 + 2 + 3) and n["div"] == 1 + 2 + 3
+
+
+def test_fedgen_ablation_is_fedgen_with_the_client_term_weight_0(problem):
+    """fedgen_noreg computes what FedGen with the client term's weight 0 does (the regulariser is the only
+    difference), and FedGen with its weight computes something else."""
+    setup, model = problem["setup"], problem["model"]
+    init = fl.get_params(model)
+    kw = dict(rounds=2, init=init, **KW)
+    runs = {name: D.run_rounds(model, [setup], ["fedavg", method], generator=torch.Generator().manual_seed(3),
+                               method_options={"fedgen": {"steps": 3, **opts}}, **kw)
+            for name, method, opts in (("ablation", "fedgen_noreg", {}), ("weight 0", "fedgen", {"weight": 0.0}),
+                                       ("fedgen", "fedgen", {}))}
+    x = setup.test_x
+    p = {n: fl.index_params(r.params, 1) for n, r in runs.items()}
+    assert same_function(model, p["ablation"], p["weight 0"], x) < 1e-5
+    assert same_function(model, p["ablation"], p["fedgen"], x) > 1e-3
