@@ -11,20 +11,22 @@ in-process and on Flower), each as pure losses plus one server step
                 G_w(z | y) in the classifier's *feature space* (the input of its linear head) so that
                 the clients' heads, weighted per class by their label counts, agree on y; G_w and the
                 label prior go down to every client each round, and the clients add
-                ``weight`` x E_{y ~ p(y), z ~ G_w(.|y)} CE(h(z; theta_k^p), y) to their loss. The global model is
-                the FedAvg (no server distillation).
+                ``weight`` x decay^t x (E_{y, z ~ G_w(.|y)} CE(h(z; theta_k^p), y) + ``latent`` x
+                KL(h(G_w(eps, y_i)) || f(x_i))) to their loss (10 x 0.98^t, y uniform over the labels the
+                client holds: the authors'). The global model is the FedAvg (no server distillation).
 ``fedftg``      FedFTG (Zhang et al., CVPR 2022): after FedAvg, the server fine-tunes the global model
                 on samples of a conditional image generator trained adversarially against it: the
-                generator minimises L_cls + beta_div L_div - beta_md L_md, the global model minimises
-                L_md (hard-sample mining), with the class-level ensemble alpha_{k,y} = n_{k,y} /
+                generator minimises L_cls + beta_div L_div - beta_md L_md (one step per client), the
+                global model minimises L_md, the alpha-weighted L1 between logits (hard-sample mining), with the class-level ensemble alpha_{k,y} = n_{k,y} /
                 sum_j n_{j,y} and labels drawn from the clients' class counts (customised label
                 sampling).
 ``coboosting``  Co-Boosting (Dai et al., ICLR 2024), one-shot FL: the server alternately synthesises
-                hard samples from the weighted ensemble A_w(x) = sum_k w_k f_k(x) (generator loss
-                L_H - beta_adv KL(A_w || student), then one gradient-sign step x + eps sign(grad_x
-                CE(A_w(x), y)) that makes them harder), re-weights the ensemble members on them
-                (w <- proj_simplex(w - mu sign(grad_w CE(A_w(x), y)))) and distils A_w into the server
-                model on every sample synthesised so far.
+                hard samples from the weighted ensemble A_w(x) = sum_k w_k f_k(x) (a fresh generator per
+                epoch, loss L_H - beta_adv KL(A_w || student), L_H's hardness weight detached),
+                re-weights the ensemble members on them (w <- proj_simplex(w - mu sign(grad_w
+                CE(A_w(x), y))), w kept across rounds) and distils A_w at T=4 into the server model
+                over every sample synthesised so far, each batch made harder afresh by x + eps
+                sign(grad_x CE(A_w(x), y)) (not stored).
 ==============  ===============================================================================
 
 Notation follows the papers: n_{k,y} client k's count of class y (:func:`label_counts`),
