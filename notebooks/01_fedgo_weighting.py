@@ -84,7 +84,7 @@ warmup_epochs = 1  # data-free G: local epochs of the warm-up round whose ensemb
 dense_steps = 10  # DENSE generator/student steps per round [min 0; max 20000]
 fedgen_steps = 10  # FedGen generator steps per round (fedlib's default is the authors' 200 at lr 3e-4: 26 s more per K=20 problem here) [min 1; max 20000]
 fedgen_lr = 0.01  # FedGen generator learning rate (the authors' 3e-4 needs their step count) [> 0]
-fedftg_generator_update = "summed"  # FedFTG generator update: per_client (the authors' and fedlib's default, about 3x slower here) or summed [one of per_client, summed]
+fedftg_generator_update = "summed"  # FedFTG generator update: summed (fedlib's default) or per_client (the authors', about 3x slower here) [one of per_client, summed]
 coboosting_g_steps = 2  # Co-Boosting iterations of each epoch's fresh generator (fedlib's default 5) [min 1; max 1000]
 sweep_free_steps = []  # data-free sweep: G training budgets (empty: no sweep; the long set sweeps) [each min 1; each max 40000]
 toy_mixture = "ring"  # 2-D mixture of the toy figure (ring | grid) [one of ring, grid]
