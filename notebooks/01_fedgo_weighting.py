@@ -87,6 +87,7 @@ fedgen_lr = 0.01  # FedGen generator learning rate (3e-4 of the authors needs th
 fedgen_weight = 1.0  # FedGen client term weight in round 0, decayed by 0.98 a round (10 of the authors collapses our clients at lr 0.05) [min 0]
 fedftg_generator_update = "summed"  # FedFTG generator update: summed (the fedlib default) or per_client (as the authors, about 3x slower here) [one of per_client, summed]
 coboosting_g_steps = 2  # Co-Boosting iterations of the fresh generator of each epoch (the fedlib default is 5) [min 1; max 1000]
+coboosting_student = "pool"  # Co-Boosting distillation: pool (as the authors, SGD over every sample so far at T 4) or batch (one Adam step, about 3 s less per K 20 problem) [one of pool, batch]
 sweep_free_steps = []  # data-free sweep: G training budgets (empty: no sweep; the long set sweeps) [each min 1; each max 40000]
 toy_mixture = "ring"  # 2-D mixture of the toy figure (ring | grid) [one of ring, grid]
 toy_clients = 4  # clients of the toy figure [min 1; max 50]
@@ -241,7 +242,7 @@ common = dict(backend=backend, rounds=rounds, local_epochs=local_epochs, lr=lr, 
               chunk_size=client_chunk or "auto", predict_batch=256 if client_chunk else 1024,
               method_options={"fedgen": dict(steps=fedgen_steps, lr_generator=fedgen_lr, weight=fedgen_weight),
                               "fedftg": dict(generator_update=fedftg_generator_update),
-                              "coboosting": dict(g_steps=coboosting_g_steps)})
+                              "coboosting": dict(g_steps=coboosting_g_steps, student=coboosting_student)})
 lr_table, distill_lr = None, distill_lr_grid[0]
 if len(distill_lr_grid) > 1 and distill_epochs:  # FedGO on the search seed, each lr; the held-out KL decides
     search_setups = studies.fedgo_setups(train, test, client_counts=client_counts, alphas=alphas, seeds=[search_seed],
