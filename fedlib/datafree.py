@@ -11,20 +11,22 @@ package imports this module (so each runs in-process and on Flower), each as pur
                 G_w(z | y) in the classifier's *feature space* (the input of its linear head) so that
                 the clients' heads, weighted per class by their label counts, agree on y; G_w and the
                 label prior go down to every client each round, and the clients add
-                ``weight`` x E_{y ~ p(y), z ~ G_w(.|y)} CE(h(z; theta_k^p), y) to their loss. The global model is
-                the FedAvg (no server distillation).
+                ``weight`` x decay^t x (E_{y, z ~ G_w(.|y)} CE(h(z; theta_k^p), y) + ``latent`` x
+                KL(h(G_w(eps, y_i)) || f(x_i))) to their loss (10 x 0.98^t, y uniform over the labels the
+                client holds: the authors'). The global model is the FedAvg (no server distillation).
 ``fedftg``      FedFTG (Zhang et al., CVPR 2022): after FedAvg, the server fine-tunes the global model
                 on samples of a conditional image generator trained adversarially against it: the
-                generator minimises L_cls + beta_div L_div - beta_md L_md, the global model minimises
-                L_md (hard-sample mining), with the class-level ensemble alpha_{k,y} = n_{k,y} /
+                generator minimises L_cls + beta_div L_div - beta_md L_md (the authors: one step per client), the
+                global model minimises L_md, the alpha-weighted L1 between logits (hard-sample mining), with the class-level ensemble alpha_{k,y} = n_{k,y} /
                 sum_j n_{j,y} and labels drawn from the clients' class counts (customised label
                 sampling).
 ``coboosting``  Co-Boosting (Dai et al., ICLR 2024), one-shot FL: the server alternately synthesises
-                hard samples from the weighted ensemble A_w(x) = sum_k w_k f_k(x) (generator loss
-                L_H - beta_adv KL(A_w || student), then one gradient-sign step x + eps sign(grad_x
-                CE(A_w(x), y)) that makes them harder), re-weights the ensemble members on them
-                (w <- proj_simplex(w - mu sign(grad_w CE(A_w(x), y)))) and distils A_w into the server
-                model on every sample synthesised so far.
+                hard samples from the weighted ensemble A_w(x) = sum_k w_k f_k(x) (a fresh generator per
+                epoch, loss L_H - beta_adv KL(A_w || student), L_H's hardness weight detached),
+                re-weights the ensemble members on them (w <- proj_simplex(w - mu sign(grad_w
+                CE(A_w(x), y))), w kept across rounds) and distils A_w at T=4 into the server model
+                over every sample synthesised so far, each batch made harder afresh by x + eps
+                sign(grad_x CE(A_w(x), y)) (not stored).
 ==============  ===============================================================================
 
 Notation follows the papers: n_{k,y} client k's count of class y (:func:`label_counts`),
@@ -58,15 +60,41 @@ from . import federated as fl
 from . import models as fm
 from .methods import ClientTerm, Method, kl_to_targets, register_method
 
-# per-method settings (ServerConfig.method_options overrides them); steps None: cfg.dense_steps or cfg.distill_steps
+# per-method settings (ServerConfig.method_options overrides them); steps None: cfg.dense_steps or cfg.distill_steps.
+# Defaults follow the papers' equations, with the authors' published settings where a paper is silent;
+# the other reading of each choice is an option (docs/methods.md §1.3 says which is which).
 OPTIONS = {
-    # FedGen's lr: chosen on the generator's own objective (quick scale, 10 steps a round: at 1e-3 it falls
-    # only from 2.33 to 1.66 in five rounds, at 1e-2 it reaches ~0 by round 4)
-    "fedgen": dict(steps=None, lr_generator=1e-2, weight=1.0, noise_dim=8, hidden=32, diversity=0.0),
-    "fedftg": dict(steps=None, student_steps=1, lr_generator=1e-3, beta_md=1.0, beta_div=1.0, noise_dim=16, width=16),
+    # FedGen (authors' settings): generator at lr 3e-4 for many steps a round (cheap here: a two-layer MLP
+    # through the K linear heads), diversity weight 1, per-client CE weighted by alpha (ensemble="clients";
+    # "logits": the CE of the alpha-weighted logit ensemble), client term weight 10 decayed by 0.98 a round
+    # plus the latent term (latent: its weight relative to the CE term, 10/10 in the authors' runs), labels
+    # uniform over the labels a client holds (labels="held"; "prior": p(y)). Our earlier setting: steps
+    # None, lr_generator 1e-2, diversity 0, weight 1, decay 1, latent 0, labels "prior", ensemble "logits".
+    "fedgen": dict(steps=200, lr_generator=3e-4, weight=10.0, decay=0.98, latent=1.0, labels="held",
+                   ensemble="clients", noise_dim=8, hidden=32, diversity=1.0),
+    # FedFTG: L_md the alpha-weighted L1 between logits (md="kl": the old alpha-weighted KL at T), student_steps
+    # Adam steps on the same batch (fresh_batches=True: fresh samples each), diversity L1 of samples over L2
+    # of noise. The generator takes one step on the sum over clients; the authors' one step per client is
+    # generator_update="per_client": ~3x slower on this CPU (40 s against 13 s for 5 rounds of one K=20
+    # problem), and its K Adam steps a round turn 1e-7 differences of the client models into 1e-2 in the
+    # fine-tuned model's logits (Flower against in-process, tests/test_flower.py), where "summed" stays at 1e-6
+    "fedftg": dict(steps=None, student_steps=5, lr_generator=1e-3, beta_md=1.0, beta_div=1.0, noise_dim=16, width=16,
+                   md="l1", generator_update="summed", fresh_batches=False, noise_metric="l2"),
+    # Co-Boosting: a fresh generator per epoch with learnable latents, g_steps iterations, the best kept
+    # (fresh_generator=False: one generator kept across epochs, one step each); the samples perturbed at
+    # every distillation step, not stored (perturb="gradient": the paper's x + eps sign(grad_x CE);
+    # "random": the authors' random-sign direction; "stored": our old stored gradient step); distillation
+    # at T=4 by SGD over the whole pool (student="batch": one Adam step on a batch at cfg's lr and T)
     "coboosting": dict(steps=None, lr_generator=1e-3, beta_adv=1.0, gamma=1.0, eps=0.1, mu=0.01, noise_dim=16,
-                       width=16),
+                       width=16, g_steps=5, fresh_generator=True, perturb="gradient", student="pool",
+                       temperature=4.0, lr_student=0.01),
 }
+
+# the options whose values are a choice among names (checked with the allowed values in the error)
+CHOICES = {("fedgen", "labels"): ("held", "prior"), ("fedgen", "ensemble"): ("clients", "logits"),
+           ("fedftg", "md"): ("l1", "kl"), ("fedftg", "generator_update"): ("summed", "per_client"),
+           ("fedftg", "noise_metric"): ("l2", "l1"), ("coboosting", "perturb"): ("gradient", "random", "stored"),
+           ("coboosting", "student"): ("pool", "batch")}
 
 
 def options(cfg, name: str) -> dict:
@@ -76,6 +104,10 @@ def options(cfg, name: str) -> dict:
     if unknown:
         raise ValueError(f"unknown {name} options {unknown}; allowed: {', '.join(OPTIONS[name])}")
     out = {**OPTIONS[name], **given}
+    for (m, key), allowed in CHOICES.items():
+        if m == name and out[key] not in allowed:
+            raise ValueError(f"{name} option {key}={out[key]!r} is not one of {', '.join(map(repr, allowed))}; "
+                             f"pass one of them in method_options[{name!r}][{key!r}]")
     if out["steps"] is None:
         out["steps"] = cfg.dense_steps or cfg.distill_steps
     return out
@@ -117,12 +149,15 @@ def head_fn(model: nn.Module):
     return name, h
 
 
-def diversity_loss(x: Tensor, z: Tensor) -> Tensor:
-    """L_div = exp(-mean_{i,j} d(x_i, x_j) d(z_i, z_j)), d the mean absolute difference per coordinate
-    (the normalisation is our choice: it keeps the product O(1) for any sample size): small when
-    different noise gives different samples (mode seeking; FedFTG's L_dis)."""
+def diversity_loss(x: Tensor, z: Tensor, noise_metric: str = "l2") -> Tensor:
+    """L_div = exp(-mean_{i,j} d(x_i, x_j) d_z(z_i, z_j)), d the mean absolute difference per coordinate
+    and d_z the mean squared difference (``noise_metric`` "l2", the FedGen/FedFTG authors' choice; "l1":
+    the mean absolute difference, our earlier choice). The per-coordinate means are our normalisation:
+    they keep the product O(1) for any sample size. Small when different noise gives different samples
+    (mode seeking; FedFTG's L_dis, FedGen's diversity term)."""
     dx = (x.flatten(1)[:, None] - x.flatten(1)[None]).abs().mean(-1)
-    dz = (z[:, None] - z[None]).abs().mean(-1)
+    diff = z[:, None] - z[None]
+    dz = diff.pow(2).mean(-1) if noise_metric == "l2" else diff.abs().mean(-1)
     return torch.exp(-(dx * dz).mean())
 
 
@@ -197,13 +232,17 @@ def dense_server(model, start, client_params, setup, n_classes, cfg, ctx):
 
 # ----------------------------------------------------------------------------------------------
 # FedGen
-def fedgen_generator_loss(head_logits: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
-    """FedGen's generator objective on generated features: CE(sum_k alpha_{k,y} g(z; theta_k^p), y),
-    the cross-entropy of the clients' head logits ``head_logits`` [K, B, C], weighted per sample by the
-    class-level weights ``alpha`` [K, C] of its label ``y`` [B] (the paper's ensemble, weighted by the
-    clients' label counts as papers.md §1.3 says)."""
+def fedgen_generator_loss(head_logits: Tensor, y: Tensor, alpha: Tensor, ensemble: str = "clients") -> Tensor:
+    """FedGen's generator objective on generated features, the clients' head logits ``head_logits``
+    [K, B, C] weighted per sample by the class-level weights ``alpha`` [K, C] of its label ``y`` [B]
+    (papers.md §1.3): ``ensemble`` "clients" (the authors' code): mean_i sum_k alpha_{k,y_i}
+    CE(g(z_i; theta_k^p), y_i), every client's head asked to be right; "logits" (the paper's eq. 4 with
+    alpha in place of 1/K): CE(sum_k alpha_{k,y} g(z; theta_k^p), y), the ensemble asked to be right."""
     a = alpha[:, y]  # [K, B]
-    return F.cross_entropy((a[..., None] * head_logits).sum(0), y)
+    if ensemble == "logits":
+        return F.cross_entropy((a[..., None] * head_logits).sum(0), y)
+    ce = F.cross_entropy(head_logits.flatten(0, 1), y.repeat(head_logits.shape[0]), reduction="none").view_as(a)
+    return (a * ce).sum(0).mean()
 
 
 def fedgen_client_loss(head_logits: Tensor, y: Tensor) -> Tensor:
@@ -212,11 +251,27 @@ def fedgen_client_loss(head_logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(head_logits, y)
 
 
+def fedgen_latent_loss(logits: Tensor, gen_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The FedGen authors' latent term: KL(softmax(h(G_w(eps, y_i))) || softmax(f(x_i))), the client's
+    prediction on its real sample x_i pulled to its own head's on a feature generated for x_i's label
+    (the target detached, as theirs); mean over the real samples (``mask``: 1 real, 0 padding)."""
+    q = torch.softmax(gen_logits.detach(), -1)
+    kl = (q * (torch.log(q.clamp_min(1e-12)) - torch.log_softmax(logits, -1))).sum(-1)
+    if mask is None:
+        return kl.mean()
+    return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def fedgen_weight(weight: float, decay: float, round_: int) -> float:
+    """The client term's weight in round ``round_`` (0-based): weight x decay^round (the authors: 10 x 0.98^t)."""
+    return float(weight) * float(decay) ** round_
+
+
 def train_fedgen_generator(G: fm.FeatureGenerator, heads: fl.Params, h, counts: Tensor, *, steps: int,
-                           batch_size: int = 64, lr: float = 1e-3, diversity: float = 0.0,
-                           rng: torch.Generator | None = None) -> list[float]:
-    """``steps`` Adam steps of G on :func:`fedgen_generator_loss` (+ ``diversity`` x
-    :func:`diversity_loss` of the features against the noise, 0 in the paper's equation) with labels
+                           batch_size: int = 64, lr: float = 3e-4, diversity: float = 1.0,
+                           ensemble: str = "clients", rng: torch.Generator | None = None) -> list[float]:
+    """``steps`` Adam steps of G on :func:`fedgen_generator_loss` + ``diversity`` x
+    :func:`diversity_loss` of the features against the noise (the authors weigh it 1) with labels
     drawn from p(y) (:func:`label_prior` of ``counts`` [K, C]); ``heads`` the clients' stacked parameters,
     ``h`` from :func:`head_fn`. In place; returns the objective before every step."""
     device = next(G.parameters()).device
@@ -228,7 +283,7 @@ def train_fedgen_generator(G: fm.FeatureGenerator, heads: fl.Params, h, counts: 
         y = torch.multinomial(prior, batch_size, replacement=True, generator=rng).to(device)
         eps = torch.randn(batch_size, G.noise_dim, generator=rng).to(device)
         z = G(eps, y)
-        loss = fedgen_generator_loss(heads_of(heads, z), y, alpha)
+        loss = fedgen_generator_loss(heads_of(heads, z), y, alpha, ensemble)
         if diversity:
             loss = loss + diversity * diversity_loss(z, eps)
         opt.zero_grad(set_to_none=True)
@@ -240,7 +295,7 @@ def train_fedgen_generator(G: fm.FeatureGenerator, heads: fl.Params, h, counts: 
 
 def fedgen_server(model, start, client_params, setup, n_classes, cfg, ctx):
     """FedGen's server step: G_w (kept across rounds) learns from the accepted clients' heads; the
-    global model stays the FedAvg ``start``."""
+    global model stays the FedAvg ``start``. The weight sent down is the next round's (the round that uses it)."""
     o = options(cfg, "fedgen")
     _, h = head_fn(model)
     feature_dim = model.get_submodule(fm.head_name(model)).in_features
@@ -248,26 +303,47 @@ def fedgen_server(model, start, client_params, setup, n_classes, cfg, ctx):
                                                                           o["hidden"]), _device(start))
     counts = label_counts(setup.clients, n_classes, ctx.accepted).to(_device(start))
     train_fedgen_generator(G, client_params, h, counts, steps=o["steps"], batch_size=cfg.distill_batch,
-                           lr=o["lr_generator"], diversity=o["diversity"], rng=ctx.rng)
-    ctx.state["prior"], ctx.state["weight"] = label_prior(counts), float(o["weight"])
+                           lr=o["lr_generator"], diversity=o["diversity"], ensemble=o["ensemble"], rng=ctx.rng)
+    ctx.state["prior"] = label_prior(counts)
+    ctx.state["weight"] = fedgen_weight(o["weight"], o["decay"], ctx.round + 1)
+    ctx.state["latent"], ctx.state["held"] = float(o["latent"]), float(o["labels"] == "held")
+    return start
+
+
+def fedgen_noreg_server(model, start, client_params, setup, n_classes, cfg, ctx):
+    """The ablation of FedGen without its regulariser: FedGen's settings with the client term's weight 0
+    (so FedAvg, its clients drawing the same random numbers as FedGen's); its generator is never used,
+    so it is built (the draws need one) but not trained."""
+    o = options(cfg, "fedgen")
+    feature_dim = model.get_submodule(fm.head_name(model)).in_features
+    _generator(ctx.state, "G", ctx.rng, lambda: fm.FeatureGenerator(n_classes, feature_dim, o["noise_dim"], o["hidden"]),
+               _device(start))
+    counts = label_counts(setup.clients, n_classes, ctx.accepted).to(_device(start))
+    ctx.state["prior"], ctx.state["weight"] = label_prior(counts), 0.0
+    ctx.state["latent"], ctx.state["held"] = float(o["latent"]), float(o["labels"] == "held")
     return start
 
 
 def _fedgen_payload(state: dict, n_classes: int, cfg):
-    """G_w's parameters (``G.*``), p(y) and the regulariser's weight: None before G_w's first training."""
+    """G_w's parameters (``G.*``), p(y), the regulariser's weight, the latent term's relative weight and
+    the label rule (1: uniform over the labels a client holds, 0: p(y)): None before G_w's first training."""
     if "G" not in state or "prior" not in state:
         return None
     return {**{f"G.{n}": p.detach().clone() for n, p in state["G"].named_parameters()},
-            "prior": state["prior"].detach().clone(), "weight": torch.tensor(state["weight"])}
+            "prior": state["prior"].detach().clone(), "weight": torch.tensor(state["weight"]),
+            "latent": torch.tensor(state["latent"]), "held": torch.tensor(state["held"])}
 
 
 def _fedgen_extras(model: nn.Module, payload, n_classes: int):
-    """Per step: B labels from p(y) and B features z = G_w(eps, y), drawn with the client's generator."""
+    """Per step: B labels (uniform over the labels of the client's batch, its held labels as the client
+    sees them, or from p(y)), B features z = G_w(eps, y) for them and B features for the batch's own
+    labels (the latent term), drawn with the client's generator."""
     feature_dim = model.get_submodule(fm.head_name(model)).in_features
     if payload is None:
         def none(x, y, g):
-            return {"fedgen_z": x.new_zeros(len(x), feature_dim), "fedgen_y": torch.zeros(len(x), dtype=torch.long),
-                    "fedgen_weight": torch.tensor(0.0)}
+            zeros = x.new_zeros(len(x), feature_dim)
+            return {"fedgen_z": zeros, "fedgen_y": torch.zeros(len(x), dtype=torch.long), "fedgen_zy": zeros,
+                    "fedgen_weight": torch.tensor(0.0), "fedgen_latent": torch.tensor(0.0)}
 
         return none
     params = {n[2:]: p for n, p in payload.items() if n.startswith("G.")}
@@ -275,14 +351,24 @@ def _fedgen_extras(model: nn.Module, payload, n_classes: int):
     G.load_state_dict(params)
     G = G.to(params["net.0.weight"].device)
     prior, weight = payload["prior"].float().cpu(), payload["weight"].float().reshape(())
+    latent = payload["latent"].float().reshape(()) if "latent" in payload else torch.tensor(0.0)
+    held = bool(payload["held"]) if "held" in payload else False
     device = params["net.0.weight"].device
 
     def draw(x, y, g):
-        yy = torch.multinomial(prior, len(x), replacement=True, generator=g)
+        if held:
+            # the authors draw uniformly over the labels the client holds; the batch's labels are what
+            # the client term sees of them
+            labels = torch.unique(y.cpu())
+            yy = labels[torch.randint(0, len(labels), (len(x),), generator=g)]
+        else:
+            yy = torch.multinomial(prior, len(x), replacement=True, generator=g)
         eps = torch.randn(len(x), G.noise_dim, generator=g)
+        eps_own = torch.randn(len(x), G.noise_dim, generator=g)
         with torch.no_grad():
             z = G(eps.to(device), yy.to(device))
-        return {"fedgen_z": z, "fedgen_y": yy, "fedgen_weight": weight}
+            zy = G(eps_own.to(device), y.to(device))
+        return {"fedgen_z": z, "fedgen_y": yy, "fedgen_zy": zy, "fedgen_weight": weight, "fedgen_latent": latent}
 
     return draw
 
@@ -291,7 +377,11 @@ def _fedgen_loss(model: nn.Module):
     _, h = head_fn(model)
 
     def loss(call, params, batch):
-        return fedgen_client_loss(h(params, batch["fedgen_z"]), batch["fedgen_y"])
+        out = fedgen_client_loss(h(params, batch["fedgen_z"]), batch["fedgen_y"])
+        if "fedgen_zy" not in batch:  # called on generated features alone: the CE term only
+            return out
+        latent = fedgen_latent_loss(call(params, batch["x"]), h(params, batch["fedgen_zy"]), batch.get("mask"))
+        return out + batch["fedgen_latent"] * latent
 
     return loss
 
@@ -310,12 +400,15 @@ def fedftg_cls_loss(logits: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
 
 
 def fedftg_md_loss(logits: Tensor, student_logits: Tensor, y: Tensor, alpha: Tensor,
-                   temperature: float = 1.0) -> Tensor:
-    """L_md: the model discrepancy, mean_i sum_k alpha_{k,y_i} T^2 KL(softmax(f_k(x_i)/T) ||
-    softmax(f(x_i)/T)) between the clients [K, B, C] and the global model [B, C]. The generator
-    maximises it (hard samples), the global model minimises it; for the global model its gradient is
-    that of the KL to the class-level mixture sum_k alpha_{k,y} softmax(f_k / T)."""
+                   temperature: float = 1.0, md: str = "l1") -> Tensor:
+    """L_md: the model discrepancy between the clients [K, B, C] and the global model [B, C], weighted
+    by alpha_{k,y_i}. ``md`` "l1" (FedFTG's eq.): mean_i sum_k alpha_{k,y_i} ||f_k(x_i) - f(x_i)||_1 / C,
+    the L1 distance between logits (divided by C, our normalisation, as a mean absolute error); "kl"
+    (our earlier reading): mean_i sum_k alpha_{k,y_i} T^2 KL(softmax(f_k(x_i)/T) || softmax(f(x_i)/T)).
+    The generator maximises it (hard samples), the global model minimises it."""
     a = alpha[:, y]
+    if md == "l1":
+        return (a * (logits - student_logits[None]).abs().mean(-1)).sum(0).mean()
     p = torch.softmax(logits / temperature, -1)
     kl = (p * (torch.log_softmax(logits / temperature, -1)
                - torch.log_softmax(student_logits / temperature, -1)[None])).sum(-1)  # [K, B]
@@ -323,29 +416,37 @@ def fedftg_md_loss(logits: Tensor, student_logits: Tensor, y: Tensor, alpha: Ten
 
 
 def fedftg_generator_loss(logits, student_logits, x, noise, y, alpha, *, beta_md: float = 1.0,
-                          beta_div: float = 1.0, temperature: float = 1.0) -> Tensor:
-    """The generator's objective L_cls + beta_div L_div - beta_md L_md (hard-sample mining)."""
-    return (fedftg_cls_loss(logits, y, alpha) + beta_div * diversity_loss(x, noise)
-            - beta_md * fedftg_md_loss(logits, student_logits, y, alpha, temperature))
+                          beta_div: float = 1.0, temperature: float = 1.0, md: str = "l1",
+                          noise_metric: str = "l2") -> Tensor:
+    """The generator's objective L_cls + beta_div L_div - beta_md L_md (hard-sample mining); with
+    ``logits`` of one client [1, B, C] and its alpha [1, C] it is that client's term (per-client update)."""
+    return (fedftg_cls_loss(logits, y, alpha) + beta_div * diversity_loss(x, noise, noise_metric)
+            - beta_md * fedftg_md_loss(logits, student_logits, y, alpha, temperature, md))
 
 
 def fedftg_distill(model: nn.Module, start: fl.Params, client_params: fl.Params, G: nn.Module, counts: Tensor,
-                   n_classes: int, *, steps: int, student_steps: int = 1, batch_size: int = 64, lr: float = 1e-3,
+                   n_classes: int, *, steps: int, student_steps: int = 5, batch_size: int = 64, lr: float = 1e-3,
                    lr_generator: float = 1e-3, beta_md: float = 1.0, beta_div: float = 1.0,
-                   temperature: float = 1.0, rng: torch.Generator | None = None, trace: list | None = None) -> fl.Params:
-    """FedFTG's server fine-tuning from ``start`` (the FedAvg model): ``steps`` times, one Adam step of
-    the conditional generator G(z, y) (``G.z_dim`` = noise + n_classes) on
-    :func:`fedftg_generator_loss`, then ``student_steps`` Adam steps of the global model on L_md of fresh
-    samples. Labels y ~ p(y) of the clients' class counts ``counts`` [K, C] (customised label
-    sampling). G is updated in place; returns the fine-tuned params (``trace``: the generator's
-    objective before each of its steps is appended)."""
+                   temperature: float = 1.0, md: str = "l1", generator_update: str = "summed",
+                   fresh_batches: bool = False, noise_metric: str = "l2",
+                   rng: torch.Generator | None = None, trace: list | None = None) -> fl.Params:
+    """FedFTG's server fine-tuning from ``start`` (the FedAvg model), ``steps`` times: the conditional
+    generator G(z, y) (``G.z_dim`` = noise + n_classes) takes one Adam step on
+    :func:`fedftg_generator_loss` summed over the clients, or one per client on its own alpha-weighted
+    terms, clients in order (``generator_update`` "per_client", the authors' update); then the global model
+    takes ``student_steps`` Adam steps on L_md of one batch of G's samples (``fresh_batches``: a fresh
+    batch each). Labels y ~ p(y) of the clients' class counts ``counts`` [K, C] (customised label
+    sampling). G is updated in place; returns the fine-tuned params (``trace``: the summed generator
+    objective before each round of generator steps is appended)."""
     device = next(G.parameters()).device
     alpha, prior = class_weights(counts).to(device), label_prior(counts).cpu()
     teacher = _teacher(model)
+    call = fl.functional(model)
     student = fl.set_params(copy.deepcopy(model), start)
     opt_s = torch.optim.Adam(student.parameters(), lr=lr)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr_generator, betas=(0.5, 0.999))
-    noise_dim = G.z_dim - n_classes
+    noise_dim, K = G.z_dim - n_classes, fl.n_stacked(client_params)
+    kw = dict(beta_md=beta_md, beta_div=beta_div, temperature=temperature, md=md, noise_metric=noise_metric)
 
     def draw():
         y = torch.multinomial(prior, batch_size, replacement=True, generator=rng).to(device)
@@ -354,21 +455,33 @@ def fedftg_distill(model: nn.Module, start: fl.Params, client_params: fl.Params,
 
     for _ in range(steps):
         x, z, y = draw()
-        loss_g = fedftg_generator_loss(teacher(client_params, x), student(x), x, z, y, alpha, beta_md=beta_md,
-                                       beta_div=beta_div, temperature=temperature)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        loss_g = fedftg_generator_loss(teacher(client_params, x), student(x), x, z, y, alpha, **kw)
         if trace is not None:
             trace.append(float(loss_g.detach()))
+        if generator_update == "summed":
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+        else:
+            for k in range(K):
+                x_k = G(fm.conditional_noise(z, y, n_classes))
+                f_k = call(fl.index_params(client_params, k), x_k)[None]
+                loss_k = fedftg_generator_loss(f_k, student(x_k), x_k, z, y, alpha[k:k + 1], **kw)
+                opt_g.zero_grad(set_to_none=True)
+                loss_k.backward()
+                opt_g.step()
+        with torch.no_grad():
+            x, _, y = draw()
+            t_logits = teacher(client_params, x)
         for _ in range(student_steps):
-            with torch.no_grad():
-                x, _, y = draw()
-                t_logits = teacher(client_params, x)
-            loss_s = fedftg_md_loss(t_logits, student(x), y, alpha, temperature)
+            loss_s = fedftg_md_loss(t_logits, student(x), y, alpha, temperature, md)
             opt_s.zero_grad(set_to_none=True)
             loss_s.backward()
             opt_s.step()
+            if fresh_batches:
+                with torch.no_grad():
+                    x, _, y = draw()
+                    t_logits = teacher(client_params, x)
     return fl.get_params(student)
 
 
@@ -384,7 +497,8 @@ def fedftg_server(model, start, client_params, setup, n_classes, cfg, ctx):
     return fedftg_distill(model, start, client_params, G, counts, n_classes, steps=o["steps"],
                           student_steps=o["student_steps"], batch_size=cfg.distill_batch, lr=cfg.distill_lr,
                           lr_generator=o["lr_generator"], beta_md=o["beta_md"], beta_div=o["beta_div"],
-                          temperature=cfg.temperature, rng=ctx.rng)
+                          temperature=cfg.temperature, md=o["md"], generator_update=o["generator_update"],
+                          fresh_batches=o["fresh_batches"], noise_metric=o["noise_metric"], rng=ctx.rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,9 +511,11 @@ def ensemble_logits(logits: Tensor, w: Tensor) -> Tensor:
 def hard_sample_loss(logits: Tensor, y: Tensor, gamma: float = 1.0) -> Tensor:
     """L_H: cross-entropy re-weighted by hardness, mean_i -(1 - p_{y_i})^gamma log p_{y_i}, p =
     softmax(A_w(x_i)) (a focal form; ``gamma`` 0 is plain CE; the exponent is our choice): samples the
-    ensemble already classifies surely weigh less, so the generator's gradient goes to the hard ones."""
+    ensemble already classifies surely weigh less, so the generator's gradient goes to the hard ones.
+    The hardness (1 - p)^gamma is a weight, detached as in the authors' code: the gradient is that of
+    the CE on each sample times its weight."""
     logp = torch.log_softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
-    return (-(1 - logp.exp()).pow(gamma) * logp).mean()
+    return (-(1 - logp.detach().exp()).pow(gamma) * logp).mean()
 
 
 def coboosting_weight_step(w: Tensor, grad: Tensor, mu: float) -> Tensor:
@@ -411,71 +527,134 @@ def coboosting_weight_step(w: Tensor, grad: Tensor, mu: float) -> Tensor:
 
 def diversify(x: Tensor, grad: Tensor, eps: float, bounds: tuple | None = (-1.0, 1.0)) -> Tensor:
     """Co-Boosting's on-the-fly diversification: x + eps sign(grad) (``grad`` of the ensemble's CE with
-    respect to x: one step that makes the sample harder), kept in the data range ``bounds``."""
+    respect to x: one step that makes the sample harder; or a random tensor: a random-sign direction),
+    kept in the data range ``bounds``."""
     x = x + eps * torch.sign(grad)
     return x if bounds is None else x.clamp(*bounds)
+
+
+def kept_weights(state: dict, accepted: Tensor) -> Tensor | None:
+    """The ensemble weights w kept from the last round, for the ``accepted`` clients (their indices, in
+    order): a client new since then gets the mean weight, and w is renormalised; None in the first round."""
+    if "w" not in state:
+        return None
+    last = dict(zip(state["clients"].tolist(), state["w"].tolist()))
+    mean = 1.0 / len(last)
+    w = torch.tensor([last.get(k, mean) for k in accepted.cpu().tolist()])
+    return w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(w))
 
 
 def coboosting_distill(model: nn.Module, start: fl.Params, client_params: fl.Params, G: nn.Module, n_classes: int, *,
                        steps: int, batch_size: int = 64, lr: float = 1e-3, lr_generator: float = 1e-3,
                        beta_adv: float = 1.0, gamma: float = 1.0, eps: float = 0.1, mu: float = 0.01,
-                       temperature: float = 1.0, rng: torch.Generator | None = None,
-                       w: Tensor | None = None) -> tuple[fl.Params, Tensor]:
-    """Co-Boosting from ``start``, ``steps`` times: (1) one Adam step of G(z, y) on L_H(A_w(x), y) -
-    beta_adv KL(A_w(x) || student(x)); (2) the samples made harder (:func:`diversify`; images stay in
-    [-1, 1]) join the pool; (3) one gradient-sign step of w on CE(A_w(x_hard), y)
-    (:func:`coboosting_weight_step`); (4) one Adam step of the student on the KL to A_w over a batch
-    of the pool. w starts uniform (or at ``w``). Returns the student's params and the final w."""
+                       temperature: float = 4.0, rng: torch.Generator | None = None, w: Tensor | None = None,
+                       g_steps: int = 5, fresh_generator: bool = True, build=None, perturb: str = "gradient",
+                       student: str = "pool", lr_student: float = 0.01) -> tuple[fl.Params, Tensor]:
+    """Co-Boosting from ``start``, ``steps`` epochs of: (1) the generator, fresh (``build()``, its
+    parameters from ``rng``) with learnable latents z when ``fresh_generator`` (``G`` kept otherwise),
+    takes ``g_steps`` Adam steps on L_H(A_w(x), y) - beta_adv KL(A_w(x) || student(x)); the batch of
+    lowest loss joins the pool; (2) one gradient-sign step of w on CE(A_w(x), y) of that batch
+    (:func:`coboosting_weight_step`); (3) the student distils A_w at ``temperature`` on the pool, every
+    batch perturbed afresh and not stored (``perturb`` "gradient": :func:`diversify` along the sign of
+    the ensemble's CE gradient, the paper's; "random": a random-sign direction, the authors' code;
+    "stored": the old variant, the gradient step taken once at synthesis and stored): ``student``
+    "pool": one SGD epoch (lr ``lr_student``, momentum 0.9) over the whole pool; "batch": one Adam step
+    (lr ``lr``) on a random batch of it. Images stay in [-1, 1]. w starts uniform (or at ``w``).
+    Returns the student's params and the final w."""
     device = next(G.parameters()).device
     teacher = _teacher(model)
-    student = fl.set_params(copy.deepcopy(model), start)
-    opt_s = torch.optim.Adam(student.parameters(), lr=lr)
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr_generator, betas=(0.5, 0.999))
+    net = fl.set_params(copy.deepcopy(model), start)
+    opt_s = (torch.optim.SGD(net.parameters(), lr=lr_student, momentum=0.9) if student == "pool"
+             else torch.optim.Adam(net.parameters(), lr=lr))
     K = fl.n_stacked(client_params)
     w = (torch.full((K,), 1.0 / K) if w is None else w.detach().clone()).to(device)
     noise_dim = G.z_dim - n_classes
-    pool_x, pool_logits = [], []  # the clients' logits on a pooled sample never change: kept, re-weighted by w
+    bounds = lambda x: (-1.0, 1.0) if x.dim() == 4 else None  # noqa: E731 (images live in [-1, 1])
+
+    def harder(x, y, logits=None):
+        """x made harder for A_w (or moved in a random-sign direction), with the clients' logits on it."""
+        if perturb == "random":
+            direction = torch.randn(x.shape, generator=rng).to(device)
+        else:
+            xv = x.clone().requires_grad_(True)
+            (direction,) = torch.autograd.grad(F.cross_entropy(ensemble_logits(teacher(client_params, xv), w), y), xv)
+            # a coordinate whose gradient is rounding noise (below 1e-3 of the sample's largest) has no
+            # direction: its sign would differ between two runs that agree to 1e-7 (in-process and Flower)
+            scale = direction.flatten(1).abs().amax(1).view(-1, *[1] * (direction.dim() - 1))
+            direction = torch.where(direction.abs() > 1e-3 * scale, direction, torch.zeros_like(direction))
+        x = diversify(x, direction, eps, bounds(x))
+        with torch.no_grad():
+            return x, teacher(client_params, x)
+
+    pool_x, pool_y = [], []
     for _ in range(steps):
         y = torch.randint(0, n_classes, (batch_size,), generator=rng).to(device)
         z = torch.randn(batch_size, noise_dim, generator=rng).to(device)
-        x = G(fm.conditional_noise(z, y, n_classes))
-        a = ensemble_logits(teacher(client_params, x), w)
-        # (2) the direction that makes x harder for the ensemble, from the same forward pass as (1)
-        (gx,) = torch.autograd.grad(F.cross_entropy(a, y), x, retain_graph=True)
-        q = torch.softmax(a / temperature, -1)
-        loss_g = hard_sample_loss(a, y, gamma) - beta_adv * kl_to_targets(student(x), q, temperature).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        x_hard = diversify(x.detach(), gx, eps, (-1.0, 1.0) if x.dim() == 4 else None)  # images live in [-1, 1]
+        gen = G
+        if fresh_generator:
+            seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                gen = build().to(device)
+            z = z.requires_grad_(True)
+        opt_g = torch.optim.Adam(list(gen.parameters()) + ([z] if fresh_generator else []), lr=lr_generator,
+                                 betas=(0.5, 0.999))
+        best, best_x = float("inf"), None
+        for _ in range(g_steps if fresh_generator else 1):
+            x = gen(fm.conditional_noise(z, y, n_classes))
+            a = ensemble_logits(teacher(client_params, x), w)
+            q = torch.softmax(a / temperature, -1)
+            loss_g = hard_sample_loss(a, y, gamma) - beta_adv * kl_to_targets(net(x), q, temperature).mean()
+            if float(loss_g.detach()) < best:  # the authors keep the best batch of a generator's iterations
+                best, best_x = float(loss_g.detach()), x.detach()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+        if perturb == "stored":
+            best_x, _ = harder(best_x, y)
+        pool_x.append(best_x)
+        pool_y.append(y)
+        # (2) the ensemble re-weighted on this epoch's samples
         with torch.no_grad():
-            h_logits = teacher(client_params, x_hard)  # [K, B, C]
-        pool_x.append(x_hard)
-        pool_logits.append(h_logits)
-        # (3) the ensemble re-weighted on the hard samples
+            h_logits = teacher(client_params, best_x)
         wv = w.clone().requires_grad_(True)
         (gw,) = torch.autograd.grad(F.cross_entropy(ensemble_logits(h_logits, wv), y), wv)
         w = coboosting_weight_step(w, gw, mu)
-        # (4) the student on a batch of every sample so far
-        px, pl = torch.cat(pool_x), torch.cat(pool_logits, 1)
-        i = torch.randint(0, len(px), (batch_size,), generator=rng).to(device)
-        q = torch.softmax(ensemble_logits(pl[:, i], w) / temperature, -1)
-        loss_s = kl_to_targets(student(px[i]), q, temperature).mean()
-        opt_s.zero_grad(set_to_none=True)
-        loss_s.backward()
-        opt_s.step()
-    return fl.get_params(student), w
+        # (3) the student on the pool, perturbed afresh at every step
+        px, py = torch.cat(pool_x), torch.cat(pool_y)
+        if student == "pool":
+            order = torch.randperm(len(px), generator=rng).to(device)
+            batches = [order[i:i + batch_size] for i in range(0, len(px), batch_size)]
+        else:
+            batches = [torch.randint(0, len(px), (batch_size,), generator=rng).to(device)]
+        for i in batches:
+            if perturb == "stored":
+                xb = px[i]
+                with torch.no_grad():
+                    lb = teacher(client_params, xb)
+            else:
+                xb, lb = harder(px[i], py[i])
+            q = torch.softmax(ensemble_logits(lb, w) / temperature, -1)
+            loss_s = kl_to_targets(net(xb), q, temperature).mean()
+            opt_s.zero_grad(set_to_none=True)
+            loss_s.backward()
+            opt_s.step()
+    return fl.get_params(net), w
 
 
 def coboosting_server(model, start, client_params, setup, n_classes, cfg, ctx):
-    """Co-Boosting's server step: its generator (kept across rounds, if there are several), w from
-    uniform over the accepted clients (kept in ``ctx.state["w"]`` with their indices)."""
+    """Co-Boosting's server step: a fresh generator per epoch (or one kept across epochs and rounds), w
+    read back from ``ctx.state["w"]`` (kept across rounds with the clients' indices; uniform in the first)."""
     o = options(cfg, "coboosting")
-    G = _generator(ctx.state, "G", ctx.rng, _image_generator(setup.test_x.shape[1:], n_classes, o), _device(start))
+    build = _image_generator(setup.test_x.shape[1:], n_classes, o)
+    G = _generator(ctx.state, "G", ctx.rng, build, _device(start))
     params, w = coboosting_distill(model, start, client_params, G, n_classes, steps=o["steps"],
                                    batch_size=cfg.distill_batch, lr=cfg.distill_lr, lr_generator=o["lr_generator"],
                                    beta_adv=o["beta_adv"], gamma=o["gamma"], eps=o["eps"], mu=o["mu"],
-                                   temperature=cfg.temperature, rng=ctx.rng)
+                                   temperature=o["temperature"],
+                                   rng=ctx.rng, w=kept_weights(ctx.state, ctx.accepted), g_steps=o["g_steps"],
+                                   fresh_generator=o["fresh_generator"], build=build, perturb=o["perturb"],
+                                   student=o["student"], lr_student=o["lr_student"])
     ctx.state["w"], ctx.state["clients"] = w.cpu(), ctx.accepted.cpu()
     return params
 
@@ -494,7 +673,7 @@ def extra_bytes(method: str, *, model: nn.Module, n_classes: int, n_clients: int
         o = {**OPTIONS["fedgen"], **(method_options or {}).get("fedgen", {})}
         G = fm.FeatureGenerator(n_classes, model.get_submodule(fm.head_name(model)).in_features, o["noise_dim"],
                                 o["hidden"])
-        down = n_clients * (fl.state_bytes(G) + 4 * n_classes + 4)  # + p(y) and the weight, float32
+        down = n_clients * (fl.state_bytes(G) + 4 * n_classes + 3 * 4)  # + p(y), the weight, latent, held: float32
     up = n_clients * n_classes * count_bytes if method in ("fedgen", "fedftg") else 0
     return {"down": down, "up": up}
 
@@ -503,6 +682,8 @@ register_method(Method("dense", server=dense_server, setup_needs=("dense_generat
                        doc="DENSE-style data-free distillation with a generator against the ensemble"))
 register_method(Method("fedgen", server=fedgen_server, client=FEDGEN,
                        doc="FedGen: a feature-space generator learnt from the heads regularises the clients"))
+register_method(Method("fedgen_noreg", server=fedgen_noreg_server, client=FEDGEN,
+                       doc="FedGen's ablation: the client regulariser's weight 0 (FedAvg with FedGen's draws)"))
 register_method(Method("fedftg", server=fedftg_server,
                        doc="FedFTG: the global model fine-tuned on hard samples of a conditional generator"))
 register_method(Method("coboosting", server=coboosting_server,

@@ -41,7 +41,7 @@ def test_fedgen_generator_loss_gradient():
     g = torch.randn(K, B, C)
     y = torch.tensor([0, 1, 3, 3, 2])
     alpha = DF.class_weights(torch.rand(K, C) + 0.1)
-    (grad,) = _grad(lambda t: DF.fedgen_generator_loss(t, y, alpha), g)
+    (grad,) = _grad(lambda t: DF.fedgen_generator_loss(t, y, alpha, "logits"), g)
     a = alpha[:, y]  # [K, B]
     mix = (a[..., None] * g).sum(0)
     expect = a[..., None] * (mix.softmax(-1) - F.one_hot(y, C)) / B
@@ -74,20 +74,20 @@ def test_fedftg_cls_and_md_loss_gradients():
     (gf,) = _grad(lambda t: DF.fedftg_cls_loss(t, y, alpha), f)
     assert torch.allclose(gf, a[..., None] * (f.softmax(-1) - F.one_hot(y, C)) / B, atol=1e-6)
     # for the global model, L_md's gradient is the KL's to the class-level mixture
-    (gs,) = _grad(lambda t: DF.fedftg_md_loss(f, t, y, alpha), s)
+    (gs,) = _grad(lambda t: DF.fedftg_md_loss(f, t, y, alpha, md="kl"), s)
     mixture = (a[..., None] * f.softmax(-1)).sum(0)
     assert torch.allclose(gs, (s.softmax(-1) - mixture) / B, atol=1e-6)
     # and its value is the alpha-weighted KL of every client from the global model
     kl = (f.softmax(-1) * (f.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
-    assert torch.allclose(DF.fedftg_md_loss(f, s, y, alpha), (a * kl).sum(0).mean())
+    assert torch.allclose(DF.fedftg_md_loss(f, s, y, alpha, md="kl"), (a * kl).sum(0).mean())
 
 
 def test_diversity_loss_value_and_gradient():
-    """Two samples a apart and noises b apart: L = exp(-ab/2), dL/da = -(b/2) L."""
+    """Two samples a apart and noises b apart: L = exp(-ab/2), dL/da = -(b/2) L (noise distance L1)."""
     a, b = 0.8, 1.5
     x = torch.tensor([[0.0], [a]], requires_grad=True)
     z = torch.tensor([[0.0], [b]])
-    loss = DF.diversity_loss(x, z)
+    loss = DF.diversity_loss(x, z, "l1")
     assert torch.allclose(loss, torch.tensor(a * b / 2).neg().exp())
     (gx,) = torch.autograd.grad(loss, x)
     assert torch.allclose(gx[1, 0], -(b / 2) * loss.detach()) and torch.allclose(gx[0, 0], (b / 2) * loss.detach())
@@ -95,15 +95,16 @@ def test_diversity_loss_value_and_gradient():
 
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0])
 def test_hard_sample_loss_gradient(gamma):
-    """L = -(1 - p)^g log p with p = softmax_y: dL/dl_j = dL/dp * p (delta_jy - p_j),
-    dL/dp = g (1 - p)^(g - 1) log p - (1 - p)^g / p."""
+    """L = -(1 - p)^g log p with p = softmax_y and the hardness (1 - p)^g a detached weight (the
+    Co-Boosting authors'): dL/dl_j = dL/dp * p (delta_jy - p_j), dL/dp = -(1 - p)^g / p (no term from
+    the weight: the old, undetached loss had g (1 - p)^(g - 1) log p besides)."""
     torch.manual_seed(2)
     B, C = 5, 4
     logits, y = torch.randn(B, C), torch.tensor([0, 1, 2, 3, 0])
     (g,) = _grad(lambda t: DF.hard_sample_loss(t, y, gamma), logits)
     p = logits.softmax(-1)
     py = p.gather(1, y[:, None])
-    dldp = gamma * (1 - py).pow(gamma - 1) * py.log() - (1 - py).pow(gamma) / py if gamma else -1 / py
+    dldp = -(1 - py).pow(gamma) / py
     expect = dldp * py * (F.one_hot(y, C) - p) / B
     assert torch.allclose(g, expect, atol=1e-6)
     if gamma == 0:
@@ -257,7 +258,7 @@ def test_methods_train_side_by_side_and_fedgen_payload_is_counted(problem):
             x = setup.test_x
             assert same_function(model, fl.index_params(both.params, j), fl.index_params(other.params, j), x) < 1e-5, m
     G = models.FeatureGenerator(3, model.head.in_features, **{k: DF.OPTIONS["fedgen"][k] for k in ("noise_dim", "hidden")})
-    payload = fl.state_bytes(G) + 3 * 4 + 4  # G_w, p(y), the weight (float32)
+    payload = fl.state_bytes(G) + 3 * 4 + 3 * 4  # G_w, p(y), the weight, the latent weight, the label rule (float32)
     K, led = setup.clients.n_k.numel(), both.ledger
     assert led.total(item="fedgen payload", round=1) == 0
     assert led.total(item="fedgen payload", round=2) == K * payload
@@ -281,3 +282,184 @@ def test_every_registered_method_keeps_one_distinct_colour_in_every_figure():
     full = plots.method_colours(everyone)
     assert len(set(full.values())) == len(everyone)
     assert plots.method_colours(["fedgen", "fedgo"]) == {m: full[m] for m in ("fedgen", "fedgo")}
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 25: each method as its paper and authors run it (each test fails on the earlier code)
+def test_fedgen_defaults_are_the_authors_and_the_old_setting_is_an_option(problem):
+    """Diversity weighted 1, client term 10 x 0.98^round with a latent term, labels over the held ones,
+    per-client CE; unknown choice values are refused with the allowed ones."""
+    o = DF.OPTIONS["fedgen"]
+    assert o["diversity"] == 1.0 and o["weight"] == 10.0 and o["decay"] == 0.98 and o["latent"] > 0
+    assert o["labels"] == "held" and o["ensemble"] == "clients" and o["lr_generator"] == 3e-4
+    assert [DF.fedgen_weight(10.0, 0.98, r) for r in (0, 1, 5)] == pytest.approx([10.0, 9.8, 10 * 0.98**5])
+    with pytest.raises(ValueError, match=r"fedgen option labels='all' is not one of 'held', 'prior'"):
+        D.run_rounds(problem["model"], [problem["setup"]], ["fedgen"], rounds=1,
+                     method_options={"fedgen": {"labels": "all"}}, **KW)
+
+
+def test_fedgen_payload_weight_decays_per_round(problem):
+    """The weight the clients receive in round r (0-based) is 10 x 0.98^r."""
+    setup, model = problem["setup"], problem["model"]
+    cfg = D.ServerConfig(distill_steps=3, distill_batch=16, generator=torch.Generator().manual_seed(3),
+                         method_options={"fedgen": {"steps": 2}})
+    st = D.prepare_rounds(model, [setup], ["fedgen"], 4, fl.get_params(model))
+    local = fl.broadcast_params(fl.get_params(model), 3)
+    for r in range(3):
+        DF.fedgen_server(model, fl.get_params(model), local, setup, 3, cfg, D.group_context(st, 0, r, torch.arange(3), cfg))
+        payload = DF.FEDGEN.payload(st.state[0], 3, cfg)
+        assert float(payload["weight"]) == pytest.approx(10 * 0.98 ** (r + 1))
+        assert float(payload["latent"]) == 1.0 and float(payload["held"]) == 1.0
+
+
+def test_fedgen_generator_loss_is_the_alpha_weighted_client_ce_and_diversity_counts():
+    """ensemble "clients": sum_k alpha_{k,y} CE(h_k(z), y) (not the CE of the logit ensemble), and the
+    generator's training moves with the diversity weight."""
+    torch.manual_seed(0)
+    K, B, C = 3, 5, 4
+    g, y = torch.randn(K, B, C), torch.tensor([0, 1, 3, 3, 2])
+    alpha = DF.class_weights(torch.rand(K, C) + 0.1)
+    ce = torch.stack([F.cross_entropy(g[k], y, reduction="none") for k in range(K)])
+    assert torch.allclose(DF.fedgen_generator_loss(g, y, alpha), (alpha[:, y] * ce).sum(0).mean())
+    assert not torch.allclose(DF.fedgen_generator_loss(g, y, alpha), DF.fedgen_generator_loss(g, y, alpha, "logits"))
+    model = models.MLP(2, C, hidden=6, depth=1)
+    heads = fl.stack_params([fl.get_params(models.MLP(2, C, hidden=6, depth=1)) for _ in range(K)])
+    _, h = DF.head_fn(model)
+    counts = torch.rand(K, C) + 0.1
+    traces = []
+    for div in (0.0, 1.0):
+        torch.manual_seed(1)
+        G = models.FeatureGenerator(C, 6, noise_dim=4, hidden=8)
+        traces.append(DF.train_fedgen_generator(G, heads, h, counts, steps=3, batch_size=8, diversity=div,
+                                                rng=torch.Generator().manual_seed(0)))
+    assert traces[1][0] > traces[0][0], "the diversity term (exp(-.) > 0) is in the objective"
+
+
+def test_fedgen_latent_term_pulls_the_client_to_its_head_on_generated_features():
+    """KL(softmax(h(G(y))) || softmax(f(x))) is 0 where they agree, positive otherwise, masked, and its
+    target carries no gradient."""
+    f = torch.tensor([[2.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    t = f.detach().clone().requires_grad_(True)
+    assert float(DF.fedgen_latent_loss(f, t)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.tensor([[0.0, 2.0], [5.0, 0.0]], requires_grad=True)
+    loss = DF.fedgen_latent_loss(f, other, torch.tensor([1.0, 0.0]))
+    q = other.detach()[0].softmax(-1)
+    assert float(loss) == pytest.approx(float((q * (q.log() - f.detach()[0].log_softmax(-1))).sum()), rel=1e-5)
+    loss.backward()
+    assert other.grad is None or torch.all(other.grad == 0)
+    assert torch.all(f.grad[1] == 0), "the padded sample does not count"
+
+
+def test_fedftg_md_loss_is_the_alpha_weighted_l1_between_logits():
+    torch.manual_seed(3)
+    K, B, C = 2, 4, 3
+    f, s, y = torch.randn(K, B, C), torch.randn(B, C), torch.tensor([0, 2, 1, 1])
+    alpha = DF.class_weights(torch.rand(K, C) + 0.1)
+    expect = (alpha[:, y] * (f - s[None]).abs().mean(-1)).sum(0).mean()
+    assert torch.allclose(DF.fedftg_md_loss(f, s, y, alpha), expect)
+    (gs,) = _grad(lambda t: DF.fedftg_md_loss(f, t, y, alpha), s)
+    assert torch.allclose(gs, -(alpha[:, y, None] * torch.sign(f - s[None])).sum(0) / (B * C), atol=1e-6)
+
+
+def test_diversity_loss_noise_distance_is_l2_by_default():
+    """Noises b apart: the default noise distance is b^2 (mean squared), L = exp(-a b^2 / 2)."""
+    a, b = 0.8, 1.5
+    x, z = torch.tensor([[0.0], [a]]), torch.tensor([[0.0], [b]])
+    assert torch.allclose(DF.diversity_loss(x, z), torch.tensor(a * b * b / 2).neg().exp())
+
+
+def test_fedftg_generator_steps_once_per_client_and_the_student_reuses_its_batch(monkeypatch):
+    """Per client: K generator steps per iteration (1 when summed); the student's steps share one batch:
+    the generator is called once for it (fresh_batches: once per student step)."""
+    torch.manual_seed(0)
+    C, K = 3, 4
+    model = models.MLP(2, C, hidden=8)
+    clients = fl.stack_params([fl.get_params(models.MLP(2, C, hidden=8)) for _ in range(K)])
+    counts = torch.rand(K, C) + 0.1
+    calls = {}
+    for update, fresh in (("per_client", False), ("summed", False), ("per_client", True)):
+        G = models.make_generator((2,), z_dim=4 + C, hidden=8)
+        steps = []
+        monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, _s=steps, _o=torch.optim.Adam.step, **k:
+                            (_s.append(id(self)), _o(self, *a, **k))[1])
+        n = [0]
+        G.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        DF.fedftg_distill(model, fl.get_params(model), clients, G, counts, C, steps=2, student_steps=3,
+                          batch_size=8, generator_update=update, fresh_batches=fresh,
+                          rng=torch.Generator().manual_seed(0))
+        monkeypatch.undo()
+        calls[(update, fresh)] = (len(steps), n[0])
+    # per iteration: generator steps (K or 1) + 3 student steps; G calls: 1 draw + K re-draws (per client) + student batches
+    assert calls[("per_client", False)] == (2 * (K + 3), 2 * (1 + K + 1))
+    assert calls[("summed", False)] == (2 * (1 + 3), 2 * (1 + 1))
+    assert calls[("per_client", True)][1] == 2 * (1 + K + 1 + 3)
+
+
+def test_coboosting_weights_persist_across_rounds(problem, monkeypatch):
+    """Round 2 starts from round 1's w (its docstring's promise), mapped onto the accepted clients."""
+    setup, model = problem["setup"], problem["model"]
+    seen = []
+    real = DF.coboosting_distill
+
+    def spy(*a, **k):
+        seen.append(None if k.get("w") is None else k["w"].clone())
+        return real(*a, **k)
+
+    monkeypatch.setattr(DF, "coboosting_distill", spy)
+    cfg = D.ServerConfig(distill_steps=2, distill_batch=8, generator=torch.Generator().manual_seed(3),
+                         method_options={"coboosting": {"mu": 0.2, "g_steps": 1}})
+    st = D.prepare_rounds(model, [setup], ["coboosting"], 2, fl.get_params(model))
+    local = fl.stack_params([fl.get_params(models.SmallCNN(1, 3, width=4)) for _ in range(3)])
+    for r in range(2):
+        DF.coboosting_server(model, fl.get_params(model), local, setup, 3, cfg,
+                             D.group_context(st, 0, r, torch.arange(3), cfg))
+        if r == 0:
+            w1 = st.state[0]["w"].clone()
+    assert seen[0] is None and not torch.allclose(w1, torch.full((3,), 1 / 3))
+    assert torch.allclose(seen[1], w1)
+    state = {"w": torch.tensor([0.5, 0.3, 0.2]), "clients": torch.tensor([0, 1, 2])}
+    assert torch.allclose(DF.kept_weights(state, torch.tensor([2, 0])), torch.tensor([0.2, 0.5]) / 0.7)
+
+
+def test_coboosting_hardness_weight_is_detached():
+    """The gradient of L_H is the CE's times (1 - p)^gamma: on a sure sample (p -> 1) it vanishes like (1 - p)."""
+    logits, y = torch.tensor([[3.0, 0.0]], requires_grad=True), torch.tensor([0])
+    (g,) = torch.autograd.grad(DF.hard_sample_loss(logits, y, 1.0), logits)
+    (g_ce,) = torch.autograd.grad(F.cross_entropy(logits, y), logits)
+    p = logits.detach().softmax(-1)[0, 0]
+    assert torch.allclose(g, (1 - p) * g_ce)
+
+
+def test_coboosting_pool_holds_clean_samples_perturbed_at_every_distillation_step(monkeypatch):
+    """perturb "gradient": the pool stores the generator's samples, every student batch is perturbed
+    afresh (one diversify per student step, none stored); the student distils at T=4 over the whole pool."""
+    torch.manual_seed(0)
+    C, K = 3, 2
+    model = models.SmallCNN(1, C, width=4)
+    clients = fl.stack_params([fl.get_params(models.SmallCNN(1, C, width=4)) for _ in range(K)])
+    build = lambda: models.make_generator((1, 8, 8), z_dim=4 + C, width=4)  # noqa: E731
+    n = {"div": 0, "kl": []}
+    real_div, real_kl = DF.diversify, DF.kl_to_targets
+    monkeypatch.setattr(DF, "diversify", lambda *a, **k: (n.__setitem__("div", n["div"] + 1), real_div(*a, **k))[1])
+    monkeypatch.setattr(DF, "kl_to_targets", lambda s, q, t: (n["kl"].append((len(s), t)), real_kl(s, q, t))[1])
+    DF.coboosting_distill(model, fl.get_params(model), clients, build(), C, steps=3, batch_size=8, g_steps=2,
+                          build=build, rng=torch.Generator().manual_seed(0))
+    assert all(t == 4.0 for _, t in n["kl"])
+    # epochs of 2 generator steps each, then 1, 2, 3 student batches of 8 over the growing pool (pool size 8, 16, 24)
+    assert len(n["kl"]) == 3 * 2 + (1 + 2 + 3) and n["div"] == 1 + 2 + 3
+
+
+def test_fedgen_ablation_is_fedgen_with_the_client_term_weight_0(problem):
+    """fedgen_noreg computes what FedGen with the client term's weight 0 does (the regulariser is the only
+    difference), and FedGen with its weight computes something else."""
+    setup, model = problem["setup"], problem["model"]
+    init = fl.get_params(model)
+    kw = dict(rounds=2, init=init, **KW)
+    runs = {name: D.run_rounds(model, [setup], ["fedavg", method], generator=torch.Generator().manual_seed(3),
+                               method_options={"fedgen": {"steps": 3, **opts}}, **kw)
+            for name, method, opts in (("ablation", "fedgen_noreg", {}), ("weight 0", "fedgen", {"weight": 0.0}),
+                                       ("fedgen", "fedgen", {}))}
+    x = setup.test_x
+    p = {n: fl.index_params(r.params, 1) for n, r in runs.items()}
+    assert same_function(model, p["ablation"], p["weight 0"], x) < 1e-5
+    assert same_function(model, p["ablation"], p["fedgen"], x) > 1e-3
