@@ -8,7 +8,7 @@ time s'_i, given where it differs from the solver's time t_i. ``time_shift`` say
 ``"prediction"`` (default, LD3's): the whole data prediction is evaluated at s', i.e. D(x, s') with the
 input scaling c_in, c_noise and the eps/v/F -> x0 conversion all at s' (LD3 replaces x_theta(x_{t_i}, t_i)
 by x_theta(x_{t_i}, s'_i) in the solver step, the solver's coefficients staying at t_i); ``"c_noise"``
-(fedlib before issue 25): only the time embedding c_noise moves, c_in and the conversion stay at t.
+(fedlib's earlier convention): only the time embedding c_noise moves, c_in and the conversion stay at t.
 
 :func:`diffusion_loss` is a pure function of (denoiser, x0, eps, t[, params]) so callers can draw
 eps and t themselves (e.g. outside ``torch.func.vmap``) and pass ``params`` for
