@@ -68,12 +68,40 @@ def split_help(help_text: str) -> tuple[str, str]:
     return help_text[: m.start()].strip(), m.group(1).strip()
 
 
+def _inspect_parameters_cell(path) -> dict[str, dict]:
+    """What ``papermill.inspect_notebook`` gives for a Python notebook ({name: {name, default (its source
+    text), inferred_type_name, help}}; ``tests/test_notebooks_meta.py`` checks the two agree on every
+    notebook), read with json and ast: every kernel calls this through ``Run.start``, and importing
+    papermill pulls in nbformat's schema validator, whose URI grammar alone took 6 of the 11 s the import
+    cost a kernel on the 2-core machine (issue 23's profile)."""
+    import io
+    import json
+    import tokenize
+
+    cells = json.loads(Path(path).read_text()).get("cells", [])
+    cell = next((c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is None:
+        return {}
+    src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+    comments = {t.start[0]: t.string[1:].strip() for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT}
+    found = {}
+    for node in ast.parse(src).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) and node.value is not None else None
+        if not isinstance(target, ast.Name):
+            continue
+        annotation = ast.get_source_segment(src, node.annotation) if isinstance(node, ast.AnnAssign) else None
+        found[target.id] = {"name": target.id, "inferred_type_name": annotation or "None",
+                            "default": ast.get_source_segment(src, node.value),
+                            "help": comments.get(node.end_lineno, "")}
+    return found
+
+
 def parameters(path: Path) -> dict[str, dict]:
     """name -> {type, default (a Python value), help, rules (text), checks (parsed)} from the notebook's
     tagged parameters cell. Raises UsageError when the cell is missing or a rule does not parse."""
-    import papermill
-
-    found = papermill.inspect_notebook(str(path))
+    found = _inspect_parameters_cell(path)
     if not found:
         raise UsageError(f"{Path(path).name} has no cell tagged 'parameters'")
     out = {}

@@ -39,3 +39,20 @@ def test_paired_source_is_in_sync(name):
                            for c in cells]
     assert strip(from_py.cells) == strip(from_nb.cells), \
         "the .ipynb is not the .py's inputs and tags: run `make notebook NB=...` (it converts the .py afresh)"
+
+
+@pytest.mark.parametrize("name", list(NOTEBOOKS))
+def test_parameters_are_read_as_papermill_reads_them(name):
+    # fedlib reads the tagged cell itself (papermill's import costs every kernel seconds); the runner
+    # injects values through papermill, so both readers must see the same names, defaults and help
+    import papermill
+
+    from fedlib import params
+
+    theirs = papermill.inspect_notebook(str(NOTEBOOKS[name]))
+    ours = params._inspect_parameters_cell(NOTEBOOKS[name])
+    assert list(ours) == list(theirs)
+    for pname, p in theirs.items():
+        assert ours[pname]["default"] == p["default"], pname
+        assert ours[pname]["help"] == (p["help"] or "").strip(), pname
+        assert ours[pname]["inferred_type_name"] == p["inferred_type_name"], pname
