@@ -35,6 +35,9 @@ BENCHMARKS = {
     "dmd2_speed": (["--batch", "256"], ["--batch", "8", "--teacher-steps", "5", "--nfe", "2", "--repeats", "1"]),
 }
 
+# benchmarks that measure this CPU machine and have no GPU form (why, for each)
+CPU_ONLY = {"reproduce_time": "the quick reproduction a newcomer's `make reproduce` runs on the CPU, cold and warm"}
+
 
 def script_of(name: str) -> Path:
     return REPO / "benchmarks" / f"{name.split('_resnet')[0]}.py"

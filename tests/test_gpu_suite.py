@@ -13,7 +13,9 @@ import gpu_suite  # noqa: E402
 
 def test_every_benchmark_is_in_the_suite():
     scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
-    assert scripts == {gpu_suite.script_of(name).stem for name in gpu_suite.BENCHMARKS}
+    suite = {gpu_suite.script_of(name).stem for name in gpu_suite.BENCHMARKS}
+    assert scripts == suite | set(gpu_suite.CPU_ONLY), "a benchmark is in the GPU suite or declared CPU-only"
+    assert not suite & set(gpu_suite.CPU_ONLY) and all(gpu_suite.CPU_ONLY.values()), "each CPU-only one says why"
 
 
 def test_the_suite_runs_every_step_with_tiny_sizes(tmp_path):
