@@ -277,6 +277,7 @@ CELL_LIMITS_S = {"smoke": 300, "quick": 900}
 SET_CELL_LIMIT_S = 4 * 3600  # long, paper and the other sets: hours of training in one cell
 EXPLORER_CELL_LIMIT_S = 300
 LOST_AFTER_S = float(os.environ.get("FEDLIB_LOST_REQUEST_S", 60))  # no IOPub reply by then: never received
+POLL_SLICE_S = 1.0  # the longest single wait on a kernel channel (see WatchedClient's polls)
 CELL_TIMEOUT_ENV = "FEDLIB_CELL_TIMEOUT"
 
 
@@ -323,7 +324,10 @@ def _engine_name() -> str:
         return _ENGINE
     import asyncio
 
-    from nbclient.exceptions import DeadKernelError
+    from queue import Empty
+
+    from nbclient.client import timestamp
+    from nbclient.exceptions import CellExecutionComplete, CellTimeoutError, DeadKernelError
     from nbclient.util import ensure_async, run_sync
     from papermill.clientwrap import PapermillNotebookClient
     from papermill.engines import NBClientEngine, papermill_engines
@@ -339,7 +343,7 @@ def _engine_name() -> str:
                 probe = {"ipykernel": "__import__('ipykernel').__version__",
                          "ipython": "__import__('IPython').__version__"}
                 reply = await ensure_async(kc.execute("", silent=True, store_history=False, user_expressions=probe,
-                                                      reply=True, timeout=30))
+                                                      reply=True, timeout=10))
                 got = reply["content"].get("user_expressions", {})
                 self.watch["kernel"] = ", ".join(f"{k} {v.get('data', {}).get('text/plain', '?').strip(chr(39))}"
                                                  for k, v in got.items())
@@ -386,6 +390,49 @@ def _engine_name() -> str:
                 task = getattr(self, "task_poll_for_reply", None)
                 if task is not None:
                     task.cancel()  # nbclient turns this into DeadKernelError; async_execute_cell says why
+
+        # Both polls below wait in slices of POLL_SLICE_S, never in one wait as long as the cell's limit (or
+        # for ever, as nbclient's IOPub poll does): a reply can sit unread in the client's socket while its
+        # wake-up is lost (seen under load: the kernel replied at once, the client read the reply only when
+        # its one long wait ran out, 300 s later). A fresh short wait finds what is already there.
+        async def _async_poll_for_reply(self, msg_id, cell, timeout, task_poll_output_msg, task_poll_kernel_alive):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                try:
+                    msg = await ensure_async(self.kc.shell_channel.get_msg(
+                        timeout=POLL_SLICE_S if left is None else max(0.0, min(POLL_SLICE_S, left))))
+                except Empty:
+                    if left is not None and left <= POLL_SLICE_S:  # the cell's limit has run out
+                        task_poll_kernel_alive.cancel()
+                        await self._async_check_alive()
+                        await self._async_handle_timeout(timeout, cell)  # raises CellTimeoutError
+                    continue
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue  # a late reply to something else
+                if self.record_timing:
+                    cell["metadata"]["execution"]["shell.execute_reply"] = timestamp(msg)
+                try:  # the outputs that belong to this reply: until the kernel says idle, a few seconds at most
+                    await asyncio.wait_for(task_poll_output_msg, self.iopub_timeout)
+                except asyncio.TimeoutError:
+                    task_poll_kernel_alive.cancel()
+                    task_poll_output_msg.cancel()
+                    raise CellTimeoutError.error_from_timeout_and_cell(
+                        "Timeout waiting for IOPub output", self.iopub_timeout, cell) from None
+                task_poll_kernel_alive.cancel()
+                return msg
+
+        async def _async_poll_output_msg(self, parent_msg_id, cell, cell_index):
+            while True:
+                try:
+                    msg = await ensure_async(self.kc.iopub_channel.get_msg(timeout=POLL_SLICE_S))
+                except Empty:
+                    continue
+                if msg["parent_header"].get("msg_id") == parent_msg_id:
+                    try:
+                        self.process_message(msg, cell, cell_index)
+                    except CellExecutionComplete:
+                        return
 
         def process_message(self, msg, cell, cell_index):
             w = self.watch

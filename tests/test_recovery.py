@@ -330,3 +330,30 @@ def test_a_cache_entry_leaves_the_callers_random_state_as_it_was_cold_or_warm(tm
     utils.seed_everything(123)
     untouched = random.random(), float(np.random.rand()), float(torch.rand(1))
     assert cold == warm == untouched
+
+
+def test_a_reply_whose_wake_up_is_lost_is_read_within_seconds(tiny, tmp_path, monkeypatch, clean_machine):
+    """Under load a reply can sit unread in the client's socket while its wake-up is lost: the client read
+    it only when its one long wait ran out (a smoke cell took its whole 300 s limit; nbclient's IOPub
+    wait has no limit at all). Simulated here: a wait longer than two seconds sees nothing until it
+    ends. The runner waits in slices of a second, so the run is not slowed."""
+    import asyncio
+
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    real = AsyncZMQSocketChannel.get_msg
+    long_waits = []
+
+    async def lossy(self, timeout=None):
+        if timeout is None or timeout > 2:
+            long_waits.append(timeout)
+            await asyncio.sleep(600 if timeout is None else timeout)
+        return await real(self, timeout=timeout)
+
+    monkeypatch.setattr(AsyncZMQSocketChannel, "get_msg", lossy)
+    _tiny_notebook(tiny, "print('hello')\n" + GOOD.format(name="10_quiet"), "10_quiet")
+    t0 = time.time()
+    with hard_limit(300):
+        assert runner.reproduce([], "quick", [], out_root=tmp_path / "results", jobs=1, cell_timeout=200) == 0
+    assert time.time() - t0 < 120, "no wait ran to its end"
+    assert not [w for w in long_waits if w is None or w > 30], f"the runner waited long on a channel: {long_waits}"
