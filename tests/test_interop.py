@@ -25,12 +25,12 @@ def _tiny_unet(seed=0):
     return unet
 
 
-@pytest.mark.parametrize("n_steps,prediction", [(5, "epsilon"), (6, "v_prediction")])
-def test_dpm_solver_pp_2m_matches_diffusers(n_steps, prediction):
+def _diffusers_solution(n_steps: int, prediction: str, final_sigmas_type: str):
+    """(unet, scheduler, x_T, diffusers' own DPM-Solver++(2M) solution from x_T)."""
     unet = _tiny_unet()
     sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
                                                   algorithm_type="dpmsolver++", solver_order=2,
-                                                  prediction_type=prediction, final_sigmas_type="zero",
+                                                  prediction_type=prediction, final_sigmas_type=final_sigmas_type,
                                                   lower_order_final=True)
     sched.set_timesteps(n_steps)
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -38,7 +38,13 @@ def test_dpm_solver_pp_2m_matches_diffusers(n_steps, prediction):
         x = x_T * sched.init_noise_sigma
         for t in sched.timesteps:
             x = sched.step(unet(x, t).sample, t, x).prev_sample
-        ref = x
+    return unet, sched, x_T, x
+
+
+@pytest.mark.parametrize("n_steps,prediction", [(5, "epsilon"), (6, "v_prediction")])
+def test_dpm_solver_pp_2m_matches_diffusers(n_steps, prediction):
+    unet, sched, x_T, ref = _diffusers_solution(n_steps, prediction, "zero")
+    with torch.no_grad():
         den = from_diffusers(unet, sched)
         times = diffusers_timesteps_to_times(sched.timesteps)
         ours, nfe = dpm_solver_pp_2m(den, x_T, times)
@@ -51,21 +57,11 @@ def test_dpm_solver_pp_2m_matches_diffusers(n_steps, prediction):
 
 @pytest.mark.parametrize("n_steps", [5, 16])
 def test_lower_order_final_matches_diffusers_sigma_min_convention(n_steps):
-    """Issue 25.5: with final_sigmas_type="sigma_min" diffusers makes the last step first order below 15
+    """With final_sigmas_type="sigma_min" diffusers makes the last step first order below 15
     steps (lower_order_final); fedlib's dpm_solver_pp_2m does so with lower_order_final=True, and by
     default keeps it second order (which then differs from diffusers below 15 steps)."""
-    unet = _tiny_unet()
-    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                                  algorithm_type="dpmsolver++", solver_order=2,
-                                                  prediction_type="epsilon", final_sigmas_type="sigma_min",
-                                                  lower_order_final=True)
-    sched.set_timesteps(n_steps)
-    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    unet, sched, x_T, ref = _diffusers_solution(n_steps, "epsilon", "sigma_min")
     with torch.no_grad():
-        x = x_T * sched.init_noise_sigma
-        for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x).prev_sample
-        ref = x
         den = from_diffusers(unet, sched)
         # diffusers' sigma_min is the noise level of DDPM step 0, i.e. fedlib's t = 1/N
         times = torch.cat([diffusers_timesteps_to_times(sched.timesteps, final_zero=False),
