@@ -285,7 +285,7 @@ def test_every_registered_method_keeps_one_distinct_colour_in_every_figure():
 
 
 # ----------------------------------------------------------------------------------------------
-# issue 25: each method as its paper and authors run it (each test fails on the earlier code)
+# each method as its paper and authors run it (each test fails on the earlier code)
 def test_fedgen_defaults_are_the_authors_and_the_old_setting_is_an_option(problem):
     """Diversity weighted 1, client term 10 x 0.98^round with a latent term, labels over the held ones,
     per-client CE; unknown choice values are refused with the allowed ones."""

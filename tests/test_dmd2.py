@@ -616,7 +616,7 @@ def test_toy_evaluator_matches_the_library_metric_and_keeps_val_and_test_apart()
 
 @pytest.mark.parametrize("shape", [(2,), (1, 8, 8)])
 def test_critic_weight_against_the_fake_score_loss_is_the_papers(monkeypatch, shape):
-    """Issue 25.1: the fake-score loss and the critic loss are both means (over B x d elements and over B
+    """The fake-score loss and the critic loss are both means (over B x d elements and over B
     samples, in the paper's code and here), so the critic's weight relative to the fake-score loss is the
     paper's 1e-2 at any d: read off what training backpropagates (the old code used 1e-2 x 12288 / d:
     6144x too strong on 2-D, 192x on 8x8 digits). The generator's GAN weight keeps its 12288 / d."""

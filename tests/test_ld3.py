@@ -230,7 +230,7 @@ class _EpsNet(torch.nn.Module):
 
 @pytest.mark.parametrize("process,prediction", [(VP("linear"), "eps"), (VP("cosine"), "v"), (EDM(), "edm")])
 def test_the_shifted_network_time_moves_the_whole_data_prediction(process, prediction):
-    """Issue 25.5: LD3 evaluates x_theta(x_{t_i}, s'_i) entirely at the shifted time s'_i: c_in, c_noise and
+    """LD3 evaluates x_theta(x_{t_i}, s'_i) entirely at the shifted time s'_i: c_in, c_noise and
     the eps/v/F -> x0 conversion (the old code moved only c_noise). ``time_shift="c_noise"`` keeps the old."""
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(0.5 if isinstance(process, VP) else 2.0, dtype=torch.float64)
@@ -254,7 +254,7 @@ def test_the_shifted_network_time_moves_the_whole_data_prediction(process, predi
 
 
 def test_a_plateau_reloads_the_best_state():
-    """Issue 25.5: after `patience` steps without a better validation loss LD3 decays the learning rates
+    """After `patience` steps without a better validation loss LD3 decays the learning rates
     and resumes from the best state so far (the old code kept the stale state)."""
     den = _gaussian_denoiser()
     tr = ld3.teacher_pairs(den, 8, (4,), seed=0)

@@ -1,4 +1,4 @@
-"""Issue 22 (7): command-line values that used to be accepted and then ran without end, failed deep
+"""Command-line values that used to be accepted and then ran without end, failed deep
 inside a run, or ran silently wrong are refused up front: exit status 2, one line each naming the
 value, what is allowed and the fix, before any kernel starts. In-process through ``runner.main``:
 no kernels, seconds."""
