@@ -11,6 +11,7 @@ build a shared entry (a teacher, a feature classifier) once: the second waits an
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 import secrets
@@ -34,6 +35,24 @@ def check_choice(name: str, value, allowed: Iterable, fix: str | None = None):
     if value in allowed:
         return value
     msg = f"unknown {name} {value!r}; allowed: {', '.join(repr(a) for a in allowed)}"
+    if fix:
+        msg += f". {fix}"
+    raise ValueError(msg)
+
+
+def check_number(name: str, value, *, at_least=None, above=None, below=None, integer: bool = False,
+                 fix: str | None = None):
+    """Return ``value`` if it is a number within the bounds (``at_least`` <= value, ``above`` < value,
+    value < ``below``; integer where asked); else a ValueError naming the value, the allowed range and
+    the fix (the configs' one check, so that every field is refused the same way)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (not integer or float(value).is_integer())
+    ok = ok and value == value and (at_least is None or value >= at_least) and (above is None or value > above) \
+        and (below is None or value < below)
+    if ok:
+        return value
+    allowed = [("an integer" if integer else "a number")] + [f"{op} {b}" for op, b in
+                                                             ((">=", at_least), (">", above), ("<", below)) if b is not None]
+    msg = f"{name}={value!r}; allowed: {' '.join(allowed[:1])} {' and '.join(allowed[1:])}".rstrip()
     if fix:
         msg += f". {fix}"
     raise ValueError(msg)
