@@ -76,7 +76,7 @@ class RoundsConfig:
     ``mu``, used by proximal methods only) and the server side (:class:`ServerConfig`, less its random
     stream, which :func:`run_rounds` takes apart). Notebook 01's parameters of the same names fill it."""
 
-    rounds: int = 1
+    rounds: int  # communication rounds (no default: every study says how many)
     # the client side: local SGD of every client model
     local_epochs: int = 1
     lr: float = 0.05
@@ -115,6 +115,8 @@ class RoundsConfig:
         if self.chunk_size not in (None, "auto"):
             check_number("chunk_size", self.chunk_size, at_least=1, integer=True,
                          fix="None (one chunk) or 'auto' chooses for you")
+        if self.method_options is None:  # as run_rounds always took it: no options
+            self.method_options = {}
         if not isinstance(self.method_options, dict):
             raise ValueError(f"method_options={self.method_options!r}; allowed: a dict {{method: {{option: value}}}}, "
                              "e.g. {'fedgen': {'weight': 1.0}}")

@@ -227,10 +227,10 @@ def test_run_rounds_takes_one_config_not_a_keyword_per_setting():
     ("rounds", 0, ">= 1"), ("rounds", 1.5, "an integer"), ("lr", 0.0, "> 0"), ("lr", float("nan"), "> 0"),
     ("momentum", 1.0, "< 1"), ("mu", -0.1, ">= 0"), ("batch_size", 0, ">= 1"), ("local_epochs", -1, ">= 0"),
     ("distill_val", 1.0, "< 1"), ("temperature", 0, "> 0"), ("chunk_size", 0, ">= 1"), ("dense_steps", -2, ">= 0"),
-    ("pseudo_label_mode", "soft", "'prob', 'logit'"), ("method_options", None, "a dict")])
+    ("pseudo_label_mode", "soft", "'prob', 'logit'"), ("method_options", [], "a dict")])
 def test_rounds_config_refuses_a_bad_value_naming_it_and_what_is_allowed(field, value, allowed):
     with pytest.raises(ValueError, match=re.escape(repr(value)) + ".*" + re.escape(allowed)):
-        D.RoundsConfig(**{field: value})
+        D.RoundsConfig(**{"rounds": 1, field: value})
 
 
 def test_run_rounds_refuses_an_unknown_setting_and_a_config_with_settings():
@@ -239,7 +239,7 @@ def test_run_rounds_refuses_an_unknown_setting_and_a_config_with_settings():
     with pytest.raises(ValueError, match="distil_lr.*allowed: rounds"):
         D.run_rounds(models.SmallCNN(1, 3, width=4), [setup], ["fedavg"], rounds=1, distil_lr=0.1)
     with pytest.raises(ValueError, match="config and the settings"):
-        D.run_rounds(models.SmallCNN(1, 3, width=4), [setup], ["fedavg"], D.RoundsConfig(), rounds=1)
+        D.run_rounds(models.SmallCNN(1, 3, width=4), [setup], ["fedavg"], D.RoundsConfig(rounds=1), rounds=1)
     clf = models.SmallCNN(1, 3, width=4)
     a = D.run_rounds(clf, [setup], ["fedavg"], D.RoundsConfig(rounds=2, batch_size=4),
                      generator=torch.Generator().manual_seed(0))
