@@ -11,6 +11,9 @@ discriminator D_k against it, the discriminator logits the weights are computed 
 - the truly data-free G (docs/methods.md §1.2-1.3; the design is ours): :class:`LabelConditioned` wraps a
   label-conditioned generator as a plain z -> x generator, and ``train_generator_data_free`` trains it
   against the clients' ensemble alone (DENSE-style, no server data at all);
+- the protocol's one-off steps as :func:`fedlib.studies.fedgo_setups` runs them, one function each:
+  ``server_gan`` (step 1), ``client_discriminators`` (step 2 for several federations at once, sliced per
+  federation), ``warmup_round`` and ``data_free_generators`` (the data-free scenario's G);
 - ``model_costs`` and ``fedgo_overhead``: the extra bytes and client FLOPs next to the whole run;
 - :class:`GaussianSource`: an off-the-shelf G with a known density (the 2-D toy).
 """
