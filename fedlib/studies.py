@@ -475,10 +475,8 @@ def discriminator_epoch_search(train, model, *, client_counts, alphas, seed: int
     rng = np.random.default_rng(seed)
     if G is None:
         server = fdata.fedgo_split(labels, client_counts[0], alphas[0], seed=seed)[1]
-        torch.manual_seed(seed)
-        G = fm.make_generator(shape, z_dim=z_dim, width=gen_width).to(device)
-        fedgo.train_gan(train.x[torch.as_tensor(server)].to(device), G, fm.make_discriminator(shape).to(device),
-                        steps=gan_steps, generator=generator)
+        G = fedgo.server_gan(train.x[torch.as_tensor(server)].to(device), shape, seed=seed, z_dim=z_dim, width=gen_width,
+                             steps=gan_steps, lr=1e-3, generator=generator, device=device)
     D = fm.make_discriminator(shape, width=disc_width if len(shape) == 3 else 32).to(device)
     problems = []  # (K, alpha, fit clients, held-out clients)
     for K in client_counts:
