@@ -33,7 +33,8 @@ def measure(cfg, device, solver, nfe, n_pairs, loss):
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    s = ld3.learned_timesteps(den, solver, nfe, tr, va, loss=loss, rounds_theta=2, rounds_both=5, batch_size=2)
+    s = ld3.learned_timesteps(den, nfe, tr, va, ld3.LD3Config(solver=solver, rounds_theta=2, rounds_both=5, batch=2),
+                              loss=loss)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

@@ -14,14 +14,16 @@ BACKENDS = ("inprocess", "flower")
 _FIX = "Use backend='inprocess' unless you need real clients or a Ray cluster."
 
 
-def run_rounds(model, setups, methods, *, backend: str = "inprocess", **kw) -> engine.RoundsResult:
-    """:func:`fedlib.rounds.run_rounds` on ``backend``; on ``"flower"``, ``kw`` may add ``exchange``
-    and ``options`` (:func:`fedlib.flower.run_rounds`)."""
+def run_rounds(model, setups, methods, config: engine.RoundsConfig | None = None, *, backend: str = "inprocess",
+               **kw) -> engine.RoundsResult:
+    """:func:`fedlib.rounds.run_rounds` with ``config`` (a :class:`fedlib.rounds.RoundsConfig`, or its
+    fields in ``kw``) on ``backend``; on ``"flower"``, ``kw`` may add ``exchange`` and ``options``
+    (:func:`fedlib.flower.run_rounds`)."""
     if check_choice("backend", backend, BACKENDS, fix=_FIX) == "flower":
         from .flower import run_rounds as driver
 
         kw["driver"] = driver
-    return engine.run_rounds(model, setups, methods, **kw)
+    return engine.run_rounds(model, setups, methods, config, **kw)
 
 
 def run_feddm(denoiser, groups, rounds: int, *, backend: str = "inprocess", **kw) -> feddm.FedDMRun:

@@ -10,6 +10,6 @@ from __future__ import annotations
 from .methods import (METHODS, PSEUDO_LABEL_MODES, ClientTerm, Method, adam_step, aggregation_only,  # noqa: F401
                       distil_in_place, ensemble_targets, get_method, kl_distill_params, kl_to_targets, majority_vote,
                       methods, predict_each, pseudo_labels, register_method)
-from .rounds import (GroupContext, RoundsResult, RoundsState, ServerConfig, Setup, central_training,  # noqa: F401
+from .rounds import (GroupContext, RoundsConfig, RoundsResult, RoundsState, ServerConfig, Setup, central_training,  # noqa: F401
                      client_extras, client_loss, client_mu, client_payloads, client_terms, group_context,
                      log_round_bytes, prepare_rounds, record_test_accuracy, run_rounds, server_step)

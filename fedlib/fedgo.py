@@ -11,6 +11,9 @@ discriminator D_k against it, the discriminator logits the weights are computed 
 - the truly data-free G (docs/methods.md §1.2-1.3; the design is ours): :class:`LabelConditioned` wraps a
   label-conditioned generator as a plain z -> x generator, and ``train_generator_data_free`` trains it
   against the clients' ensemble alone (DENSE-style, no server data at all);
+- the protocol's one-off steps as :func:`fedlib.studies.fedgo_setups` runs them, one function each:
+  ``server_gan`` (step 1), ``client_discriminators`` (step 2 for several federations at once, sliced per
+  federation), ``warmup_round`` and ``data_free_generators`` (the data-free scenario's G);
 - ``model_costs`` and ``fedgo_overhead``: the extra bytes and client FLOPs next to the whole run;
 - :class:`GaussianSource`: an off-the-shelf G with a known density (the 2-D toy).
 """
@@ -274,3 +277,58 @@ class GaussianSource(nn.Module):
 
     def forward(self, z):
         return self.scale * z
+
+
+# ----------------------------------------------------------------------------------------------
+# the protocol's one-off steps, one function each (fedlib.studies.fedgo_setups assembles them per scenario).
+# Each seeds or draws exactly where the protocol always did, so that the setups are reproducible bit for bit.
+def server_gan(x_server: Tensor, shape: tuple, *, seed: int, z_dim: int, width: int, steps: int, lr: float,
+               generator: torch.Generator | None = None, device="cpu") -> nn.Module:
+    """Step 1 (docs/methods.md §1.2): the server's G, trained on its unlabeled data ``x_server``; G's
+    initial weights come from ``torch.manual_seed(seed)`` (one G per seed, whatever else ran before)."""
+    from . import models as fm
+
+    torch.manual_seed(seed)
+    G = fm.make_generator(shape, z_dim=z_dim, width=width).to(device)
+    train_gan(x_server, G, fm.make_discriminator(shape).to(device), steps=steps, lr=lr, generator=generator)
+    return G
+
+
+def client_discriminators(D: nn.Module, G: nn.Module | list, packs: list, *, epochs: int, lr: float,
+                          init: fl.Params, generator: torch.Generator | None = None,
+                          generator_of: Tensor | None = None) -> list:
+    """Step 2: the clients of every federation in ``packs`` (a list of :class:`fedlib.federated.ClientData`)
+    train their D_k against G all in one vmap; returns one stacked D_k [K, ...] per pack, in order."""
+    d_all = train_discriminators(D, G, fl.concat_clients(packs), epochs=epochs, lr=lr, generator=generator,
+                                 init=init, generator_of=generator_of)
+    out, start = [], 0
+    for pack in packs:
+        out.append(fl.index_params(d_all, slice(start, start + pack.n_clients)))
+        start += pack.n_clients
+    return out
+
+
+def warmup_round(model: nn.Module, init: fl.Params, packs: list, *, epochs: int, lr: float,
+                 generator: torch.Generator | None = None) -> fl.Params:
+    """The data-free scenario's warm-up round (our design): every client of every pack trains ``model`` from
+    ``init`` (local SGD, momentum 0.9, batches of 32) and uploads it; stacked [sum K, ...] in pack order."""
+    return fl.local_train(model, init, fl.concat_clients(packs), epochs=epochs, lr=lr, momentum=0.9, batch_size=32,
+                          generator=generator)
+
+
+def data_free_generators(model: nn.Module, warm: fl.Params, n_federations: int, shape: tuple, n_classes: int, *,
+                         seed: int, z_dim: int, width: int, steps: int, lr: float,
+                         generator: torch.Generator | None = None, device="cpu") -> list:
+    """One label-conditioned G per federation, each trained against its own clients' warm-up models
+    (``warm`` stacked [n_federations * K, ...], federation-major; :func:`train_generator_data_free`), all
+    from the same initial weights (``torch.manual_seed(seed)``). Returns the trained generators."""
+    import copy
+
+    from . import models as fm
+
+    torch.manual_seed(seed)
+    G = LabelConditioned(fm.make_generator(shape, z_dim=z_dim + n_classes, width=width), n_classes).to(device)
+    K = next(iter(warm.values())).shape[0] // n_federations
+    g_all = train_generator_data_free(G, model, {n: p.reshape(n_federations, K, *p.shape[1:]) for n, p in warm.items()},
+                                      steps=steps, lr=lr, n_generators=n_federations, generator=generator)
+    return [fl.set_params(copy.deepcopy(G), fl.index_params(g_all, i)) for i in range(n_federations)]

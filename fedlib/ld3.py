@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,7 +49,7 @@ from .data import to_uint8
 from .diffusion.samplers import solve
 from .diffusion.schedules import SCHEDULES
 from .diffusion.schedules import schedule as hand_schedule
-from .utils import atomic_write, cache_dir, check_choice, load_or_build
+from .utils import atomic_write, cache_dir, check_choice, check_number, load_or_build
 
 LOSSES = ("l2", "features", "lpips")
 LD3_SOLVERS = ("euler", "ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "ipndm", "unipc", "unipc_bh1")
@@ -209,14 +209,73 @@ def make_loss(loss: str, feature_fn=None, feature_weight: float = 1.0, device="c
         (feature_fn(a) - feature_fn(b)) ** 2).flatten(1).mean(1)
 
 
-def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, loss: str = "l2",
-                      feature_fn=None, space: str = "lambda", rounds_theta: int = 2, rounds_both: int = 5,
-                      batch_size: int = 2, lr_theta: float = 5e-3, lr_phi: float | None = None,
-                      momentum: float = 0.9, clip: float = 1.0, patience: int = 5, decay: float = 0.8,
-                      ball_scale: float = 1e-3, soft: bool = True, validate_every: int = 1, seed: int = 0,
-                      start: str = "best", significance: float = 0.0, model_name: str = "model",
-                      reload_best: bool = True, callback=None, progress: bool = False) -> LearnedSchedule:
-    """Learn the N+1 times (N = ``nfe`` steps) of ``solver`` for the frozen ``denoiser``.
+@dataclass(frozen=True)
+class LD3Config:
+    """LD3's training settings for one grid, checked once here (paper values in the comments).
+
+    The names are notebook 03's parameters without their ``ld3_`` prefix: ``ld3_rounds_theta`` ->
+    ``rounds_theta``, ``ld3_rounds_both`` -> ``rounds_both``, ``ld3_batch`` -> ``batch``,
+    ``ld3_validate_every`` -> ``validate_every``, ``ld3_lr`` -> ``lr``, ``ld3_soft`` -> ``soft``; notebook 05's
+    ``ld3_solver`` -> ``solver`` and ``ld3_rounds`` -> ``rounds_both``. The pair counts (``ld3_train``,
+    ``ld3_val``, ``ld3_pairs``), the NFEs and the loss belong to the study around it
+    (:func:`held_out_study`, :func:`fedlib.pipeline.learn_grids`, the case), not to the learning."""
+
+    solver: str = "dpm_solver_pp_2m"  # the sampler whose times are learned (one network evaluation per step)
+    space: str = "lambda"       # where u is placed: "lambda" (pixel-space models) or "t" (latent models)
+    rounds_theta: int = 2       # rounds over the training pairs on theta alone (paper: 2)
+    rounds_both: int = 5        # then rounds on theta and phi (paper: 5)
+    batch: int = 2              # pairs per step (paper: 2)
+    lr: float = 5e-3            # RMSprop learning rate of theta (paper: 5e-3)
+    lr_phi: float | None = None  # SGD learning rate of phi (None: 0.1 / NFE)
+    momentum: float = 0.9       # RMSprop momentum of theta
+    clip: float = 1.0           # gradient-norm clip of theta and phi together
+    patience: int = 5           # steps without a better validation loss before a plateau decay
+    decay: float = 0.8          # learning-rate factor at a plateau or an undone step
+    ball_scale: float = 1e-3    # radius of the soft objective's ball around x_T (in units of d / NFE^2 sigma_T)
+    soft: bool = True           # the soft ball-relaxed objective (paper: on)
+    validate_every: int = 1     # steps between validations (paper: 1; patience still counts steps)
+    start: str = "best"         # "best" hand-made grid on validation, or a schedule name ("uniform_lambda": the paper's)
+    significance: float = 0.0   # > 0: keep the learned grid only if its validation gain exceeds this many s.e.
+    reload_best: bool = True    # at a plateau, resume from the best state (the paper's)
+
+    def __post_init__(self):
+        check_choice("LD3 solver", self.solver, LD3_SOLVERS,
+                     fix="Heun uses 2 NFE per step; learn its times with 'euler' or a multistep solver.")
+        check_choice("LD3 space", self.space, ("lambda", "t"), fix="'lambda' for pixel-space models, 't' for latent ones.")
+        check_choice("LD3 start", self.start, SCHEDULES + ("best",),
+                     fix="'best' starts from the best hand-made grid on validation.")
+        for name in ("rounds_theta", "rounds_both"):
+            check_number(name, getattr(self, name), at_least=0, integer=True, fix="0 skips that phase")
+        for name in ("batch", "patience", "validate_every"):
+            check_number(name, getattr(self, name), at_least=1, integer=True)
+        for name in ("lr", "clip"):
+            check_number(name, getattr(self, name), above=0)
+        if self.lr_phi is not None:
+            check_number("lr_phi", self.lr_phi, above=0, fix="None: 0.1 / NFE")
+        check_number("momentum", self.momentum, at_least=0, below=1)
+        check_number("decay", self.decay, above=0, at_most=1, fix="1 keeps the learning rates")
+        check_number("ball_scale", self.ball_scale, at_least=0)
+        check_number("significance", self.significance, at_least=0, fix="0 keeps any better grid")
+
+    @classmethod
+    def build(cls, config: "LD3Config | None", fields: dict) -> "LD3Config":
+        """``config``, or one made of ``fields`` (keywords of the same names); not both."""
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{unknown} are not LD3 settings; allowed: {', '.join(cls.__dataclass_fields__)} "
+                             "(see LD3Config: ld3_lr is lr, batch_size is batch)")
+        if config is not None and fields:
+            raise ValueError(f"got an LD3Config and the settings {sorted(fields)}; pass one of them "
+                             "(dataclasses.replace(config, ...) changes a config)")
+        return config if config is not None else cls(**fields)
+
+
+def learned_timesteps(denoiser, nfe: int, train_pairs, val_pairs, config: LD3Config | None = None, *,
+                      loss: str = "l2", feature_fn=None, seed: int = 0, model_name: str = "model", callback=None,
+                      progress: bool = False, **fields) -> LearnedSchedule:
+    """Learn the N+1 times (N = ``nfe`` steps) of ``config.solver`` for the frozen ``denoiser``, with the
+    settings of ``config`` (an :class:`LD3Config`, or its fields as keywords). ``seed``: the order of the
+    training pairs.
 
     ``train_pairs`` / ``val_pairs``: (x_T, x_0*) tensors from :func:`teacher_pairs`. ``start``:
     ``"best"`` (default) evaluates every hand-made schedule (``SCHEDULES``) on the validation pairs and
@@ -236,10 +295,9 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
     ``{"step", "val_loss", "theta", "phi"`` (the state just validated), ``"reloaded"``, ``"theta_next"``,
     ``"phi_next"`` (the state the next step starts from)``}`` and once before the first step (step 0).
     """
-    check_choice("LD3 solver", solver, LD3_SOLVERS, fix="Heun uses 2 NFE per step; learn its times with 'euler' or a multistep solver.")
-    starts = SCHEDULES if start == "best" else (start,)
-    for name in starts:
-        check_choice("LD3 start", name, SCHEDULES + ("best",), fix="'best' starts from the best hand-made grid on validation.")
+    c = LD3Config.build(config, fields)
+    solver, space, decay, soft = c.solver, c.space, c.decay, c.soft
+    starts = SCHEDULES if c.start == "best" else (c.start,)
     dist = make_loss(loss, feature_fn)
     process = denoiser.process
     xT_tr, x0_tr = train_pairs
@@ -247,10 +305,10 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
     device = xT_tr.device
     theta = torch.ones(nfe + 1, dtype=torch.float64, device=device, requires_grad=True)
     phi = torch.zeros(nfe + 1, dtype=torch.float64, device=device, requires_grad=True)
-    opt_theta = torch.optim.RMSprop([theta], lr=lr_theta, momentum=momentum)
-    opt_phi = torch.optim.SGD([phi], lr=(0.1 / nfe) if lr_phi is None else lr_phi)
+    opt_theta = torch.optim.RMSprop([theta], lr=c.lr, momentum=c.momentum)
+    opt_phi = torch.optim.SGD([phi], lr=(0.1 / nfe) if c.lr_phi is None else c.lr_phi)
     d = xT_tr[0].numel()
-    r = ball_scale * d / nfe**2 * float(process.sigma(torch.tensor(process.t_max)))  # unit-variance units
+    r = c.ball_scale * d / nfe**2 * float(process.sigma(torch.tensor(process.t_max)))  # unit-variance units
     xT_soft = xT_tr.clone()
     g = torch.Generator().manual_seed(seed)
     was_trainable = [prm.requires_grad for prm in denoiser.parameters()]
@@ -294,19 +352,19 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
 
     report(0, best, start_state, False)
     stale, step = 0, 0
-    phases = [("theta", rounds_theta), ("both", rounds_both)]
+    phases = [("theta", c.rounds_theta), ("both", c.rounds_both)]
     for phase, rounds in phases:
         for _ in range(rounds):
             perm = torch.randperm(len(xT_tr), generator=g).to(device)
-            for i in range(0, len(perm), batch_size):
-                idx = perm[i:i + batch_size]
+            for i in range(0, len(perm), c.batch):
+                idx = perm[i:i + c.batch]
                 x_start = xT_soft[idx].clone().requires_grad_(soft)
                 out = solve_at(x_start, theta, phi if phase == "both" else phi.detach())
                 per = dist(out, x0_tr[idx])
                 opt_theta.zero_grad(set_to_none=True)
                 opt_phi.zero_grad(set_to_none=True)
                 per.mean().backward()
-                torch.nn.utils.clip_grad_norm_([theta, phi], clip)
+                torch.nn.utils.clip_grad_norm_([theta, phi], c.clip)
                 opt_theta.step()
                 if phase == "both":
                     opt_phi.step()
@@ -333,7 +391,7 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
                         hist["accepted"] += int(keep.sum())
                         hist["proposed"] += len(idx)
                 step += 1
-                if step % validate_every:
+                if step % c.validate_every:
                     continue
                 per_v = validate()
                 v = float(per_v.mean())
@@ -344,12 +402,12 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
                     best, best_per, stale = v, per_v, 0
                     best_state = validated
                 else:
-                    stale += validate_every  # patience counts steps, as in the paper, whatever the validation interval
-                    if stale >= patience:
+                    stale += c.validate_every  # patience counts steps, as in the paper, whatever the validation interval
+                    if stale >= c.patience:
                         for opt in (opt_theta, opt_phi):
                             for grp in opt.param_groups:
                                 grp["lr"] *= decay
-                        if reload_best:  # LD3: a plateau resumes from the best state, with smaller steps
+                        if c.reload_best:  # LD3: a plateau resumes from the best state, with smaller steps
                             with torch.no_grad():
                                 theta.copy_(best_state[0])
                                 phi.copy_(best_state[1])
@@ -365,7 +423,8 @@ def learned_timesteps(denoiser, solver: str, nfe: int, train_pairs, val_pairs, l
     gain = start_per - best_per
     se = float(gain.std() / len(gain) ** 0.5) if len(gain) > 1 else float("inf")
     hist["val_gain"], hist["val_gain_se"] = float(gain.mean()), se
-    hist["significant"] = bool(best_state is not start_state and (significance <= 0 or float(gain.mean()) > significance * se))
+    hist["significant"] = bool(best_state is not start_state and (c.significance <= 0
+                                                                   or float(gain.mean()) > c.significance * se))
     if best_state is not start_state and not hist["significant"]:
         best_state, best = start_state, hist["start_val_loss"]
     hist["kept"] = "learned" if best_state is not start_state else "start"
@@ -384,14 +443,17 @@ def learned_under(schedule: LearnedSchedule, denoiser) -> bool:
     return schedule.history.get("time_shift", "c_noise") == getattr(denoiser, "time_shift", "prediction")
 
 
-def load_or_learn(denoiser, solver: str, nfe: int, train_pairs, val_pairs, model_name: str,
+def load_or_learn(denoiser, nfe: int, train_pairs, val_pairs, model_name: str, config: LD3Config | None = None,
                   retrain: bool = False, **kw) -> LearnedSchedule:
-    """Reload the saved schedule of (model, solver, NFE) or learn and save it (also when the saved
-    file cannot be read: it is reported, removed and learned again)."""
-    path = schedule_path(model_name, solver, nfe)
+    """Reload the saved schedule of (model, ``config.solver``, NFE) or learn and save it (also when the saved
+    file cannot be read: it is reported, removed and learned again). ``kw``: :func:`learned_timesteps`'s
+    keywords (``loss``, ``seed``, ...) or, without ``config``, the fields of an :class:`LD3Config`."""
+    settings = {k: kw.pop(k) for k in list(kw) if k in LD3Config.__dataclass_fields__}
+    config = LD3Config.build(config, settings)
+    path = schedule_path(model_name, config.solver, nfe)
 
     def learn():
-        s = learned_timesteps(denoiser, solver, nfe, train_pairs, val_pairs, model_name=model_name, **kw)
+        s = learned_timesteps(denoiser, nfe, train_pairs, val_pairs, config, model_name=model_name, **kw)
         s.save(path)
         return s
 
@@ -419,9 +481,9 @@ class StudyResult:
     teacher_metric: list  # the distribution metric of the teacher's own samples, per seed
 
 
-def held_out_study(case, solvers, nfes, seeds, schedules=SCHEDULES, n_train: int = 24, n_val: int = 48,
-                   teacher_solver: str = "unipc", teacher_nfe: int = 20, keep: int = 16, eval_batch: int = 500,
-                   **ld3_kw) -> StudyResult:
+def held_out_study(case, solvers, nfes, seeds, schedules=SCHEDULES, config: LD3Config | None = None, *,
+                   n_train: int = 24, n_val: int = 48, teacher_solver: str = "unipc", teacher_nfe: int = 20,
+                   keep: int = 16, eval_batch: int = 500) -> StudyResult:
     """Per seed: draw LD3's own training and validation pairs and a held-out set of noise with its teacher
     solution, learn every (solver, NFE) (saved and reloaded by :func:`load_or_learn`), then solve the
     held-out noise with every hand-made grid and the learned one. Each row reports the quantity LD3
@@ -430,13 +492,17 @@ def held_out_study(case, solvers, nfes, seeds, schedules=SCHEDULES, n_train: int
 
     ``case``: anything with ``dataset``, ``teacher``, ``shape``, ``loss``, ``feature_fn``, ``metric``,
     ``n_eval`` and ``model_name`` (:func:`fedlib.studies.ld3_case`). Seed s draws its training pairs
-    from 1000 s + 100, validation from 1000 s + 200 and held-out noise from 1000 s + 300."""
+    from 1000 s + 100, validation from 1000 s + 200 and held-out noise from 1000 s + 300. ``config``: LD3's
+    settings (:class:`LD3Config`), its ``solver`` replaced by each of ``solvers``."""
+    config = config if config is not None else LD3Config()
+    per_solver = {solver: replace(config, solver=solver) for solver in solvers}  # each name checked by LD3Config
     T = case.teacher
     dist = make_loss(case.loss, case.feature_fn)
     weight = next(T.parameters(), None)
     pairs_kw = dict(solver=teacher_solver, nfe=teacher_nfe, device="cpu" if weight is None else weight.device)
     key = json.dumps({"n_train": n_train, "n_val": n_val, "teacher": [teacher_solver, teacher_nfe], "loss": case.loss,
-                      **{k: v for k, v in ld3_kw.items()}}, sort_keys=True, default=str)
+                      # the solver is in each schedule's own path
+                      **{k: v for k, v in asdict(config).items() if k != "solver"}}, sort_keys=True, default=str)
     tag = f"{case.model_name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     res = StudyResult([], {}, {}, [])
     for seed in seeds:
@@ -446,8 +512,8 @@ def held_out_study(case, solvers, nfes, seeds, schedules=SCHEDULES, n_train: int
         res.teacher_metric.append(case.metric(x_ref))
         for solver in solvers:
             for nfe in nfes:
-                s = load_or_learn(T, solver, nfe, train, val, model_name=f"{tag}-s{seed}", loss=case.loss,
-                                  feature_fn=case.feature_fn, seed=seed, **ld3_kw)
+                s = load_or_learn(T, nfe, train, val, f"{tag}-s{seed}", per_solver[solver], loss=case.loss,
+                                  feature_fn=case.feature_fn, seed=seed)
                 res.learned[(seed, solver, nfe)] = s
                 grids = {name: (hand_schedule(name, T.process, nfe), None) for name in schedules}
                 grids["ld3"] = s.tensors()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -52,6 +53,8 @@ def key_of(**parts) -> str:
             return hashlib.sha1(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
         if isinstance(v, np.ndarray):
             return hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest()
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):  # a config: by its fields
+            return enc(dataclasses.asdict(v))
         if isinstance(v, dict):
             return {str(k): enc(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
@@ -157,15 +160,18 @@ def federated_diffusion(x: torch.Tensor, client_indices: dict, *, rounds: int, l
 # Stage 2: LD3 on the federated model's own samples
 
 
-def learn_grids(teacher: Denoiser, tag: str, nfes, *, shape, solver: str = "dpm_solver_pp_2m", n_train: int = 24,
-                n_val: int = 48, teacher_solver: str = "unipc", teacher_nfe: int = 20, seed: int = 0,
-                **ld3_kw) -> tuple[dict, float, bool]:
-    """``({nfe: LearnedSchedule}, seconds, cached)``: LD3 grids of ``solver`` for ``teacher`` (cached by
+def learn_grids(teacher: Denoiser, tag: str, nfes, *, shape, config: ld3.LD3Config | None = None, n_train: int = 24,
+                n_val: int = 48, teacher_solver: str = "unipc", teacher_nfe: int = 20,
+                seed: int = 0) -> tuple[dict, float, bool]:
+    """``({nfe: LearnedSchedule}, seconds, cached)``: LD3 grids of ``config.solver`` for ``teacher`` (cached by
     :func:`fedlib.ld3.load_or_learn` under a model name made of ``tag`` and these settings), learned from
-    pairs of prior noise and the teacher's own ``teacher_nfe``-step solution: no data at all."""
+    pairs of prior noise and the teacher's own ``teacher_nfe``-step solution: no data at all. ``config``:
+    LD3's settings (:class:`fedlib.ld3.LD3Config`; default: its defaults)."""
+    config = config if config is not None else ld3.LD3Config()
+    solver = config.solver
     device = next(teacher.parameters()).device
     name = f"pipeline-{tag}-" + key_of(n_train=n_train, n_val=n_val, teacher=[teacher_solver, teacher_nfe], seed=seed,
-                                       kw=ld3_kw)
+                                       config=config)
     t0 = time.perf_counter()
     pairs = {}
 
@@ -182,8 +188,7 @@ def learn_grids(teacher: Denoiser, tag: str, nfes, *, shape, solver: str = "dpm_
         s = load_cache_entry(path, ld3.LearnedSchedule.load)
         if s is None or not ld3.learned_under(s, teacher):
             hit = False
-            s = ld3.load_or_learn(teacher, solver, nfe, pairs_of("train"), pairs_of("val"), model_name=name, seed=seed,
-                                  **ld3_kw)
+            s = ld3.load_or_learn(teacher, nfe, pairs_of("train"), pairs_of("val"), name, config, seed=seed)
         out[nfe] = s
     return out, time.perf_counter() - t0, hit
 

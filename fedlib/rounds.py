@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from . import federated as fl
-from .methods import ClientTerm, distil_in_place, ensemble_targets, get_method, predict_each
+from .methods import PSEUDO_LABEL_MODES, ClientTerm, distil_in_place, ensemble_targets, get_method, predict_each
+from .utils import check_choice, check_number
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +68,77 @@ class ServerConfig:
     distill_patience: int = 3
     distill_cosine: bool = True
     method_options: dict = field(default_factory=dict)  # {method: {option: value}} (fedlib.datafree's options)
+
+
+@dataclass
+class RoundsConfig:
+    """Every setting of a run of rounds, checked once here: the rounds, the client side (local SGD; FedProx's
+    ``mu``, used by proximal methods only) and the server side (:class:`ServerConfig`, less its random
+    stream, which :func:`run_rounds` takes apart). Notebook 01's parameters of the same names fill it."""
+
+    rounds: int  # communication rounds (no default: every study says how many)
+    # the client side: local SGD of every client model
+    local_epochs: int = 1
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 32
+    mu: float = 0.01  # FedProx's proximal weight (FedProx, Li et al. 2020, tune in {0.001, 0.01, 0.1, 1})
+    # the server side (ServerConfig's fields and meanings)
+    distill_steps: int = 50
+    distill_lr: float = 1e-3
+    distill_batch: int = 64
+    temperature: float = 1.0
+    pseudo_label_mode: str = "prob"
+    dense_steps: int | None = None
+    chunk_size: int | str | None = "auto"
+    predict_batch: int = 1024
+    distill_epochs: int = 0
+    distill_val: float = 0.2
+    distill_patience: int = 3
+    distill_cosine: bool = True
+    method_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("rounds", "batch_size", "distill_batch", "predict_batch", "distill_patience"):
+            check_number(name, getattr(self, name), at_least=1, integer=True)
+        for name in ("local_epochs", "distill_steps", "distill_epochs"):
+            check_number(name, getattr(self, name), at_least=0, integer=True, fix="0 switches it off")
+        for name in ("lr", "distill_lr", "temperature"):
+            check_number(name, getattr(self, name), above=0)
+        check_number("momentum", self.momentum, at_least=0, below=1)
+        check_number("mu", self.mu, at_least=0, fix="0 makes FedProx FedAvg")
+        check_number("distill_val", self.distill_val, at_least=0, below=1,
+                     fix="the held-out fraction of the server data in the epoch budget")
+        check_choice("pseudo-label mode", self.pseudo_label_mode, PSEUDO_LABEL_MODES)
+        if self.dense_steps is not None:
+            check_number("dense_steps", self.dense_steps, at_least=0, integer=True, fix="None: distill_steps")
+        if self.chunk_size not in (None, "auto"):
+            check_number("chunk_size", self.chunk_size, at_least=1, integer=True,
+                         fix="None (one chunk) or 'auto' chooses for you")
+        if self.method_options is None:  # as run_rounds always took it: no options
+            self.method_options = {}
+        if not isinstance(self.method_options, dict):
+            raise ValueError(f"method_options={self.method_options!r}; allowed: a dict {{method: {{option: value}}}}, "
+                             "e.g. {'fedgen': {'weight': 1.0}}")
+
+    def client(self) -> dict:
+        """The client side, as both drivers' local training takes it."""
+        return dict(local_epochs=self.local_epochs, lr=self.lr, momentum=self.momentum, batch_size=self.batch_size,
+                    mu=self.mu)
+
+    def server(self, generator: torch.Generator | None = None) -> ServerConfig:
+        """The server side of every round, with the run's random stream."""
+        names = [f for f in ServerConfig.__dataclass_fields__ if f not in ("generator", "method_options")]
+        return ServerConfig(**{n: getattr(self, n) for n in names}, generator=generator,
+                            method_options=dict(self.method_options))
+
+    @classmethod
+    def build(cls, config: "RoundsConfig | None", fields: dict) -> "RoundsConfig":
+        """``config``, or one made of ``fields`` (a call written with keywords); not both."""
+        if config is not None and fields:
+            raise ValueError(f"run_rounds got a config and the settings {sorted(fields)}; pass one of them "
+                             "(dataclasses.replace(config, ...) changes a config)")
+        return config if config is not None else cls(**fields)
 
 
 @dataclass
@@ -311,39 +383,37 @@ def record_test_accuracy(call, glob: fl.Params, setups: list, M: int, acc: Tenso
         acc[s, :, r] = fl.accuracy(out, setup.test_y).cpu()
 
 
-def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, local_epochs: int = 1,
-               lr: float = 0.05, momentum: float = 0.9, batch_size: int = 32, mu: float = 0.01,
-               distill_steps: int = 50, distill_lr: float = 1e-3, distill_batch: int = 64,
-               temperature: float = 1.0, pseudo_label_mode: str = "prob", dense_steps: int | None = None,
-               generator: torch.Generator | None = None, init: fl.Params | None = None,
-               progress=None, chunk_size: int | str | None = "auto", predict_batch: int = 1024,
-               distill_epochs: int = 0, distill_val: float = 0.2, distill_patience: int = 3,
-               distill_cosine: bool = True, method_options: dict | None = None, driver: Callable | None = None,
-               **driver_kw) -> RoundsResult:
-    """Run ``rounds`` rounds of every method on every setup (see the module docstring). All global
-    models start from ``init`` (default: the model's parameters), as in the papers. ``chunk_size``:
-    models per vmap chunk in local training and distillation ("auto": see
-    :func:`fedlib.federated.local_train`); lower it for big models to bound memory. ``driver``: another
-    engine for the same rounds, given the settings as a :class:`ServerConfig` and ``driver_kw``
-    (:func:`fedlib.backends.run_rounds` passes Flower's, :func:`fedlib.flower.run_rounds`, whose
-    numbers agree with in-process to float tolerance; ``driver_kw``: ``exchange``, ``options``).
-    ``distill_epochs`` > 0 replaces the ``distill_steps`` budget by epochs over the server data with
-    early stopping on a held-out part labelled by the teacher (:class:`ServerConfig`).
+def run_rounds(model: nn.Module, setups: list[Setup], methods, config: RoundsConfig | None = None, *,
+               generator: torch.Generator | None = None, init: fl.Params | None = None, progress=None,
+               driver: Callable | None = None, **kw) -> RoundsResult:
+    """Run ``config.rounds`` rounds of every method on every setup (see the module docstring), with the
+    settings of ``config`` (a :class:`RoundsConfig`; or its fields as keywords, e.g. ``rounds=5, lr=0.05``).
+    All global models start from ``init`` (default: the model's parameters), as in the papers.
+    ``generator``: the run's random stream (local batches, distillation batches, the server methods' seeds).
+    ``driver``: another engine for the same rounds, given the server side as a :class:`ServerConfig`, the
+    client side as keywords and the keywords that are not settings (:func:`fedlib.backends.run_rounds`
+    passes Flower's, :func:`fedlib.flower.run_rounds`, whose numbers agree with in-process to float
+    tolerance; its keywords: ``exchange``, ``options``). ``chunk_size``: models per vmap chunk in local
+    training and distillation ("auto": see :func:`fedlib.federated.local_train`); lower it for big models
+    to bound memory. ``distill_epochs`` > 0 replaces the ``distill_steps`` budget by epochs over the
+    server data with early stopping on a held-out part labelled by the teacher (:class:`ServerConfig`).
     ``method_options``: per-method settings of the data-free methods, e.g.
     ``{"fedgen": {"weight": 1.0}, "coboosting": {"steps": 40}}`` (see :mod:`fedlib.datafree`)."""
-    cfg = ServerConfig(distill_steps, distill_lr, distill_batch, temperature, pseudo_label_mode, dense_steps, generator,
-                       chunk_size, predict_batch, distill_epochs, distill_val, distill_patience, distill_cosine,
-                       method_options=dict(method_options or {}))
-    client = dict(local_epochs=local_epochs, lr=lr, momentum=momentum, batch_size=batch_size, mu=mu)
+    names = RoundsConfig.__dataclass_fields__
+    config = RoundsConfig.build(config, {k: kw.pop(k) for k in list(kw) if k in names})
+    driver_kw = kw
+    cfg = config.server(generator)
+    rounds = config.rounds
     if driver is not None:
         return driver(model, setups, methods, rounds=rounds, server=cfg, init=init, progress=progress,
-                      **client, **driver_kw)
+                      **config.client(), **driver_kw)
     if driver_kw:  # backend= here is a call written before the backend was chosen above the core
-        raise ValueError(f"{sorted(driver_kw)} only apply to backend='flower'; choose the backend with "
+        raise ValueError(f"{sorted(driver_kw)} are not settings of run_rounds (allowed: {', '.join(names)}); "
+                         "exchange, options and backend apply to backend='flower' only: choose the backend with "
                          "fedlib.backends.run_rounds(..., backend=...)")
     st = prepare_rounds(model, setups, methods, rounds, init)
     clients = fl.concat_clients([s.clients.repeat(st.M) for s in setups])  # [S*M*K]
-    mu_k = client_mu(st, mu)
+    mu_k = client_mu(st, config.mu)
     terms = client_terms(st.methods)
     loss_fn = client_loss(model, terms) if terms else None
     accepted = torch.ones(st.S * st.M * st.K, dtype=torch.bool)
@@ -356,8 +426,9 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, *, rounds: int, l
                          for e in range(st.S * st.M)]
             extras = [fn for fn in per_group for _ in range(st.K)]
         log_round_bytes(st.ledger, st, r + 1, payloads)
-        local = fl.local_train(model, start, clients, loss_fn, epochs=local_epochs, lr=lr, momentum=momentum, mu=mu_k,
-                               batch_size=batch_size, generator=generator, chunk_size=chunk_size, extras_fn=extras)
+        local = fl.local_train(model, start, clients, loss_fn, epochs=config.local_epochs, lr=config.lr,
+                               momentum=config.momentum, mu=mu_k, batch_size=config.batch_size, generator=generator,
+                               chunk_size=config.chunk_size, extras_fn=extras)
         server_step(model, st, setups, r, local, accepted, cfg)
     return st.result(setups)
 

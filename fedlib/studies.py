@@ -17,7 +17,6 @@ A notebook cell stays short when what it needs is built here once, as a dataclas
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from . import data as fdata
 from . import metrics
 from .diffusion import Denoiser, pretrained_teacher
+from .utils import check_number
 
 
 @dataclass
@@ -121,15 +121,58 @@ class FedGOSetups:
         return [s for per_k in self.setups.get(scenario, {}).values() for s in per_k]
 
 
-def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre", "data_free"), gan_steps: int,
-                 disc_epochs: int, disc_lr: float = 0.05, gan_lr: float = 2e-3, z_dim: int = 16,
-                 gen_width: int = 32, disc_width: int = 8, model=None, init=None, warmup_epochs: int = 1,
-                 local_lr: float = 0.05, free_steps: int = 200, free_lr: float = 1e-3, dense: bool = True,
-                 generator: torch.Generator | None = None, device="cpu", progress=None,
-                 server_generators: dict | None = None, free_disc_epochs: int | None = None,
-                 free_gen_width: int | None = None) -> FedGOSetups:
+@dataclass(frozen=True)
+class FedGOConfig:
+    """The settings of FedGO's one-off protocol (:func:`fedgo_setups`), checked once here. Names are notebook
+    01's where it has the parameter (``gan_steps``, ``warmup_epochs``); its chosen ``gan_width`` and
+    ``disc_epochs_free`` fill ``gen_width`` and ``free_disc_epochs``, its ``free_gen_steps`` and ``lr`` fill
+    ``free_steps`` and ``local_lr``."""
+
+    gan_steps: int               # server GAN steps, once per seed (step 1)
+    disc_epochs: int             # E_d: every client's discriminator epochs against G (step 2)
+    disc_lr: float = 0.05        # the discriminators' SGD learning rate
+    gan_lr: float = 2e-3         # the server GAN's Adam learning rate
+    z_dim: int = 16              # G's noise dimension
+    gen_width: int = 32          # G's width
+    disc_width: int = 8          # D_k's width (image data; 2-D data uses 32)
+    warmup_epochs: int = 1       # data-free: local epochs of the warm-up round whose ensemble G is trained against
+    local_lr: float = 0.05       # data-free: the warm-up round's local SGD learning rate
+    free_steps: int = 200        # data-free: G's steps against the warm-up ensemble
+    free_lr: float = 1e-3        # data-free: G's Adam learning rate
+    dense: bool = True           # data-free setups also get a DENSE generator
+    free_disc_epochs: int | None = None  # data-free: E_d (None: disc_epochs)
+    free_gen_width: int | None = None    # data-free: G's width (None: gen_width)
+
+    def __post_init__(self):
+        for name in ("gan_steps", "disc_epochs", "warmup_epochs", "free_steps"):
+            check_number(name, getattr(self, name), at_least=0, integer=True)
+        for name in ("z_dim", "gen_width", "disc_width"):
+            check_number(name, getattr(self, name), at_least=1, integer=True)
+        for name in ("disc_lr", "gan_lr", "local_lr", "free_lr"):
+            check_number(name, getattr(self, name), above=0)
+        if self.free_disc_epochs is not None:
+            check_number("free_disc_epochs", self.free_disc_epochs, at_least=0, integer=True, fix="None: disc_epochs")
+        if self.free_gen_width is not None:
+            check_number("free_gen_width", self.free_gen_width, at_least=1, integer=True, fix="None: gen_width")
+
+    @classmethod
+    def build(cls, config: "FedGOConfig | None", fields: dict) -> "FedGOConfig":
+        """``config``, or one made of ``fields`` (keywords of the same names); not both."""
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{unknown} are not FedGO settings; allowed: {', '.join(cls.__dataclass_fields__)}")
+        if config is not None and fields:
+            raise ValueError(f"got a FedGOConfig and the settings {sorted(fields)}; pass one of them "
+                             "(dataclasses.replace(config, ...) changes a config)")
+        return config if config is not None else cls(**fields)
+
+
+def fedgo_setups(train, test, config: FedGOConfig | None = None, *, client_counts, alphas, seeds,
+                 scenarios=("pre", "data_free"), model=None, init=None, generator: torch.Generator | None = None,
+                 device="cpu", progress=None, server_generators: dict | None = None, **fields) -> FedGOSetups:
     """FedGO split of ``train`` (half of each class, unlabeled, to the server: the same half for every
-    K and alpha of a seed) for every (K, alpha, seed), and per scenario of :data:`SCENARIOS`:
+    K and alpha of a seed) for every (K, alpha, seed), and per scenario of :data:`SCENARIOS`, with the
+    settings of ``config`` (a :class:`FedGOConfig`, or its fields as keywords):
 
     - ``pre``: one GAN per seed on the real server half (docs/methods.md §1.2 step 1), every client's
       discriminator against it (step 2), the real server half as server data;
@@ -147,7 +190,9 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
     Nothing of the server half is read for them: they are data-free when their G is.
 
     ``free_disc_epochs``, ``free_gen_width``: E_d and G's width of the data-free scenario (None:
-    ``disc_epochs``, ``gen_width``), so that a data-free run can use settings chosen without server data."""
+    ``disc_epochs``, ``gen_width``), so that a data-free run can use settings chosen without server data.
+    The protocol's steps are :mod:`fedlib.fedgo`'s (``server_gan``, ``client_discriminators``,
+    ``warmup_round``, ``data_free_generators``); this function only assembles them."""
     import time
 
     from . import distill
@@ -155,6 +200,7 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
     from . import fedgo
     from . import models as fm
 
+    c = FedGOConfig.build(config, fields)
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         raise ValueError(f"unknown scenarios {unknown}; allowed: {', '.join(SCENARIOS)}")
@@ -173,24 +219,35 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
     labels = train.y.cpu().numpy()
     out = FedGOSetups([], {s: {K: [] for K in client_counts} for s in [*scenarios, *given]}, {}, None, {}, {}, {},
                       {"gan": 0.0, "discriminators": 0.0, "warmup": 0.0, "free_generator": 0.0})
-    out.discriminator = D = fm.make_discriminator(shape, width=disc_width if len(shape) == 3 else 32).to(device)
+    out.discriminator = D = fm.make_discriminator(shape, width=c.disc_width if len(shape) == 3 else 32).to(device)
     d_init = fl.get_params(D)
     init = init if init is not None or model is None else fl.get_params(model)
+    free_disc_epochs = c.disc_epochs if c.free_disc_epochs is None else c.free_disc_epochs
 
-    def clock(part, t0):
-        out.seconds[part] += time.perf_counter() - t0
+    def timed(part, fn, *args, **kw):
+        t = time.perf_counter()
+        result = fn(*args, **kw)
+        out.seconds[part] += time.perf_counter() - t
+        return result
 
-    free_disc_epochs = disc_epochs if free_disc_epochs is None else free_disc_epochs
+    def add(scen, key, pack, G, dp, x, y, dense):
+        """One Setup of ``scen``: the discriminators ``dp`` of ``key``'s clients against ``G``, server data ``x``."""
+        out.generators[(scen, key)], out.disc_params[(scen, key)] = G, dp
+        out.setups[scen][key[0]].append(distill.Setup(
+            pack, x, test.x, test.y, y, fedgo.discriminator_logits(D, dp, x),
+            dense_generator=_dense_generator(shape, c.z_dim, C, c.gen_width, device) if dense else None, key=key))
+
     for scen in [*scenarios, *given]:
-        out.disc_epochs[scen] = free_disc_epochs if scen == "data_free" else disc_epochs
-        out.warmup_epochs[scen] = warmup_epochs if scen == "data_free" else 0
+        out.disc_epochs[scen] = free_disc_epochs if scen == "data_free" else c.disc_epochs
+        out.warmup_epochs[scen] = c.warmup_epochs if scen == "data_free" else 0
 
+    disc_kw = dict(epochs=c.disc_epochs, lr=c.disc_lr, init=d_init, generator=generator)
     for seed in (seeds if progress is None else progress(seeds)):
         grid = [(K, a) for K in client_counts for a in alphas]
         splits = {(K, a): fdata.fedgo_split(labels, K, a, seed=seed) for K, a in grid}
         server = splits[grid[0]][1]
         out.server_indices[seed] = server
-        packs = {ka: fl.pack_clients(train.x, train.y, splits[ka][0]) for ka in grid}
+        packs = [fl.pack_clients(train.x, train.y, splits[ka][0]) for ka in grid]
         keys = [(K, a, seed) for K, a in grid]
         for (K, a), key in zip(grid, keys):
             out.keys.append(key)
@@ -198,75 +255,36 @@ def fedgo_setups(train, test, *, client_counts, alphas, seeds, scenarios=("pre",
         if {"pre", "gan_samples"} & set(scenarios):  # the only place the server half is read
             x_server = train.x[torch.as_tensor(server, device=device)]
             y_server = train.y[torch.as_tensor(server, device=device)]
-            torch.manual_seed(seed)
-            G = fm.make_generator(shape, z_dim=z_dim, width=gen_width).to(device)
-            t = time.perf_counter()
-            fedgo.train_gan(x_server, G, fm.make_discriminator(shape).to(device), steps=gan_steps, lr=gan_lr,
-                            generator=generator)
-            clock("gan", t)
-            t = time.perf_counter()
-            d_all = fedgo.train_discriminators(D, G, fl.concat_clients([packs[ka] for ka in grid]), epochs=disc_epochs,
-                                               lr=disc_lr, generator=generator, init=d_init)
-            clock("discriminators", t)
+            G = timed("gan", fedgo.server_gan, x_server, shape, seed=seed, z_dim=c.z_dim, width=c.gen_width,
+                      steps=c.gan_steps, lr=c.gan_lr, generator=generator, device=device)
+            dps = timed("discriminators", fedgo.client_discriminators, D, G, packs, **disc_kw)
             x_gan = fedgo.sample(G, len(server), generator) if "gan_samples" in scenarios else None
-            start = 0
-            for (K, a), key in zip(grid, keys):
-                dp = fl.index_params(d_all, slice(start, start + K))
-                start += K
+            for key, pack, dp in zip(keys, packs, dps):
                 for scen, x, y in (("pre", x_server, y_server), ("gan_samples", x_gan, None)):
-                    if scen not in scenarios:
-                        continue
-                    out.generators[(scen, key)], out.disc_params[(scen, key)] = G, dp
-                    out.setups[scen][K].append(distill.Setup(
-                        packs[(K, a)], x, test.x, test.y, y, fedgo.discriminator_logits(D, dp, x),
-                        dense_generator=_dense_generator(shape, z_dim, C, gen_width, device) if scen != "pre" and dense
-                        else None, key=key))
+                    if scen in scenarios:
+                        add(scen, key, pack, G, dp, x, y, dense=scen != "pre" and c.dense)
         for scen, per_seed in given.items():  # given generators: the clients' data against G, G samples
             G = per_seed[seed]
-            t = time.perf_counter()
-            d_all = fedgo.train_discriminators(D, G, fl.concat_clients([packs[ka] for ka in grid]), epochs=disc_epochs,
-                                               lr=disc_lr, generator=generator, init=d_init)
-            clock("discriminators", t)
+            dps = timed("discriminators", fedgo.client_discriminators, D, G, packs, **disc_kw)
             x_g = fedgo.sample(G, len(server), generator)
-            start = 0
-            for (K, a), key in zip(grid, keys):
-                dp = fl.index_params(d_all, slice(start, start + K))
-                start += K
-                out.generators[(scen, key)], out.disc_params[(scen, key)] = G, dp
-                out.setups[scen][K].append(distill.Setup(packs[(K, a)], x_g, test.x, test.y, None,
-                                                         fedgo.discriminator_logits(D, dp, x_g), key=key))
+            for key, pack, dp in zip(keys, packs, dps):
+                add(scen, key, pack, G, dp, x_g, None, dense=False)
     if "data_free" in scenarios:
         for K in client_counts:  # every (alpha, seed) of one client count at once
             keys = [k for k in out.keys if k[0] == K]
             packs = [fl.pack_clients(train.x, train.y, out.client_indices[k]) for k in keys]
-            t = time.perf_counter()
-            warm = fl.local_train(model, init, fl.concat_clients(packs), epochs=warmup_epochs, lr=local_lr,
-                                  momentum=0.9, batch_size=32, generator=generator)
-            clock("warmup", t)
-            torch.manual_seed(K)
-            G = fedgo.LabelConditioned(fm.make_generator(shape, z_dim=z_dim + C, width=free_gen_width or gen_width),
-                                       C).to(device)
-            t = time.perf_counter()
-            g_all = fedgo.train_generator_data_free(
-                G, model, {n: p.reshape(len(keys), K, *p.shape[1:]) for n, p in warm.items()}, steps=free_steps,
-                lr=free_lr, n_generators=len(keys), generator=generator)
-            clock("free_generator", t)
-            gens = [fl.set_params(copy.deepcopy(G), fl.index_params(g_all, i)) for i in range(len(keys))]
+            warm = timed("warmup", fedgo.warmup_round, model, init, packs, epochs=c.warmup_epochs, lr=c.local_lr,
+                         generator=generator)
+            gens = timed("free_generator", fedgo.data_free_generators, model, warm, len(keys), shape, C, seed=K,
+                         z_dim=c.z_dim, width=c.free_gen_width or c.gen_width, steps=c.free_steps, lr=c.free_lr,
+                         generator=generator, device=device)
             for part in _groups_of(range(len(keys)), K, limit=128):  # discriminators of <= 128 clients at once
-                t = time.perf_counter()
-                d_all = fedgo.train_discriminators(D, [gens[i] for i in part], fl.concat_clients([packs[i] for i in part]),
-                                                   epochs=free_disc_epochs, lr=disc_lr, generator=generator,
-                                                   init=d_init,
-                                                   generator_of=torch.arange(len(part)).repeat_interleave(K))
-                clock("discriminators", t)
-                for j, i in enumerate(part):
-                    key, dp = keys[i], fl.index_params(d_all, slice(j * K, (j + 1) * K))
-                    x_free = fedgo.sample(gens[i], len(out.server_indices[key[2]]), generator)
-                    out.generators[("data_free", key)], out.disc_params[("data_free", key)] = gens[i], dp
-                    out.setups["data_free"][K].append(distill.Setup(
-                        packs[i], x_free, test.x, test.y, None, fedgo.discriminator_logits(D, dp, x_free),
-                        dense_generator=_dense_generator(shape, z_dim, C, gen_width, device) if dense else None,
-                        key=key))
+                dps = timed("discriminators", fedgo.client_discriminators, D, [gens[i] for i in part],
+                            [packs[i] for i in part], **dict(disc_kw, epochs=free_disc_epochs),
+                            generator_of=torch.arange(len(part)).repeat_interleave(K))
+                for i, dp in zip(part, dps):
+                    x_free = fedgo.sample(gens[i], len(out.server_indices[keys[i][2]]), generator)
+                    add("data_free", keys[i], packs[i], gens[i], dp, x_free, None, dense=c.dense)
     return out
 
 
@@ -421,6 +439,17 @@ def distill_lr_search(model, setups: list, lr_grid, **run_kw):
     return table, float(table.loc[table["val_kl"].idxmin(), "lr"])
 
 
+def best_discriminator_setting(tables) -> tuple:
+    """The (generator width, E_d) with the best mean FedGO-teacher held-out accuracy over the search tables
+    ``tables``, pairs (generator width, the table :func:`discriminator_epoch_search` returned for it).
+    Returns ``(search, gen_width, disc_epochs)``: ``search`` is every table with its ``gen_width`` column."""
+    import pandas as pd
+
+    search = pd.concat([table.assign(gen_width=w) for w, table in tables], ignore_index=True)
+    best = search.groupby(["gen_width", "epochs"])["teacher_val_acc"].mean().idxmax()
+    return search, int(best[0]), int(best[1])
+
+
 def discriminator_epoch_search(train, model, *, client_counts, alphas, seed: int, grid, G=None,
                                gan_steps: int = 150, gen_width: int = 32, z_dim: int = 16, disc_width: int = 8,
                                disc_lr: float = 0.05, local_epochs: int = 5, val_fraction: float = 0.2,
@@ -446,10 +475,8 @@ def discriminator_epoch_search(train, model, *, client_counts, alphas, seed: int
     rng = np.random.default_rng(seed)
     if G is None:
         server = fdata.fedgo_split(labels, client_counts[0], alphas[0], seed=seed)[1]
-        torch.manual_seed(seed)
-        G = fm.make_generator(shape, z_dim=z_dim, width=gen_width).to(device)
-        fedgo.train_gan(train.x[torch.as_tensor(server)].to(device), G, fm.make_discriminator(shape).to(device),
-                        steps=gan_steps, generator=generator)
+        G = fedgo.server_gan(train.x[torch.as_tensor(server)].to(device), shape, seed=seed, z_dim=z_dim, width=gen_width,
+                             steps=gan_steps, lr=1e-3, generator=generator, device=device)
     D = fm.make_discriminator(shape, width=disc_width if len(shape) == 3 else 32).to(device)
     problems = []  # (K, alpha, fit clients, held-out clients)
     for K in client_counts:

@@ -11,6 +11,7 @@ build a shared entry (a teacher, a feature classifier) once: the second waits an
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 import secrets
@@ -34,6 +35,24 @@ def check_choice(name: str, value, allowed: Iterable, fix: str | None = None):
     if value in allowed:
         return value
     msg = f"unknown {name} {value!r}; allowed: {', '.join(repr(a) for a in allowed)}"
+    if fix:
+        msg += f". {fix}"
+    raise ValueError(msg)
+
+
+def check_number(name: str, value, *, at_least=None, above=None, below=None, at_most=None, integer: bool = False,
+                 fix: str | None = None):
+    """Return ``value`` if it is a number within the bounds given (``at_least`` <= value, ``above`` < value,
+    value < ``below``, value <= ``at_most``; an integer where asked); else a ValueError naming the value, the
+    allowed range and the fix (the configs' one check, so that every field is refused the same way)."""
+    bounds = [(">=", at_least, lambda b: value >= b), (">", above, lambda b: value > b),
+              ("<", below, lambda b: value < b), ("<=", at_most, lambda b: value <= b)]
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value  # NaN fails here
+    ok = ok and (not integer or float(value).is_integer()) and all(test(b) for _, b, test in bounds if b is not None)
+    if ok:
+        return value
+    kind = "an integer" if integer else "a number"
+    msg = f"{name}={value!r}; allowed: {' '.join([kind, ' and '.join(f'{op} {b}' for op, b, _ in bounds if b is not None)])}"
     if fix:
         msg += f". {fix}"
     raise ValueError(msg)

@@ -185,10 +185,8 @@ for w in gan_width_grid:
     table, _ = studies.discriminator_epoch_search(train, clf, client_counts=client_counts, alphas=alphas,
                                                   seed=search_seed, grid=disc_epoch_grid, gan_steps=gan_steps,
                                                   gen_width=w, generator=g, device=dev)
-    search.append(table.assign(gen_width=w))
-search = pd.concat(search, ignore_index=True)
-best = search.groupby(["gen_width", "epochs"])["teacher_val_acc"].mean().idxmax()
-gan_width, disc_epochs = int(best[0]), int(best[1])
+    search.append((w, table))
+search, gan_width, disc_epochs = studies.best_discriminator_setting(search)
 run.metrics["search_discriminators"] = {"table": search.to_dict("list"), "gan_width": gan_width,
                                         "disc_epochs": disc_epochs}
 print(f"chosen on the search seed: generator width {gan_width}, discriminator epochs {disc_epochs}")
@@ -205,10 +203,8 @@ if "data_free" in scenarios:
         table, _ = studies.discriminator_epoch_search(
             train, clf, client_counts=client_counts, alphas=alphas, seed=search_seed, grid=disc_epoch_grid,
             G=st_free.generators[("data_free", st_free.keys[0])], generator=g, device=dev)
-        search_free.append(table.assign(gen_width=w))
-    search_free = pd.concat(search_free, ignore_index=True)
-    best_free = search_free.groupby(["gen_width", "epochs"])["teacher_val_acc"].mean().idxmax()
-    free_gen_width, disc_epochs_free = int(best_free[0]), int(best_free[1])
+        search_free.append((w, table))
+    search_free, free_gen_width, disc_epochs_free = studies.best_discriminator_setting(search_free)
     run.metrics["search_discriminators_data_free"] = {"table": search_free.to_dict("list"), "gan_width": free_gen_width,
                                                       "disc_epochs": disc_epochs_free}
     print(f"data-free, chosen against the search seed's data-free G: generator width {free_gen_width}, "

@@ -135,15 +135,15 @@ pd.DataFrame(run.metrics["teachers"]).T
 # solver, NFE) under fedlib's cache, so a rerun reloads them.
 
 # %%
-ld3_kw = dict(rounds_theta=ld3_rounds_theta, rounds_both=ld3_rounds_both, batch_size=ld3_batch,
-              validate_every=ld3_validate_every, lr_theta=ld3_lr, soft=ld3_soft)
+ld3_config = ld3.LD3Config(rounds_theta=ld3_rounds_theta, rounds_both=ld3_rounds_both, batch=ld3_batch,
+                           validate_every=ld3_validate_every, lr=ld3_lr, soft=ld3_soft)
 results = {}
 for name, case in cases.items():
     t0 = time.perf_counter()
     nfes = ld3_nfes + ([shrink_nfe] if name in shrink_datasets and shrink_nfe not in ld3_nfes else [])
     results[name] = ld3.held_out_study(case, solvers, nfes, seeds, schedules, n_train=ld3_train, n_val=ld3_val,
                                        teacher_solver=teacher_solver, teacher_nfe=teacher_nfe,
-                                       keep=16 if len(case.shape) == 3 else 400, **ld3_kw)
+                                       keep=16 if len(case.shape) == 3 else 400, config=ld3_config)
     print(f"{name}: {len(results[name].learned)} grids learned (NFE {nfes}, {len(seeds)} seeds) and evaluated "
           f"in {time.perf_counter() - t0:.0f} s")
 rows = [r for res in results.values() for r in res.rows]

@@ -87,7 +87,7 @@ import torch
 from IPython.display import display
 
 from fedlib import data as fdata
-from fedlib import distill, dmd2, fedgo, metrics, models, plots, studies
+from fedlib import distill, dmd2, fedgo, ld3, metrics, models, plots, studies
 from fedlib import federated as fl
 from fedlib import pipeline as P
 from fedlib.diffusion import schedule, solve
@@ -158,8 +158,8 @@ print(f"U-Net {diff.model_bytes:,} bytes (float32); per seed: up {diff.bytes_up[
 # %%
 check_sizes = dict(feddm_kw=dict(rounds=1, local_steps=2, batch_size=feddm_batch, lr=feddm_lr, bits=feddm_bits,
                                  channels=unet_channels, channel_mults=unet_mults),
-                   ld3_kw=dict(nfes=ld3_nfes[:1], n_train=2, n_val=2, teacher_nfe=teacher_nfe, solver=ld3_solver,
-                               rounds_both=1),
+                   ld3_kw=dict(nfes=ld3_nfes[:1], n_train=2, n_val=2, teacher_nfe=teacher_nfe,
+                               config=ld3.LD3Config(solver=ld3_solver, rounds_both=1)),
                    dmd2_kw=dict(steps=2, batch_size=8, lr=dmd2_lr, n_data=16, data_nfe=teacher_nfe),
                    fedgo_kw=dict(rounds=1, disc_epochs=1, distill_epochs=1))
 check_key = P.key_of(stage="server_check", x=train.x, y=train.y, test=test.x, k=n_clients, alpha=alpha, seed=seeds[0],
@@ -183,10 +183,10 @@ grids, grid_rows, fd_teacher, x_show = {}, [], {}, {}
 t0 = time.perf_counter()
 for s in seeds:
     T = teachers[s]
-    grids[s], _, hit = P.learn_grids(T, f"{diff.key}-s{s}", ld3_nfes, shape=shape, solver=ld3_solver,
+    grids[s], _, hit = P.learn_grids(T, f"{diff.key}-s{s}", ld3_nfes, shape=shape,
+                                     config=ld3.LD3Config(solver=ld3_solver, rounds_both=ld3_rounds),
                                      n_train=ld3_pairs, n_val=2 * ld3_pairs, teacher_solver=teacher_solver,
-                                     teacher_nfe=teacher_nfe, seed=s,
-                                     rounds_both=ld3_rounds)
+                                     teacher_nfe=teacher_nfe, seed=s)
     stage_cached["2 LD3"] = stage_cached.get("2 LD3", True) and hit
     x_T = T.process.prior((n_fd, *shape), generator=torch.Generator().manual_seed(7 + s), device=dev)
     with torch.no_grad():

@@ -1,5 +1,7 @@
 """fedlib.distill: pseudo-labels, majority vote, KL distillation, the FedGO protocol pieces."""
 
+import re
+
 import pytest
 import torch
 
@@ -200,3 +202,46 @@ def test_run_rounds_epoch_budget_logs_the_distillation():
     assert [e["round"] for e in res.distill_log] == [1, 2] and res.distill_log[0]["groups"] == [1, 2]
     assert all(e["epochs_run"] <= 2 and e["val_kl"].shape == (2,) for e in res.distill_log)
     assert torch.isfinite(res.accuracy).all()
+
+
+# --- one validated config for a run of rounds -----------------------------------------------------
+
+def test_run_rounds_takes_one_config_not_a_keyword_per_setting():
+    import inspect
+
+    from fedlib import backends
+
+    assert len(inspect.signature(D.run_rounds).parameters) <= 10
+    assert len(inspect.signature(backends.run_rounds).parameters) <= 10
+    # every setting the old keywords carried is a field, and the server side is ServerConfig's
+    fields = set(D.RoundsConfig.__dataclass_fields__)
+    assert {"rounds", "local_epochs", "lr", "momentum", "batch_size", "mu"} <= fields
+    assert set(D.ServerConfig.__dataclass_fields__) - {"generator"} <= fields
+    cfg = D.RoundsConfig(rounds=2, distill_lr=0.01, method_options={"fedgen": {"weight": 1.0}})
+    server = cfg.server(torch.Generator())
+    assert server.distill_lr == 0.01 and server.method_options == {"fedgen": {"weight": 1.0}}
+    assert server.method_options is not cfg.method_options  # a run never writes into the caller's config
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("rounds", 0, ">= 1"), ("rounds", 1.5, "an integer"), ("lr", 0.0, "> 0"), ("lr", float("nan"), "> 0"),
+    ("momentum", 1.0, "< 1"), ("mu", -0.1, ">= 0"), ("batch_size", 0, ">= 1"), ("local_epochs", -1, ">= 0"),
+    ("distill_val", 1.0, "< 1"), ("temperature", 0, "> 0"), ("chunk_size", 0, ">= 1"), ("dense_steps", -2, ">= 0"),
+    ("pseudo_label_mode", "soft", "'prob', 'logit'"), ("method_options", [], "a dict")])
+def test_rounds_config_refuses_a_bad_value_naming_it_and_what_is_allowed(field, value, allowed):
+    with pytest.raises(ValueError, match=re.escape(repr(value)) + ".*" + re.escape(allowed)):
+        D.RoundsConfig(**{"rounds": 1, field: value})
+
+
+def test_run_rounds_refuses_an_unknown_setting_and_a_config_with_settings():
+    setup = D.Setup(fl.pack_clients(torch.randn(6, 1, 8, 8), torch.zeros(6, dtype=torch.long), [torch.arange(6)]),
+                    torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="distil_lr.*allowed: rounds"):
+        D.run_rounds(models.SmallCNN(1, 3, width=4), [setup], ["fedavg"], rounds=1, distil_lr=0.1)
+    with pytest.raises(ValueError, match="config and the settings"):
+        D.run_rounds(models.SmallCNN(1, 3, width=4), [setup], ["fedavg"], D.RoundsConfig(rounds=1), rounds=1)
+    clf = models.SmallCNN(1, 3, width=4)
+    a = D.run_rounds(clf, [setup], ["fedavg"], D.RoundsConfig(rounds=2, batch_size=4),
+                     generator=torch.Generator().manual_seed(0))
+    b = D.run_rounds(clf, [setup], ["fedavg"], rounds=2, batch_size=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.accuracy, b.accuracy) and all(torch.equal(a.params[n], b.params[n]) for n in a.params)

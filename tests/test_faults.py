@@ -164,11 +164,11 @@ def test_a_truncated_learned_schedule_is_reported_and_learned_again(tmp_path, mo
     den = Denoiser(MLPDenoiser(2, 8, 1), EDM(), "edm").eval()
     pairs = ld3.teacher_pairs(den, 4, (2,), nfe=4, seed=0)
     kw = dict(model_name="tiny", rounds_theta=1, rounds_both=0)
-    first = ld3.load_or_learn(den, "euler", 2, pairs, pairs, **kw)
+    first = ld3.load_or_learn(den, 2, pairs, pairs, solver="euler", **kw)
     path = ld3.schedule_path("tiny", "euler", 2)
     _truncate(path)
     with pytest.warns(utils.CacheWarning) as record:
-        again = ld3.load_or_learn(den, "euler", 2, pairs, pairs, **kw)
+        again = ld3.load_or_learn(den, 2, pairs, pairs, solver="euler", **kw)
     _one_cache_warning(record, path)
     assert again.history["cached"] is False and again.times == first.times
-    assert ld3.load_or_learn(den, "euler", 2, pairs, pairs, **kw).history["cached"] is True
+    assert ld3.load_or_learn(den, 2, pairs, pairs, solver="euler", **kw).history["cached"] is True

@@ -290,3 +290,66 @@ def test_scenario_overhead_counts_the_data_free_warm_up_round_and_its_own_e_d():
         assert got["extra_bytes"] - bare["extra_bytes"] == (3 * costs["classifier_bytes"] if warm else 0)
     free = studies.scenario_overhead(st, "data_free", clf, train.x, local_epochs=1, rounds=4)
     assert free["extra_client_flops"] > 0 and free["training_client_flops"] > 0
+
+
+# --- FedGO's settings as one config; its protocol one function per step ---------------------------------
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("gan_steps", -1, ">= 0"), ("disc_epochs", 2.5, "an integer"), ("disc_lr", 0.0, "> 0"), ("gan_lr", float("nan"), "> 0"),
+    ("z_dim", 0, ">= 1"), ("gen_width", 0, ">= 1"), ("free_steps", -3, ">= 0"), ("free_disc_epochs", -1, ">= 0"),
+    ("free_gen_width", 0, ">= 1"), ("local_lr", -0.1, "> 0")])
+def test_fedgo_config_refuses_a_bad_value_naming_it_and_what_is_allowed(field, value, allowed):
+    import re
+
+    kw = dict(gan_steps=1, disc_epochs=1)
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}") + ".*" + re.escape(allowed)):
+        studies.FedGOConfig(**{**kw, field: value})
+
+
+def test_fedgo_setups_refuses_an_unknown_setting_and_a_config_with_settings():
+    train, test = fdata.load_train_test("digits")
+    with pytest.raises(ValueError, match="free_gen_steps.*allowed: gan_steps"):
+        studies.fedgo_setups(train, test, client_counts=[3], alphas=[0.1], seeds=[0], scenarios=(), gan_steps=1,
+                             disc_epochs=1, free_gen_steps=3)
+    with pytest.raises(ValueError, match="FedGOConfig and the settings"):
+        studies.fedgo_setups(train, test, studies.FedGOConfig(1, 1), client_counts=[3], alphas=[0.1], seeds=[0],
+                             disc_lr=0.1)
+
+
+def test_the_discriminator_block_is_written_once():
+    """Training the clients' D_k and slicing them per federation lives in fedgo.client_discriminators;
+    fedgo_setups builds every scenario's Setup in one place."""
+    import inspect
+
+    assembler = inspect.getsource(studies.fedgo_setups)
+    assert "train_discriminators" not in assembler and "index_params" not in assembler
+    assert assembler.count("distill.Setup(") == 1 and assembler.count("torch.manual_seed") == 0
+    assert inspect.getsource(fedgo).count("fl.index_params(d_all") == 1
+    for step in ("server_gan", "client_discriminators", "warmup_round", "data_free_generators"):
+        assert f"fedgo.{step}" in assembler
+
+
+def test_client_discriminators_slice_one_stacked_training_per_federation():
+    torch.manual_seed(0)
+    D, G = models.make_discriminator((1, 8, 8), width=4), models.make_generator((1, 8, 8), z_dim=4, width=4)
+    x, y = torch.randn(30, 1, 8, 8), torch.randint(0, 3, (30,))
+    packs = [fl.pack_clients(x, y, [torch.arange(0, 5), torch.arange(5, 12)]),
+             fl.pack_clients(x, y, [torch.arange(12, 20), torch.arange(20, 24), torch.arange(24, 30)])]
+    init = fl.get_params(D)
+    dps = fedgo.client_discriminators(D, G, packs, epochs=1, lr=0.05, init=init,
+                                      generator=torch.Generator().manual_seed(1))
+    ref = fedgo.train_discriminators(D, G, fl.concat_clients(packs), epochs=1, lr=0.05, init=init,
+                                     generator=torch.Generator().manual_seed(1))
+    assert [next(iter(d.values())).shape[0] for d in dps] == [2, 3]
+    for n in ref:
+        assert torch.equal(torch.cat([d[n] for d in dps]), ref[n])
+
+
+def test_best_discriminator_setting_picks_the_best_mean_teacher_accuracy():
+    import pandas as pd
+
+    t = lambda accs: pd.DataFrame({"clients": [3] * 4, "alpha": [0.1, 0.1, 1.0, 1.0], "epochs": [1, 3, 1, 3],  # noqa: E731
+                                   "teacher_val_acc": accs})
+    search, width, epochs = studies.best_discriminator_setting([(8, t([0.5, 0.6, 0.5, 0.6])),
+                                                                 (16, t([0.7, 0.4, 0.6, 0.5]))])
+    assert (width, epochs) == (16, 1) and len(search) == 8 and list(search.gen_width.unique()) == [8, 16]

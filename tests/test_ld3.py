@@ -73,11 +73,11 @@ def test_learned_timesteps_beats_its_uniform_start_and_round_trips(tmp_path, mon
     den = _gaussian_denoiser()
     tr = ld3.teacher_pairs(den, 16, (4,), seed=0)
     va = ld3.teacher_pairs(den, 16, (4,), seed=1)
-    s = ld3.load_or_learn(den, "dpm_solver_pp_2m", 3, tr, va, model_name="gauss", rounds_theta=2, rounds_both=2,
-                          lr_theta=5e-2)
+    s = ld3.load_or_learn(den, 3, tr, va, solver="dpm_solver_pp_2m", model_name="gauss", rounds_theta=2, rounds_both=2,
+                          lr=5e-2)
     assert s.history["best_val_loss"] < 0.8 * s.history["start_val_loss"]
     assert not s.history["cached"]
-    again = ld3.load_or_learn(den, "dpm_solver_pp_2m", 3, tr, va, model_name="gauss")
+    again = ld3.load_or_learn(den, 3, tr, va, solver="dpm_solver_pp_2m", model_name="gauss")
     assert again.history["cached"] and again.times == s.times and again.network_times == s.network_times
     out, nfe = again.sample(den, va[0])
     assert nfe == 3
@@ -138,7 +138,7 @@ def test_learned_is_never_worse_on_validation_than_the_best_hand_made_grid(solve
     va = ld3.teacher_pairs(den, 8, (4,), seed=1)
     # a learning rate large enough to throw theta about: the result must still be no worse than the start
     for lr in (5e-3, 0.5):
-        s = ld3.learned_timesteps(den, solver, nfe, tr, va, rounds_theta=1, rounds_both=1, lr_theta=lr, seed=0)
+        s = ld3.learned_timesteps(den, nfe, tr, va, solver=solver, rounds_theta=1, rounds_both=1, lr=lr, seed=0)
         hand = {name: _val_loss(den, solver, schedule(name, den.process, nfe), None, va) for name in SCHEDULES}
         best = min(hand, key=hand.get)
         assert s.history["start"] == best
@@ -157,16 +157,16 @@ def test_a_named_start_and_the_significance_check():
     den = _gaussian_denoiser()
     tr = ld3.teacher_pairs(den, 8, (4,), seed=0)
     va = ld3.teacher_pairs(den, 8, (4,), seed=1)
-    s = ld3.learned_timesteps(den, "dpm_solver_pp_2m", 3, tr, va, rounds_theta=1, rounds_both=0, start="uniform_t",
-                              lr_theta=5e-2)
+    s = ld3.learned_timesteps(den, 3, tr, va, solver="dpm_solver_pp_2m", rounds_theta=1, rounds_both=0, start="uniform_t",
+                              lr=5e-2)
     assert s.history["start"] == "uniform_t" and list(s.history["hand_made_val_loss"]) == ["uniform_t"]
     assert s.history["kept"] == "learned" and s.history["best_val_loss"] < s.history["start_val_loss"]
-    strict = ld3.learned_timesteps(den, "dpm_solver_pp_2m", 3, tr, va, rounds_theta=1, rounds_both=0,
-                                   start="uniform_t", lr_theta=5e-2, significance=1e9)
+    strict = ld3.learned_timesteps(den, 3, tr, va, solver="dpm_solver_pp_2m", rounds_theta=1, rounds_both=0,
+                                   start="uniform_t", lr=5e-2, significance=1e9)
     assert strict.history["kept"] == "start" and not strict.history["significant"]
     torch.testing.assert_close(torch.tensor(strict.times, dtype=torch.float64), schedule("uniform_t", den.process, 3), rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="LD3 start"):
-        ld3.learned_timesteps(den, "euler", 3, tr, va, start="karras")
+        ld3.learned_timesteps(den, 3, tr, va, solver="euler", start="karras")
 
 
 def test_held_out_study_reports_the_validated_quantity_on_noise_ld3_never_saw(tmp_path, monkeypatch):
@@ -174,8 +174,8 @@ def test_held_out_study_reports_the_validated_quantity_on_noise_ld3_never_saw(tm
     den = _gaussian_denoiser()
     case = SimpleNamespace(dataset="gauss", teacher=den, shape=(4,), loss="l2", feature_fn=None, n_eval=32,
                            model_name="gauss", metric=lambda x: float(x.mean().abs()))
-    res = ld3.held_out_study(case, ["dpm_solver_pp_2m"], [3], [0, 1, 2], n_train=8, n_val=8, rounds_theta=1,
-                             rounds_both=1, lr_theta=5e-2)
+    cfg = ld3.LD3Config(rounds_theta=1, rounds_both=1, lr=5e-2)
+    res = ld3.held_out_study(case, ["dpm_solver_pp_2m"], [3], [0, 1, 2], config=cfg, n_train=8, n_val=8)
     assert len(res.rows) == 3 * (len(SCHEDULES) + 1) and len(res.learned) == 3
     for seed in (0, 1, 2):
         ev = ld3.teacher_pairs(den, 32, (4,), seed=1000 * seed + 300)
@@ -190,8 +190,7 @@ def test_held_out_study_reports_the_validated_quantity_on_noise_ld3_never_saw(tm
     table = studies.summary_table(res.rows, ["gauss"], ["dpm_solver_pp_2m"], [3], SCHEDULES, [0, 1, 2], {"gauss": "m"})
     assert table.loc[0, "teacher distance: LD3 beats every grid"] == verdict
     assert len(studies.relative_gain(res.rows, "gauss", "dpm_solver_pp_2m", 3, SCHEDULES, [0, 1, 2])) == 3
-    again = ld3.held_out_study(case, ["dpm_solver_pp_2m"], [3], [0], n_train=8, n_val=8, rounds_theta=1,
-                               rounds_both=1, lr_theta=5e-2)
+    again = ld3.held_out_study(case, ["dpm_solver_pp_2m"], [3], [0], config=cfg, n_train=8, n_val=8)
     assert again.learned[(0, "dpm_solver_pp_2m", 3)].history["cached"]
 
 
@@ -261,7 +260,7 @@ def test_a_plateau_reloads_the_best_state():
     va = ld3.teacher_pairs(den, 8, (4,), seed=1)
     seen = []
     # a learning rate large enough to make most steps worse: plateaus come quickly
-    s = ld3.learned_timesteps(den, "dpm_solver_pp_2m", 3, tr, va, rounds_theta=2, rounds_both=2, lr_theta=0.5,
+    s = ld3.learned_timesteps(den, 3, tr, va, solver="dpm_solver_pp_2m", rounds_theta=2, rounds_both=2, lr=0.5,
                               patience=2, start="uniform_lambda", callback=seen.append)
     assert seen[0]["step"] == 0 and s.history["reloads"] >= 1
     best_v, best_theta, best_phi = float("inf"), None, None
@@ -276,7 +275,7 @@ def test_a_plateau_reloads_the_best_state():
         else:
             torch.testing.assert_close(info["theta_next"], info["theta"], rtol=0, atol=0)
     assert reloads == s.history["reloads"]
-    off = ld3.learned_timesteps(den, "dpm_solver_pp_2m", 3, tr, va, rounds_theta=2, rounds_both=2, lr_theta=0.5,
+    off = ld3.learned_timesteps(den, 3, tr, va, solver="dpm_solver_pp_2m", rounds_theta=2, rounds_both=2, lr=0.5,
                                 patience=2, start="uniform_lambda", reload_best=False)
     assert off.history["reloads"] == 0
 
@@ -287,9 +286,46 @@ def test_a_schedule_learned_under_the_other_time_convention_is_learned_again(tmp
     tr = ld3.teacher_pairs(den, 4, (4,), seed=0)
     va = ld3.teacher_pairs(den, 4, (4,), seed=1)
     kw = dict(model_name="conv", rounds_theta=1, rounds_both=0)
-    s = ld3.load_or_learn(den, "euler", 3, tr, va, **kw)
+    s = ld3.load_or_learn(den, 3, tr, va, solver="euler", **kw)
     assert s.history["time_shift"] == "prediction" and ld3.learned_under(s, den)
-    assert ld3.load_or_learn(den, "euler", 3, tr, va, **kw).history["cached"]
+    assert ld3.load_or_learn(den, 3, tr, va, solver="euler", **kw).history["cached"]
     s.history["time_shift"] = "c_noise"
     s.save(ld3.schedule_path("conv", "euler", 3))
-    assert not ld3.load_or_learn(den, "euler", 3, tr, va, **kw).history["cached"]
+    assert not ld3.load_or_learn(den, 3, tr, va, solver="euler", **kw).history["cached"]
+
+
+# --- one validated config for LD3's settings ----------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("solver", "heun", "'euler'"), ("start", "karras", "'best'"), ("space", "sigma", "'lambda', 't'"),
+    ("rounds_theta", -1, ">= 0"), ("rounds_both", 1.5, "an integer"), ("batch", 0, ">= 1"), ("lr", 0.0, "> 0"),
+    ("lr", float("nan"), "> 0"), ("lr_phi", -1.0, "> 0"), ("momentum", 1.0, "< 1"), ("decay", 1.5, "<= 1"),
+    ("validate_every", 0, ">= 1"), ("patience", 0, ">= 1"), ("clip", 0, "> 0"), ("significance", -1.0, ">= 0")])
+def test_ld3_config_refuses_a_bad_value_naming_it_and_what_is_allowed(field, value, allowed):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(repr(value)) + ".*" + re.escape(allowed)):
+        ld3.LD3Config(**{field: value})
+
+
+def test_the_ld3_solver_is_checked_in_one_place_only():
+    import inspect
+    import pathlib
+
+    import fedlib
+
+    root = pathlib.Path(fedlib.__file__).parent
+    hits = [p for p in root.rglob("*.py") if 'check_choice("LD3 solver"' in p.read_text()]
+    assert hits == [root / "ld3.py"] and inspect.getsource(ld3.LD3Config).count('"LD3 solver"') == 1
+    assert inspect.getsource(ld3).count('"LD3 solver"') == 1
+
+
+def test_learned_timesteps_refuses_an_unknown_setting_and_a_config_with_settings():
+    den = _gaussian_denoiser()
+    tr = ld3.teacher_pairs(den, 4, (4,), seed=0)
+    with pytest.raises(ValueError, match="lr_theta.*allowed: solver"):
+        ld3.learned_timesteps(den, 3, tr, tr, lr_theta=0.1)
+    with pytest.raises(ValueError, match="LD3Config and the settings"):
+        ld3.learned_timesteps(den, 3, tr, tr, ld3.LD3Config(), lr=0.1)
+    with pytest.raises(ValueError, match="unknown LD3 solver 'heun'"):
+        ld3.held_out_study(None, ["heun"], [3], [0])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedlib import data as fdata
-from fedlib import dmd2, fedgo, models, pipeline, studies
+from fedlib import dmd2, fedgo, ld3, models, pipeline, studies
 from fedlib import federated as fl
 from fedlib.diffusion import EDM, Denoiser, MLPDenoiser, schedule, solve
 from fedlib.utils import CacheWarning
@@ -166,7 +166,7 @@ def test_distil_one_step_traces_fixed_noise_whose_last_point_is_the_returned_gen
 
 
 SMALL = dict(feddm_kw=dict(rounds=1, local_steps=2, batch_size=8, lr=0.05, channels=4, channel_mults=(1,)),
-             ld3_kw=dict(nfes=[3], n_train=2, n_val=2, teacher_nfe=4, rounds_both=1),
+             ld3_kw=dict(nfes=[3], n_train=2, n_val=2, teacher_nfe=4, config=ld3.LD3Config(rounds_both=1)),
              dmd2_kw=dict(steps=2, batch_size=4, n_data=8, data_nfe=4),
              fedgo_kw=dict(rounds=1, disc_epochs=1, distill_epochs=1))
 
