@@ -649,8 +649,9 @@ run.claims_table()
 #   - FedFTG's fine-tuning lowers the FedAvg model it starts from at our budget (the more student steps on
 #     the generator's samples, the worse), because ten generator steps a round do not make samples near
 #     the data.
-#   - Co-Boosting against DENSE in one round: with two iterations of each fresh generator
-#     (`coboosting_g_steps`, the quick budget) ahead but within noise; with five, ahead beyond the spread.
+#   - Co-Boosting against DENSE in one round: at two iterations of each fresh generator
+#     (`coboosting_g_steps`, the quick budget) the claims table above gives this run's verdict; in the
+#     budget sweep, five iterations put Co-Boosting ahead beyond the spread.
 #   These budgets are our scale, not the methods': the papers train their generators for hundreds to
 #   thousands of steps.
 # * **Overhead**: not negligible at our scale (E_d discriminator epochs, and for data-free the warm-up
