@@ -334,24 +334,28 @@ class EvalConfig:
 
 def evaluate_sets(sets: list[SyntheticSet], x_test, y_test, n_classes: int, cfg: EvalConfig = EvalConfig()):
     """Test accuracy of a SmallCNN trained from scratch on each set ([len(sets)] floats). The classifier of
-    a set of seed s starts from the same weights and draws the same batches whatever its method, and all
-    sets train together in one vectorised :func:`fedlib.federated.local_train` (sets of different sizes
-    are padded and masked)."""
+    a set of seed s starts from the same weights whatever its method, and sets of one size train together
+    in one vectorised :func:`fedlib.federated.local_train` (batches of min(batch_size, set size): a group
+    never computes on padding)."""
     if not sets:
         raise ValueError("no sets to evaluate; pass at least one SyntheticSet")
     device = x_test.device
     shape = tuple(sets[0].x.shape[1:])
-    x = torch.cat([s.x.to(device) for s in sets])
-    y = torch.cat([s.y.to(device) for s in sets])
-    bounds = torch.tensor([0] + [len(s.y) for s in sets]).cumsum(0).tolist()
-    clients = pack_clients(x, y, [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])])
-    starts = []
-    for s in sets:
-        torch.manual_seed(10_000 + s.seed)
-        starts.append(get_params(SmallCNN(shape[0], n_classes, width=cfg.width, image_size=shape[-1]).to(device)))
     model = SmallCNN(shape[0], n_classes, width=cfg.width, image_size=shape[-1]).to(device)
-    gen = torch.Generator().manual_seed(0)  # the sets' batch streams; a set's depends on its position only
-    trained = local_train(model, stack_params(starts), clients, steps=cfg.steps, lr=cfg.lr, momentum=cfg.momentum,
-                          batch_size=cfg.batch_size, generator=gen)
-    logits = predict(functional(model), trained, x_test, stacked=True)
-    return ((logits.argmax(-1) == y_test).float().mean(-1)).tolist()
+    call = functional(model)
+    out = [None] * len(sets)
+    for size in sorted({len(s.y) for s in sets}):
+        members = [k for k, s in enumerate(sets) if len(s.y) == size]
+        x = torch.cat([sets[k].x.to(device) for k in members])
+        y = torch.cat([sets[k].y.to(device) for k in members])
+        clients = pack_clients(x, y, [list(range(j * size, (j + 1) * size)) for j in range(len(members))])
+        starts = []
+        for k in members:
+            torch.manual_seed(10_000 + sets[k].seed)
+            starts.append(get_params(SmallCNN(shape[0], n_classes, width=cfg.width, image_size=shape[-1]).to(device)))
+        trained = local_train(model, stack_params(starts), clients, steps=cfg.steps, lr=cfg.lr, momentum=cfg.momentum,
+                              batch_size=min(cfg.batch_size, size), generator=torch.Generator().manual_seed(size))
+        acc = (predict(call, trained, x_test, stacked=True).argmax(-1) == y_test).float().mean(-1)
+        for k, a in zip(members, acc.tolist()):
+            out[k] = a
+    return out

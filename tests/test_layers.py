@@ -38,6 +38,7 @@ LAYERS = {
     # figures: the style, then one module per notebook's paper
     "fedlib.plots": 7, "fedlib.plots.style": 7, "fedlib.plots.data": 7, "fedlib.plots.fedgo": 7,
     "fedlib.plots.feddm": 7, "fedlib.plots.ld3": 7, "fedlib.plots.dmd2": 7, "fedlib.plots.pipeline": 7,
+    "fedlib.plots.condense": 7,
     # notebook machinery
     "fedlib.params": 8, "fedlib.results": 9, "fedlib.runner": 10, "fedlib.__main__": 11,
     # the package itself: importing fedlib registers every plug-in
