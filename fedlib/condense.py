@@ -252,9 +252,9 @@ def _distil(method: str, x_real, y_real, n_classes: int, cfg: CondenseConfig, de
     history = {"loss": [], "seconds": [], "saved_bytes": 0}
     for it in tqdm(range(cfg.iterations), desc=f"{method} ipc {cfg.ipc} seed {cfg.seed}", disable=not progress,
                    leave=False):
+        start = time.perf_counter()  # the whole iteration, drawing the network and the batch included
         net = random_feature_net(shape, cfg.feature_width, g, device)
         xb, yb = _real_batch(x_real, idx, cfg.batch_real, g)
-        start = time.perf_counter()
         with torch.no_grad():
             f_real = features(net, xb)
         if method == "ncfm":
@@ -299,19 +299,22 @@ def distill_ncfm(x_real, y_real, n_classes: int, cfg: CondenseConfig, device=Non
 
 
 @torch.no_grad()
-def measure_ncfd(x_real, y_real, syn: SyntheticSet, n_classes: int, *, n_nets: int = 4, n_freqs: int = 256,
-                 width: int = 8, freq_scale: float = 1.0, alpha: float = 0.5, seed: int = 12345) -> float:
-    """NCFD of a synthetic set to the whole real set at fixed Gaussian frequencies, averaged over ``n_nets``
+def measure_ncfd(x_real, y_real, sets: list[SyntheticSet], n_classes: int, *, n_nets: int = 4, n_freqs: int = 256,
+                 width: int = 8, freq_scale: float = 1.0, alpha: float = 0.5, seed: int = 12345) -> list[float]:
+    """NCFD of each synthetic set to the whole real set at fixed Gaussian frequencies, averaged over ``n_nets``
     fixed random networks: a yardstick that does not move during training (psi's frequencies do)."""
     g = torch.Generator().manual_seed(seed)
     shape = tuple(x_real.shape[1:])
     d = feature_dim(shape, width)
-    total = 0.0
+    total = [0.0] * len(sets)
     for _ in range(n_nets):
         net = random_feature_net(shape, width, g, x_real.device)
         t = (torch.randn(n_freqs, d, generator=g) * freq_scale / math.sqrt(d)).to(x_real.device)
-        total += float(ncfd_per_class(features(net, x_real), y_real, features(net, syn.x), syn.y, t, n_classes, alpha))
-    return total / n_nets
+        f_real = features(net, x_real)
+        for k, s in enumerate(sets):
+            total[k] += float(ncfd_per_class(f_real, y_real, features(net, s.x.to(x_real.device)), s.y.to(x_real.device),
+                                             t, n_classes, alpha))
+    return [v / n_nets for v in total]
 
 
 # ----------------------------------------------------------------------------------------------
