@@ -282,6 +282,8 @@ def _distil(method: str, x_real, y_real, n_classes: int, cfg: CondenseConfig, de
         opt.step()
         with torch.no_grad():
             syn.clamp_(-1.0, 1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: time them, not their launch
         history["seconds"].append(time.perf_counter() - start)
         history["loss"].append(float(loss.detach()))
     return SyntheticSet(syn.detach().clone(), y_syn.clone(), method, cfg.seed, history)
