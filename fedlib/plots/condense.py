@@ -7,6 +7,8 @@ import numpy as np
 
 from .style import image_grid, method_colours
 
+METHOD_COLOURS = {"NCFM": "C0", "DM": "C1", "random": "C7"}
+
 
 def synthetic_sets_figure(sets: dict, ipc: int, n_classes: int, title: str = ""):
     """One image grid per method (``sets``: method -> images [C * ipc, ...] in [-1, 1], class-major): one
@@ -26,7 +28,8 @@ def synthetic_sets_figure(sets: dict, ipc: int, n_classes: int, title: str = "")
 def accuracy_figure(frame, methods: list[str], reference: dict | None = None):
     """Test accuracy of a classifier trained on each set: one dot per seed, the mean as a bar, per IPC."""
     ipcs = sorted(frame["ipc"].unique())
-    colours = method_colours(methods)
+    # the registry's tab20 shades (method_colours) put these unregistered names in pale greys
+    colours = {**method_colours(methods), **{m: c for m, c in METHOD_COLOURS.items() if m in methods}}
     fig, axes = plt.subplots(1, len(ipcs), figsize=(3.2 * len(ipcs), 3.0), squeeze=False, sharey=True)
     for ax, ipc in zip(axes[0], ipcs):
         sub = frame[frame["ipc"] == ipc]
@@ -40,7 +43,8 @@ def accuracy_figure(frame, methods: list[str], reference: dict | None = None):
             ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(range(len(methods)), methods, fontsize=8)
         ax.set_title(f"IPC {ipc}", fontsize=9)
-    axes[0][0].set_ylabel("test accuracy (bars: mean; whiskers: sd over seeds)")
+    axes[0][0].set_ylabel("test accuracy")
+    fig.suptitle("bars: mean over seeds; whiskers: sd; dots: seeds", fontsize=8)
     fig.tight_layout()
     return fig
 
