@@ -53,7 +53,7 @@ class CondenseConfig:
     iterations: int = 200  # updates of S (paper: 20000 on CIFAR-10)
     batch_real: int = 64  # real images per class per iteration (paper: 256 on CIFAR-10 as in DM)
     lr_images: float = 0.05  # Adam on the synthetic pixels (ours; the same for DM and NCFM)
-    lr_sampler: float = 1e-3  # Adam on the sampling network psi (ascent)
+    lr_sampler: float = 1e-4  # Adam on the sampling network psi (ascent); ours, see FrequencySampler
     alpha: float = 0.5  # weight of the amplitude term; 1 - alpha weighs the phase term
     n_freqs: int = 64  # frequencies t drawn per iteration (shared by the classes)
     freq_scale: float = 1.0  # initial spread of t, in units of 1 / sqrt(feature dim)
@@ -161,18 +161,27 @@ def feature_dim(sample_shape: tuple, width: int) -> int:
 class FrequencySampler(nn.Module):
     """psi: Gaussian noise z [n, d] -> frequencies t = scale (z + MLP(z)). The MLP's last layer starts at
     zero, so at initialisation t ~ N(0, scale^2 I) (scale = freq_scale / sqrt(d)); ascent on NCFD then
-    moves the distribution of t to where the two characteristic functions differ most."""
+    moves the distribution of t to where the two characteristic functions differ most.
 
-    def __init__(self, dim: int, hidden: int = 64, freq_scale: float = 1.0):
+    With ``fixed_norm`` (the default) the drawn frequencies are rescaled so that their mean squared norm
+    stays freq_scale^2 (its value at initialisation): psi chooses the directions and the relative spread
+    of t, not its overall size. Without it the ascent runs off to high frequencies, where a set of a few
+    points keeps |phi_S| near 1 while the real set's |phi_X| decays, so NCFD is large whatever S does and
+    the synthetic step follows noise (our choice; notebook 06's long set shows the runaway)."""
+
+    def __init__(self, dim: int, hidden: int = 64, freq_scale: float = 1.0, fixed_norm: bool = True):
         super().__init__()
-        self.dim, self.scale = dim, freq_scale / math.sqrt(dim)
+        self.dim, self.scale, self.freq_scale, self.fixed_norm = dim, freq_scale / math.sqrt(dim), freq_scale, fixed_norm
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         z = torch.randn(n, self.dim, generator=generator).to(self.mlp[0].weight.device)
-        return self.scale * (z + self.mlp(z))
+        t = self.scale * (z + self.mlp(z))
+        if self.fixed_norm:
+            t = t * (self.freq_scale / t.pow(2).sum(1).mean().sqrt().clamp_min(1e-12))
+        return t
 
 
 # ----------------------------------------------------------------------------------------------

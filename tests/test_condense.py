@@ -141,3 +141,18 @@ def test_bad_config_values_name_the_value_the_rule_and_the_fix(field, value, wor
 def test_bad_eval_config_is_refused():
     with pytest.raises(ValueError, match=r"momentum=1.0.*\[0, 1\)"):
         cd.EvalConfig(momentum=1.0)
+
+
+def test_the_sampler_keeps_the_size_of_its_frequencies_while_it_learns():
+    torch.manual_seed(0)
+    x, y = _gauss(40, 8, 0), torch.arange(40) % 2
+    s, ys = _gauss(2, 8, 1, shift=0.3), torch.arange(2) % 2
+    psi = cd.FrequencySampler(8, freq_scale=2.0)
+    opt = torch.optim.Adam(psi.parameters(), lr=1e-2)
+    for _ in range(20):
+        opt.zero_grad()
+        (-cd.ncfd_per_class(x, y, s, ys, psi(128), 2)).backward()
+        opt.step()
+    t = psi(128)
+    assert float(t.pow(2).sum(1).mean()) == pytest.approx(4.0, rel=1e-4)
+    assert psi.mlp[-1].weight.abs().sum() > 0  # it did learn (directions and spread)
