@@ -167,7 +167,8 @@ class FrequencySampler(nn.Module):
     stays freq_scale^2 (its value at initialisation): psi chooses the directions and the relative spread
     of t, not its overall size. Without it the ascent runs off to high frequencies, where a set of a few
     points keeps |phi_S| near 1 while the real set's |phi_X| decays, so NCFD is large whatever S does and
-    the synthetic step follows noise (our choice; notebook 06's long set shows the runaway)."""
+    the synthetic step follows noise (our choice; the runaway was seen on a validation split of
+    digits' training set, docs/methods.md §7)."""
 
     def __init__(self, dim: int, hidden: int = 64, freq_scale: float = 1.0, fixed_norm: bool = True):
         super().__init__()

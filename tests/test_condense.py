@@ -153,6 +153,7 @@ def test_the_sampler_keeps_the_size_of_its_frequencies_while_it_learns():
         opt.zero_grad()
         (-cd.ncfd_per_class(x, y, s, ys, psi(128), 2)).backward()
         opt.step()
-    t = psi(128)
+    with torch.no_grad():
+        t = psi(128)
     assert float(t.pow(2).sum(1).mean()) == pytest.approx(4.0, rel=1e-4)
     assert psi.mlp[-1].weight.abs().sum() > 0  # it did learn (directions and spread)
