@@ -21,17 +21,21 @@ set, every seed, in one vectorised :func:`fedlib.federated.local_train`).
 Costs: :func:`distill_ncfm` / :func:`distill_dm` time every iteration (``history["seconds"]``) and count
 the bytes autograd keeps for the backward pass of one iteration (``saved_bytes``, through
 ``torch.autograd.graph.saved_tensors_hooks``): a deterministic stand-in for the activation memory that
-dominates a GPU's peak memory in the paper's comparison.
+dominates a GPU's peak memory in the paper's comparison; and the floating-point operations of the first
+iteration (``flops``, through ``torch.utils.flop_counter``: matrix products and convolutions), the time
+cost that repeats exactly from run to run where seconds do not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .federated import functional, get_params, local_train, pack_clients, predict, stack_params
 from .models import SmallCNN
@@ -259,10 +263,13 @@ def _distil(method: str, x_real, y_real, n_classes: int, cfg: CondenseConfig, de
         torch.manual_seed(cfg.seed)
         sampler = FrequencySampler(feature_dim(shape, cfg.feature_width), freq_scale=cfg.freq_scale).to(device)
         opt_psi = torch.optim.Adam(sampler.parameters(), lr=cfg.lr_sampler)
-    history = {"loss": [], "seconds": [], "saved_bytes": 0}
+    history = {"loss": [], "seconds": [], "saved_bytes": 0, "flops": 0}
     for it in tqdm(range(cfg.iterations), desc=f"{method} ipc {cfg.ipc} seed {cfg.seed}", disable=not progress,
                    leave=False):
         start = time.perf_counter()  # the whole iteration, drawing the network and the batch included
+        # the first iteration's floating-point operations, counted: a cost that repeats exactly, unlike seconds
+        counter = FlopCounterMode(display=False) if it == 0 else contextlib.nullcontext()
+        counter.__enter__()
         net = random_feature_net(shape, cfg.feature_width, g, device)
         xb, yb = _real_batch(x_real, idx, cfg.batch_real, g)
         with torch.no_grad():
@@ -292,6 +299,9 @@ def _distil(method: str, x_real, y_real, n_classes: int, cfg: CondenseConfig, de
         opt.step()
         with torch.no_grad():
             syn.clamp_(-1.0, 1.0)
+        counter.__exit__(None, None, None)
+        if it == 0:
+            history["flops"] = int(counter.get_total_flops())
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # kernels run asynchronously: time them, not their launch
         history["seconds"].append(time.perf_counter() - start)
