@@ -442,8 +442,8 @@ run.claims_table()
 #
 # **The one-step student does not match the many-step teacher on 2-D.** Not for want of searching:
 # the GAN weights, the learning rate and the fake-score lag were searched on the validation distance
-# (section 2; the long set's search picks lr 5e-4 and lag 10 — both at the edge of their grids, by
-# margins inside the seed spread — and a GAN ratio of 0.01, within noise of none). Nor, as far as we
+# (section 2; what the long set's search picks, and each candidate's validation distance, are in its
+# `metrics.json` under `search`: no pick is typed here, since they move between machines). Nor, as far as we
 # can find, a defect: the implementation was checked against docs/methods.md §5 point by point, each
 # with a test in `tests/test_dmd2.py` — the DM gradient's normaliser and sign (with exact denoisers,
 # g = σ²(s_fake − s_real)/w, and a step along −g raises the true density), which network each loss
@@ -466,16 +466,16 @@ run.claims_table()
 # student can at best *match* the teacher: the teacher sits near the metric's floor (teacher NFE 50
 # against fresh samples of the true mixture, in the tables above).
 #
-# **The GAN term does not help on 2-D.** At the paper's GAN-to-DM ratio it makes the student much
-# worse (at ratios 1 and 0.1, the long set's search on the validation distance); at
-# ratios up to 0.01 its effect is within noise. Its gradient flows into the fake score's shared trunk
+# **The GAN term does not help on 2-D beyond the seed spread.** At the paper's GAN-to-DM ratio (1) it
+# makes the student worse on the long set's validation distance; at the smaller ratios its effect is
+# small, and the chosen ratio against none is within noise (the claims). Its gradient flows into the fake score's shared trunk
 # (for a 3-layer MLP, the whole network) and degrades the denoiser the DM gradient reads; and its
 # benefit in the paper comes from real data correcting a teacher visibly worse than the data (the
 # paper's ImageNet teacher), while our 2-D teacher is already near the metric's floor. What is missing: a
 # teacher measurably worse than its data (a GPU-scale image set).
 #
 # **Backward simulation** helps at the quick scale (see the claims) but is within noise in the long
-# set's configuration (lr 5e-4, lag 10), where the
+# set's configuration (its searched learning rate and lag), where the
 # 4-step student is also worse than the 1-step one: at 200 updates the multi-step student has four
 # input levels to learn and is further from converged.
 #

@@ -490,10 +490,11 @@ run.claims_table()
 #   that term and 10^5 and more updates.
 # * **FedGO with the pipeline's G against FedGO with the server GAN**: within noise at both scales (the
 #   pipeline's mean the higher): at this scale the pipeline cannot be told apart from the paper's
-#   setting, and it reads no server data. The federated teacher on its LD3 grid beats the GAN beyond
-#   the spread in the quick set; with five seeds (`long`) its lead shrinks to just under two standard
-#   errors: within noise by the rule. Of the two pipeline generators it has the lower Fréchet distance
-#   and gives the higher FedGO accuracy at both scales: a better G, a better FedGO.
+#   setting, and it reads no server data. The federated teacher on its LD3 grid against the GAN sits
+#   near the rule's edge: its mean is the higher at both scales, and whether its lead clears two
+#   standard errors has differed between regenerations on different machines (the claims table gives
+#   this run's verdict; quick and `long` in the README). Of the two pipeline generators it has the lower
+#   Fréchet distance; which of the two gives the higher FedGO accuracy differs between the scales.
 # * **FedGO against FedDF and FedAvg** with the same G: not beyond the seed spread of FedAvg at either
 #   scale; with 8 rounds (`long`) FedAvg's mean is the highest of all. This is notebook 01's data-free
 #   finding again: on 8x8 digits FedAvg approaches central training within a few rounds, while the

@@ -271,7 +271,9 @@ run.claims_table()
 #
 # **Cost.** At this size an iteration is a few dozen small operations, so its wall time counts Python and
 # kernel launches as much as arithmetic: the figure shows both ratios, seconds and counted operations; the
-# claim reads the counted ones, which repeat exactly. The bytes saved for the
+# claim reads the counted ones, which repeat exactly. Counted, NCFM's iteration is more than twice DM's
+# at this size (its sampler's ascent is a second pass through the features' frequency products), so
+# "at most twice DM's time" does not hold here. The bytes saved for the
 # backward pass stay near DM's at IPC 10. With the paper's networks the real images' features dominate
 # both methods' iterations and the time ratio should fall towards one; the `paper` set measures it on a GPU.
 
