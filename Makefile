@@ -40,21 +40,21 @@ reproduce: venv
 	$(BIN)/python -m fedlib report --scale $(SCALE)
 
 # Unit tests, nbval and the browser test (tests/test_browser.py: screenshots in $(TESTOUT)/browser) in one
-# pytest run, two workers, longest group first (conftest.py); each notebook, and the browser test, stays on one worker.
+# pytest run, two workers, longest file first (conftest.py); each notebook, and the browser test, stays on one worker.
 test: venv
 	rm -rf $(TESTOUT) && mkdir -p $(TESTOUT)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_ROOT=$(TESTOUT)/run FEDLIB_CACHE=$(TESTOUT)/cache \
-	FEDLIB_TEST_OUTPUT=$(TESTOUT) FEDLIB_TEST_DURATIONS=$(TESTOUT)/durations.json MPLBACKEND=Agg $(BIN)/python -m pytest -n $(JOBS) --dist loadgroup --no-loadscope-reorder --durations=15 -m "not slow" \
+	FEDLIB_TEST_OUTPUT=$(TESTOUT) FEDLIB_TEST_DURATIONS=$(TESTOUT)/durations.json MPLBACKEND=Agg $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder --durations=15 -m "not slow" \
 	  --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 \
 	  tests notebooks
 
 unit: venv
-	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup --no-loadscope-reorder -m "not slow" tests
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 nbval: venv
 	rm -rf $(TESTOUT) && mkdir -p $(TESTOUT)
 	OMP_NUM_THREADS=1 FEDLIB_FIGURES_DIR=$(TESTOUT)/figures FEDLIB_RUN_ROOT=$(TESTOUT)/run FEDLIB_CACHE=$(TESTOUT)/cache MPLBACKEND=Agg \
-	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup --no-loadscope-reorder --nbval-lax \
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder --nbval-lax \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 notebooks
 
 smoke: venv
