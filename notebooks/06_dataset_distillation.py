@@ -190,9 +190,9 @@ cost["memory ratio"] = cost["saved bytes, NCFM"] / cost["saved bytes, DM"]
 cost["operations ratio"] = cost["operations, NCFM"] / cost["operations, DM"]
 run.metrics["cost"] = cost.to_dict("records")
 display(cost.groupby("ipc").mean().drop(columns="seed").round(4))
-_ = savefig(plots.cost_figure({**{f"time, IPC {i}": cost[cost.ipc == i]["time ratio"] for i in ipcs},
-                               **{f"operations, IPC {i}": cost[cost.ipc == i]["operations ratio"] for i in ipcs},
-                               **{f"memory, IPC {i}": cost[cost.ipc == i]["memory ratio"] for i in ipcs}}), "06_cost")
+_ = savefig(plots.cost_figure({**{f"seconds\nIPC {i}": cost[cost.ipc == i]["time ratio"] for i in ipcs},
+                               **{f"operations\nIPC {i}": cost[cost.ipc == i]["operations ratio"] for i in ipcs},
+                               **{f"memory\nIPC {i}": cost[cost.ipc == i]["memory ratio"] for i in ipcs}}), "06_cost")
 
 # %% [markdown]
 # ## 5. Explorer
