@@ -25,8 +25,8 @@ nbval.plugin.IPyNbCell.__init__ = _patient_cell_init
 # to the end; a file stays on one worker (an nbval notebook's cells share one kernel, a module its
 # fixtures). (loadgroup could split a file further, but it marks tests by rewriting their ids, which
 # nbval's cells ignore: their cells were spread over both workers.)
-# Seconds are from `make test` on this 2-core machine (tests/durations.json); a test not listed counts
-# 0.5 s, so new files go after the measured heavy ones.
+# Seconds are every test's, from a fresh clone's `make test` on this 2-core machine (tests/durations.json);
+# a test not listed counts 0.5 s, so new files go after the measured heavy ones.
 import json as _json
 from pathlib import Path as _Path
 
