@@ -347,6 +347,58 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Feature shift: domains built from one dataset by fixed transforms
+
+# Each domain is a fixed, deterministic transform of images in [-1, 1] [N, C, H, W]. They stand in for the
+# papers' multi-domain benchmarks (digits from MNIST / SVHN / USPS, Office-Caltech), which need downloads:
+# the labels keep their meaning while the pixels' distribution moves, which is what "feature shift" means.
+DOMAINS = ("original", "inverted", "rotated", "blurred", "low_contrast", "noisy")
+DOMAIN_NOISE_SEED = 12345  # "noisy" adds the same noise every call, so a domain is a fixed function
+
+
+def shift_domain(x: torch.Tensor, domain: str) -> torch.Tensor:
+    """Images ``x`` [N, C, H, W] in [-1, 1] moved to ``domain`` (one of :data:`DOMAINS`), still in [-1, 1]."""
+    check_choice("domain", domain, DOMAINS, "pick one of fedlib.data.DOMAINS")
+    if x.dim() != 4:
+        raise ValueError(f"shift_domain needs images [N, C, H, W]; got shape {tuple(x.shape)}")
+    if domain == "original":
+        return x.clone()
+    if domain == "inverted":
+        return -x
+    if domain == "rotated":
+        return torch.rot90(x, 1, dims=(2, 3)).contiguous()
+    if domain == "blurred":
+        # a 3x3 box blur that averages only the pixels inside the image, so borders keep their level
+        return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    if domain == "low_contrast":
+        return 0.4 * x
+    g = torch.Generator().manual_seed(DOMAIN_NOISE_SEED)
+    noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
+    return (x + 0.5 * noise).clamp(-1, 1)
+
+
+def domain_split(data: ArrayDataset, domains: Sequence[str], seed: int = 0) -> list[ArrayDataset]:
+    """``data`` cut into ``len(domains)`` disjoint class-stratified parts of (nearly) equal size, part k moved
+    to ``domains[k]`` by :func:`shift_domain`: one dataset per domain, the same label distribution in each."""
+    if not domains:
+        raise ValueError("domain_split needs at least one domain; pick from fedlib.data.DOMAINS")
+    for d in domains:
+        check_choice("domain", d, DOMAINS, "pick from fedlib.data.DOMAINS")
+    labels = data.y.cpu().numpy()
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in domains]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        for k, chunk in enumerate(np.array_split(idx, len(domains))):
+            parts[k].extend(chunk.tolist())
+    out = []
+    for k, d in enumerate(domains):
+        sub = data.subset(np.sort(np.asarray(parts[k], dtype=np.int64)))
+        out.append(ArrayDataset(shift_domain(sub.x, d), sub.y, sub.n_classes, f"{data.name}:{d}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # 2-D toy data
 
 TOY_NAMES = ("grid", "ring", "moons", "swiss_roll", "checkerboard")

@@ -269,3 +269,27 @@ def test_label_tv_lives_in_metrics_and_plots_still_names_it():
     assert plots.label_tv is metrics.label_tv
     assert metrics.label_tv([[5, 5], [5, 5]]) == 0.0
     assert metrics.label_tv([[10, 0], [0, 10]]) == 0.5
+
+
+def test_every_domain_is_a_fixed_transform_that_keeps_the_range_and_moves_the_pixels():
+    from fedlib.data import DOMAINS, domain_split, load_digits, shift_domain
+    x = load_digits("train").x[:64]
+    for d in DOMAINS:
+        a, b = shift_domain(x, d), shift_domain(x, d)
+        assert a.shape == x.shape and torch.equal(a, b), d
+        assert a.min() >= -1 and a.max() <= 1, d
+        assert (d == "original") == torch.equal(a, x), d
+    with pytest.raises(ValueError, match="sepia"):
+        shift_domain(x, "sepia")
+
+
+def test_domain_split_is_disjoint_stratified_and_shifted():
+    from fedlib.data import domain_split, load_digits, shift_domain
+    data = load_digits("train")
+    parts = domain_split(data, ["original", "inverted", "rotated"], seed=0)
+    assert sum(len(p) for p in parts) == len(data)
+    counts = np.stack([p.label_counts() for p in parts])
+    assert (counts.max(0) - counts.min(0) <= 1).all()
+    # part 1 is the inverse of some originals: inverting it back finds rows of the data
+    back = -parts[1].x[:5]
+    assert all((data.x == row).flatten(1).all(1).any() for row in back)
