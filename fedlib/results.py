@@ -8,7 +8,7 @@ same for all notebooks (``SCHEMA``), so the runner, the README report and the te
      "params": {...}, "seed": ..., "metrics": {...},
      "claims": [{"name", "paper", "measured", "verdict", "holds", "note", "required", "evidence"}],
      "provenance": {"git_commit", "git_dirty", "dirty_paths", "python", "packages", "device", "threads",
-                    "hostname", "started", "finished", "wall_time_s"}}
+                    "cpu", "cpu_count", "hostname", "started", "finished", "wall_time_s"}}
 
 ``verdict`` is one of ``VERDICTS``: "holds", "does not hold", "within noise" (the measured difference
 is inside the seed spread, by :data:`NOISE_RULE`), "not applicable" (the claim cannot apply to this
@@ -118,6 +118,27 @@ def dirty_inputs() -> list[str] | None:
     return sorted(e[3:] for e in status.split("\0") if len(e) > 3 and "__pycache__" not in e)
 
 
+# the instruction-set extensions that choose which floating-point kernels torch and MKL run
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def cpu_model() -> dict:
+    """The processor: its model name and SIMD extensions (Linux's /proc/cpuinfo; ``platform.processor()``
+    elsewhere). Numbers computed on two machines may differ in their last digits, because their
+    floating-point kernels differ, so a result says which processor computed it."""
+    name, flags = None, []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name is None:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in SIMD_FLAGS if f in have]
+    except OSError:
+        pass
+    return {"model": name or platform.processor() or platform.machine() or "unknown", "simd": flags}
+
+
 def provenance(device: str | None = None) -> dict:
     packages = {}
     for name in _PACKAGES:
@@ -144,6 +165,8 @@ def provenance(device: str | None = None) -> dict:
         "packages": packages,
         "device": device,
         "threads": threads,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "hostname": socket.gethostname(),
     }
 

@@ -122,6 +122,22 @@ def test_provenance_counts_only_inputs_as_dirty():
     assert prov["threads"] >= 1 and len(prov["git_commit"]) == 40
 
 
+def test_provenance_names_the_processor_that_computed_the_numbers(monkeypatch, tmp_path):
+    prov = R.provenance("cpu")
+    assert prov["cpu"]["model"] and prov["cpu_count"] >= 1
+    assert set(prov["cpu"]["simd"]) <= set(R.SIMD_FLAGS)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9\nflags\t\t: fpu avx2 fma sse4_2\n"
+                    "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f\n")
+    real = R.Path
+
+    def fake(p, *a):
+        return real(info) if str(p) == "/proc/cpuinfo" else real(p, *a)
+
+    monkeypatch.setattr(R, "Path", fake)
+    assert R.cpu_model() == {"model": "Test CPU 9", "simd": ["sse4_2", "avx2", "fma"]}
+
+
 def test_run_root_gives_each_notebook_its_own_folder(tmp_path, monkeypatch):
     import torch
 
