@@ -8,7 +8,10 @@ package imports it (``fedlib/__init__.py``) and nothing here imports a method.
 - ``kl_distill_params(model, start, x, targets, steps=...)``: Adam (:func:`adam_step`, functional so
   that M stacked server models distil in one vmap) on T^2 KL(q || softmax(f(x)/T)) from ``start`` (the
   FedAvg model), returning the distilled parameters. ``distil_in_place(model, glob, entries, xs, qs,
-  ...)`` writes the distilled models of several (setup, method) pairs into the stacked global models.
+  cfg)`` writes the distilled models of several (setup, method) pairs into the stacked global models.
+- The server side's settings: :class:`ServerSettings` declares and checks each one once (notebook 01's
+  names); :class:`ServerConfig` adds the round's random stream, :class:`fedlib.rounds.RoundsConfig`
+  the rounds and the client side; :class:`DistillConfig` is one distillation's budget.
 - The methods (``METHODS`` registry, :class:`Method`): how each differs from FedAvg. The
   distillation methods are derived from :data:`fedlib.weighting.RULES` (one per rule: ``feddf`` for
   the uniform rule, ``entropy``, ``variance``, ``dafkd``, ``fedgo``, ...), plus ``fedavg``, ``fedprox``
@@ -127,8 +130,8 @@ class DistillConfig:
         if (self.steps > 0) == (self.epochs > 0):
             raise ValueError(f"give exactly one distillation budget: steps={self.steps!r} or epochs={self.epochs!r} "
                              "(one > 0)")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction={self.val_fraction!r} must lie in [0, 1)")
+        check_number("val_fraction", self.val_fraction, at_least=0, below=1,
+                     fix="the held-out fraction of the server data in the epoch budget")
         for name in ("steps", "epochs", "patience"):
             check_number(name, getattr(self, name), at_least=0, integer=True, fix="0 switches it off")
         check_number("batch_size", self.batch_size, at_least=1, integer=True)
