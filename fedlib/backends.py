@@ -26,11 +26,12 @@ def run_rounds(model, setups, methods, config: engine.RoundsConfig | None = None
     return engine.run_rounds(model, setups, methods, config, **kw)
 
 
-def run_feddm(denoiser, groups, rounds: int, *, backend: str = "inprocess", **kw) -> feddm.FedDMRun:
-    """:func:`fedlib.feddm.run_feddm` on ``backend``; on ``"flower"``, ``kw`` may add ``options``
-    (:func:`fedlib.flower.run_feddm`)."""
+def run_feddm(denoiser, groups, config: feddm.FedDMConfig | None = None, *, backend: str = "inprocess",
+              **kw) -> feddm.FedDMRun:
+    """:func:`fedlib.feddm.run_feddm` with ``config`` (a :class:`fedlib.feddm.FedDMConfig`, or its fields in
+    ``kw``) on ``backend``; on ``"flower"``, ``kw`` may add ``options`` (:func:`fedlib.flower.run_feddm`)."""
     if check_choice("backend", backend, BACKENDS, fix=_FIX) == "flower":
         from .flower import run_feddm as driver
 
         kw["driver"] = driver
-    return feddm.run_feddm(denoiser, groups, rounds, **kw)
+    return feddm.run_feddm(denoiser, groups, config, **kw)

@@ -50,6 +50,7 @@ nothing beyond the models.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ from torch.func import functional_call, vmap
 from . import federated as fl
 from . import models as fm
 from .methods import ClientTerm, Method, kl_to_targets, register_method
+from .utils import build_config, check_choice, check_number
 
 # per-method settings (ServerConfig.method_options overrides them); steps None: cfg.dense_steps or cfg.distill_steps.
 # Defaults follow the papers' equations, with the authors' published settings where a paper is silent;
@@ -111,6 +113,72 @@ def options(cfg, name: str) -> dict:
     if out["steps"] is None:
         out["steps"] = cfg.dense_steps or cfg.distill_steps
     return out
+
+
+def _check_settings(method: str, settings) -> None:
+    """One method's distillation settings: every choice among names against :data:`CHOICES`, every number
+    in its range (``steps`` 0 skips the distillation, as a ``distill_steps`` of 0 does)."""
+    for (m, key), allowed in CHOICES.items():
+        if m == method:
+            check_choice(f"{method} {key}", getattr(settings, key), allowed,
+                         fix=f"pass one of them in method_options[{method!r}][{key!r}]")
+    for name, value in vars(settings).items():
+        if isinstance(value, bool) or (method, name) in CHOICES:
+            continue
+        if name in ("steps", "student_steps"):
+            check_number(name, value, at_least=0, integer=True, fix="0 switches it off")
+        elif name in ("batch_size", "g_steps"):
+            check_number(name, value, at_least=1, integer=True)
+        elif name.startswith("lr") or name == "temperature":
+            check_number(name, value, above=0)
+        else:  # the losses' weights, Co-Boosting's perturbation size and weight step
+            check_number(name, value, at_least=0)
+
+
+@dataclass(kw_only=True)
+class FedFTGSettings:
+    """The settings of :func:`fedftg_distill` (its server step fills them from :data:`OPTIONS` ["fedftg"] and the
+    server side: ``batch_size``, ``lr``, ``temperature`` are ``distill_batch``, ``distill_lr``, ``temperature``)."""
+
+    steps: int  # rounds of generator steps (the server: dense_steps or distill_steps)
+    student_steps: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3  # the global model's Adam
+    lr_generator: float = 1e-3
+    beta_md: float = 1.0
+    beta_div: float = 1.0
+    temperature: float = 1.0
+    md: str = "l1"
+    generator_update: str = "summed"
+    fresh_batches: bool = False
+    noise_metric: str = "l2"
+
+    def __post_init__(self):
+        _check_settings("fedftg", self)
+
+
+@dataclass(kw_only=True)
+class CoBoostingSettings:
+    """The settings of :func:`coboosting_distill` (its server step fills them from :data:`OPTIONS`
+    ["coboosting"] and the server side: ``batch_size`` and ``lr`` are ``distill_batch`` and ``distill_lr``)."""
+
+    steps: int  # epochs (the server: dense_steps or distill_steps)
+    batch_size: int = 64
+    lr: float = 1e-3  # the student's Adam (student="batch")
+    lr_generator: float = 1e-3
+    beta_adv: float = 1.0
+    gamma: float = 1.0
+    eps: float = 0.1
+    mu: float = 0.01
+    temperature: float = 4.0
+    g_steps: int = 5
+    fresh_generator: bool = True
+    perturb: str = "gradient"
+    student: str = "pool"
+    lr_student: float = 0.01
+
+    def __post_init__(self):
+        _check_settings("coboosting", self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,11 +493,8 @@ def fedftg_generator_loss(logits, student_logits, x, noise, y, alpha, *, beta_md
 
 
 def fedftg_distill(model: nn.Module, start: fl.Params, client_params: fl.Params, G: nn.Module, counts: Tensor,
-                   n_classes: int, *, steps: int, student_steps: int = 5, batch_size: int = 64, lr: float = 1e-3,
-                   lr_generator: float = 1e-3, beta_md: float = 1.0, beta_div: float = 1.0,
-                   temperature: float = 1.0, md: str = "l1", generator_update: str = "summed",
-                   fresh_batches: bool = False, noise_metric: str = "l2",
-                   rng: torch.Generator | None = None, trace: list | None = None) -> fl.Params:
+                   n_classes: int, settings: FedFTGSettings | None = None, *, rng: torch.Generator | None = None,
+                   trace: list | None = None, **fields) -> fl.Params:
     """FedFTG's server fine-tuning from ``start`` (the FedAvg model), ``steps`` times: the conditional
     generator G(z, y) (``G.z_dim`` = noise + n_classes) takes one Adam step on
     :func:`fedftg_generator_loss` summed over the clients, or one per client on its own alpha-weighted
@@ -437,7 +502,12 @@ def fedftg_distill(model: nn.Module, start: fl.Params, client_params: fl.Params,
     takes ``student_steps`` Adam steps on L_md of one batch of G's samples (``fresh_batches``: a fresh
     batch each). Labels y ~ p(y) of the clients' class counts ``counts`` [K, C] (customised label
     sampling). G is updated in place; returns the fine-tuned params (``trace``: the summed generator
-    objective before each round of generator steps is appended)."""
+    objective before each round of generator steps is appended). The settings are ``settings`` (a
+    :class:`FedFTGSettings`) or its fields as keywords."""
+    o = build_config(FedFTGSettings, settings, fields, "fedftg_distill")
+    steps, student_steps, batch_size, lr, lr_generator = o.steps, o.student_steps, o.batch_size, o.lr, o.lr_generator
+    beta_md, beta_div, temperature, md, noise_metric = o.beta_md, o.beta_div, o.temperature, o.md, o.noise_metric
+    generator_update, fresh_batches = o.generator_update, o.fresh_batches
     device = next(G.parameters()).device
     alpha, prior = class_weights(counts).to(device), label_prior(counts).cpu()
     teacher = _teacher(model)
@@ -494,11 +564,9 @@ def fedftg_server(model, start, client_params, setup, n_classes, cfg, ctx):
     o = options(cfg, "fedftg")
     G = _generator(ctx.state, "G", ctx.rng, _image_generator(setup.test_x.shape[1:], n_classes, o), _device(start))
     counts = label_counts(setup.clients, n_classes, ctx.accepted)
-    return fedftg_distill(model, start, client_params, G, counts, n_classes, steps=o["steps"],
-                          student_steps=o["student_steps"], batch_size=cfg.distill_batch, lr=cfg.distill_lr,
-                          lr_generator=o["lr_generator"], beta_md=o["beta_md"], beta_div=o["beta_div"],
-                          temperature=cfg.temperature, md=o["md"], generator_update=o["generator_update"],
-                          fresh_batches=o["fresh_batches"], noise_metric=o["noise_metric"], rng=ctx.rng)
+    settings = FedFTGSettings(**{n: o[n] for n in FedFTGSettings.__dataclass_fields__ if n in o},
+                              batch_size=cfg.distill_batch, lr=cfg.distill_lr, temperature=cfg.temperature)
+    return fedftg_distill(model, start, client_params, G, counts, n_classes, settings, rng=ctx.rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,12 +612,9 @@ def kept_weights(state: dict, accepted: Tensor) -> Tensor | None:
     return w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(w))
 
 
-def coboosting_distill(model: nn.Module, start: fl.Params, client_params: fl.Params, G: nn.Module, n_classes: int, *,
-                       steps: int, batch_size: int = 64, lr: float = 1e-3, lr_generator: float = 1e-3,
-                       beta_adv: float = 1.0, gamma: float = 1.0, eps: float = 0.1, mu: float = 0.01,
-                       temperature: float = 4.0, rng: torch.Generator | None = None, w: Tensor | None = None,
-                       g_steps: int = 5, fresh_generator: bool = True, build=None, perturb: str = "gradient",
-                       student: str = "pool", lr_student: float = 0.01) -> tuple[fl.Params, Tensor]:
+def coboosting_distill(model: nn.Module, start: fl.Params, client_params: fl.Params, G: nn.Module, n_classes: int,
+                       settings: CoBoostingSettings | None = None, *, rng: torch.Generator | None = None,
+                       w: Tensor | None = None, build=None, **fields) -> tuple[fl.Params, Tensor]:
     """Co-Boosting from ``start``, ``steps`` epochs of: (1) the generator, fresh (``build()``, its
     parameters from ``rng``) with learnable latents z when ``fresh_generator`` (``G`` kept otherwise),
     takes ``g_steps`` Adam steps on L_H(A_w(x), y) - beta_adv KL(A_w(x) || student(x)); the batch of
@@ -560,7 +625,12 @@ def coboosting_distill(model: nn.Module, start: fl.Params, client_params: fl.Par
     "stored": the old variant, the gradient step taken once at synthesis and stored): ``student``
     "pool": one SGD epoch (lr ``lr_student``, momentum 0.9) over the whole pool; "batch": one Adam step
     (lr ``lr``) on a random batch of it. Images stay in [-1, 1]. w starts uniform (or at ``w``).
-    Returns the student's params and the final w."""
+    Returns the student's params and the final w. The settings are ``settings`` (a
+    :class:`CoBoostingSettings`) or its fields as keywords."""
+    o = build_config(CoBoostingSettings, settings, fields, "coboosting_distill")
+    steps, batch_size, lr, lr_generator, temperature = o.steps, o.batch_size, o.lr, o.lr_generator, o.temperature
+    beta_adv, gamma, eps, mu, g_steps = o.beta_adv, o.gamma, o.eps, o.mu, o.g_steps
+    fresh_generator, perturb, student, lr_student = o.fresh_generator, o.perturb, o.student, o.lr_student
     device = next(G.parameters()).device
     teacher = _teacher(model)
     net = fl.set_params(copy.deepcopy(model), start)
@@ -648,13 +718,10 @@ def coboosting_server(model, start, client_params, setup, n_classes, cfg, ctx):
     o = options(cfg, "coboosting")
     build = _image_generator(setup.test_x.shape[1:], n_classes, o)
     G = _generator(ctx.state, "G", ctx.rng, build, _device(start))
-    params, w = coboosting_distill(model, start, client_params, G, n_classes, steps=o["steps"],
-                                   batch_size=cfg.distill_batch, lr=cfg.distill_lr, lr_generator=o["lr_generator"],
-                                   beta_adv=o["beta_adv"], gamma=o["gamma"], eps=o["eps"], mu=o["mu"],
-                                   temperature=o["temperature"],
-                                   rng=ctx.rng, w=kept_weights(ctx.state, ctx.accepted), g_steps=o["g_steps"],
-                                   fresh_generator=o["fresh_generator"], build=build, perturb=o["perturb"],
-                                   student=o["student"], lr_student=o["lr_student"])
+    settings = CoBoostingSettings(**{n: o[n] for n in CoBoostingSettings.__dataclass_fields__ if n in o},
+                                  batch_size=cfg.distill_batch, lr=cfg.distill_lr)
+    params, w = coboosting_distill(model, start, client_params, G, n_classes, settings, rng=ctx.rng,
+                                   w=kept_weights(ctx.state, ctx.accepted), build=build)
     ctx.state["w"], ctx.state["clients"] = w.cpu(), ctx.accepted.cpu()
     return params
 

@@ -47,6 +47,7 @@ from .diffusion.networks import UNet
 from .diffusion.process import make_process
 from .federated import (CPU_CHUNK, CommLedger, ClientData, concat_clients, fedavg, get_params, local_train,
                         masked_mean, pack_clients, stack_params)
+from .utils import build_config, check_number
 
 Params = dict[str, Tensor]
 
@@ -417,25 +418,56 @@ class FedDMRun:
     report: object = None
 
 
-def run_feddm(denoiser: Denoiser, groups: list[Group], rounds: int, *, local_steps: int, batch_size: int, lr: float,
-              momentum: float = 0.9, eval_rounds=(), evaluate=None, seed: int = 0, progress: bool = True,
-              chunk_size: int | None = None, driver=None, **driver_kw) -> FedDMRun:
-    """Train every group for ``rounds`` rounds. At each round in ``eval_rounds``, ``evaluate(groups)``
-    returns one dict of metrics per group; rows with the cumulative bytes go into the history.
-    ``driver``: another engine for the same rounds, given the same settings and ``driver_kw``
-    (:func:`fedlib.backends.run_feddm` with ``backend="flower"`` passes :func:`fedlib.flower.run_feddm`)."""
-    kw = dict(local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum, eval_rounds=eval_rounds,
-              evaluate=evaluate, seed=seed, progress=progress, chunk_size=chunk_size)
+@dataclass(kw_only=True)
+class FedDMConfig:
+    """Every setting of a run of FedDM rounds, under notebook 02's parameter names, checked once here:
+    the rounds and every client's local SGD (central training takes a batch of K * ``batch_size``)."""
+
+    rounds: int  # communication rounds (no default: every study says how many)
+    local_steps: int = 5  # SGD steps per client per round
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.9  # reset every round (a client keeps no optimiser state)
+    vmap_chunk: int = 0  # models per vmap chunk in local training, to bound GPU memory; 0 trains all at once
+
+    def __post_init__(self):
+        for name in ("rounds", "local_steps", "batch_size"):
+            check_number(name, getattr(self, name), at_least=1, integer=True)
+        check_number("lr", self.lr, above=0)
+        check_number("momentum", self.momentum, at_least=0, below=1)
+        check_number("vmap_chunk", self.vmap_chunk, at_least=0, integer=True, fix="0 trains all models at once")
+
+    @property
+    def chunk_size(self) -> int | None:
+        """``vmap_chunk`` as local training takes it (None: the automatic chunk)."""
+        return self.vmap_chunk or None
+
+    def client(self) -> dict:
+        """The client side, as :func:`feddm_round` and :func:`train_central` take it."""
+        return dict(local_steps=self.local_steps, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum)
+
+
+def run_feddm(denoiser: Denoiser, groups: list[Group], config: FedDMConfig | None = None, *, eval_rounds=(),
+              evaluate=None, seed: int = 0, progress: bool = True, driver=None, **kw) -> FedDMRun:
+    """Train every group for ``config.rounds`` rounds with the settings of ``config`` (a :class:`FedDMConfig`;
+    or its fields as keywords, e.g. ``rounds=5, local_steps=5``). At each round in ``eval_rounds``,
+    ``evaluate(groups)`` returns one dict of metrics per group; rows with the cumulative bytes go into the
+    history. ``seed``: the run's random stream. ``driver``: another engine for the same rounds, given the
+    same config and the keywords that are not settings (:func:`fedlib.backends.run_feddm` with
+    ``backend="flower"`` passes :func:`fedlib.flower.run_feddm`)."""
+    names = FedDMConfig.__dataclass_fields__
+    config = build_config(FedDMConfig, config, {k: kw.pop(k) for k in list(kw) if k in names}, "run_feddm")
+    driver_kw = kw
     if driver is not None:
-        return driver(denoiser, groups, rounds, **kw, **driver_kw)
+        return driver(denoiser, groups, config, eval_rounds=eval_rounds, evaluate=evaluate, seed=seed,
+                      progress=progress, **driver_kw)
     if driver_kw:  # backend= here is a call written before the backend was chosen above the core
         raise ValueError(f"{sorted(driver_kw)} only apply to backend='flower'; choose the backend with "
                          "fedlib.backends.run_feddm(..., backend=...)")
     gen = torch.Generator().manual_seed(seed)
     history, cache = [], {}
-    for r in tqdm(range(1, rounds + 1), desc="FedDM rounds", disable=not progress):
-        feddm_round(denoiser, groups, r, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                    generator=gen, chunk_size=chunk_size, cache=cache)
+    for r in tqdm(range(1, config.rounds + 1), desc="FedDM rounds", disable=not progress):
+        feddm_round(denoiser, groups, r, **config.client(), generator=gen, chunk_size=config.chunk_size, cache=cache)
         record_history(history, groups, r, eval_rounds, evaluate)
     return FedDMRun(history)
 

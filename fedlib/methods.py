@@ -8,7 +8,10 @@ package imports it (``fedlib/__init__.py``) and nothing here imports a method.
 - ``kl_distill_params(model, start, x, targets, steps=...)``: Adam (:func:`adam_step`, functional so
   that M stacked server models distil in one vmap) on T^2 KL(q || softmax(f(x)/T)) from ``start`` (the
   FedAvg model), returning the distilled parameters. ``distil_in_place(model, glob, entries, xs, qs,
-  ...)`` writes the distilled models of several (setup, method) pairs into the stacked global models.
+  cfg)`` writes the distilled models of several (setup, method) pairs into the stacked global models.
+- The server side's settings: :class:`ServerSettings` declares and checks each one once (notebook 01's
+  names); :class:`ServerConfig` adds the round's random stream, :class:`fedlib.rounds.RoundsConfig`
+  the rounds and the client side; :class:`DistillConfig` is one distillation's budget.
 - The methods (``METHODS`` registry, :class:`Method`): how each differs from FedAvg. The
   distillation methods are derived from :data:`fedlib.weighting.RULES` (one per rule: ``feddf`` for
   the uniform rule, ``entropy``, ``variance``, ``dafkd``, ``fedgo``, ...), plus ``fedavg``, ``fedprox``
@@ -25,7 +28,7 @@ The rounds that run the methods are :mod:`fedlib.rounds` (in-process) and :mod:`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -35,9 +38,105 @@ from torch.func import grad_and_value, vmap
 
 from . import federated as fl
 from . import weighting as W
-from .utils import check_choice
+from .utils import build_config, check_choice, check_number
 
 PSEUDO_LABEL_MODES = ("prob", "logit")
+
+
+# ----------------------------------------------------------------------------------------------
+# the settings of the server side: declared and checked once here, reused by rounds.RoundsConfig
+@dataclass(kw_only=True)
+class ServerSettings:
+    """The server side of a round (the same for every method and setup), under notebook 01's names; each
+    field is declared and checked here only (:class:`ServerConfig` adds the round's random stream,
+    :class:`fedlib.rounds.RoundsConfig` the rounds and the client side)."""
+
+    distill_steps: int = 50
+    distill_lr: float = 1e-3
+    distill_batch: int = 64
+    temperature: float = 1.0
+    pseudo_label_mode: str = "prob"
+    dense_steps: int | None = None
+    chunk_size: int | str | None = "auto"
+    predict_batch: int = 1024
+    # the epoch budget (used when distill_epochs > 0; see kl_distill_params): passes over the server
+    # data, a held-out part labelled by the teacher for early stopping, a cosine learning-rate schedule
+    distill_epochs: int = 0
+    distill_val: float = 0.2
+    distill_patience: int = 3
+    distill_cosine: bool = True
+    method_options: dict = field(default_factory=dict)  # {method: {option: value}} (fedlib.datafree's options)
+
+    def __post_init__(self):
+        for name in ("distill_batch", "predict_batch", "distill_patience"):
+            check_number(name, getattr(self, name), at_least=1, integer=True)
+        for name in ("distill_steps", "distill_epochs"):
+            check_number(name, getattr(self, name), at_least=0, integer=True, fix="0 switches it off")
+        for name in ("distill_lr", "temperature"):
+            check_number(name, getattr(self, name), above=0)
+        check_number("distill_val", self.distill_val, at_least=0, below=1,
+                     fix="the held-out fraction of the server data in the epoch budget")
+        check_choice("pseudo-label mode", self.pseudo_label_mode, PSEUDO_LABEL_MODES)
+        if self.dense_steps is not None:
+            check_number("dense_steps", self.dense_steps, at_least=0, integer=True, fix="None: distill_steps")
+        if self.chunk_size not in (None, "auto"):
+            check_number("chunk_size", self.chunk_size, at_least=1, integer=True,
+                         fix="None (one chunk) or 'auto' chooses for you")
+        if self.method_options is None:  # as run_rounds always took it: no options
+            self.method_options = {}
+        if not isinstance(self.method_options, dict):
+            raise ValueError(f"method_options={self.method_options!r}; allowed: a dict {{method: {{option: value}}}}, "
+                             "e.g. {'fedgen': {'weight': 1.0}}")
+
+    def distillation(self) -> "DistillConfig":
+        """The KL distillation of every round (:func:`distil_in_place`): the epoch budget when
+        ``distill_epochs`` > 0, else ``distill_steps`` mini-batches."""
+        budget = (dict(epochs=self.distill_epochs, val_fraction=self.distill_val, patience=self.distill_patience)
+                  if self.distill_epochs > 0 else dict(steps=self.distill_steps))
+        # the cosine schedule belongs to the epoch budget: the fixed budget of steps keeps its constant rate
+        return DistillConfig(lr=self.distill_lr, batch_size=self.distill_batch, temperature=self.temperature,
+                             cosine=self.distill_cosine and self.distill_epochs > 0, **budget)
+
+
+@dataclass(kw_only=True)
+class ServerConfig(ServerSettings):
+    """The server side of a round with the run's random stream (what a server step and a server method see)."""
+
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def settings(cls) -> tuple:
+        """The names of the settings (every field but the random stream)."""
+        return tuple(f.name for f in fields(ServerSettings))
+
+
+@dataclass
+class DistillConfig:
+    """One KL distillation's budget and optimiser (:func:`kl_distill_params`), checked once here:
+    ``steps`` mini-batches drawn with replacement or ``epochs`` passes over the server data (exactly one
+    > 0); Adam at ``lr`` on batches of ``batch_size`` at ``temperature``; in epoch mode ``val_fraction``
+    held out and ``patience``; ``cosine`` anneals the learning rate."""
+
+    steps: int = 0
+    epochs: int = 0
+    lr: float = 1e-3
+    batch_size: int = 64
+    temperature: float = 1.0
+    val_fraction: float = 0.0
+    patience: int = 0
+    cosine: bool = False
+
+    def __post_init__(self):
+        if (self.steps > 0) == (self.epochs > 0):
+            raise ValueError(f"give exactly one distillation budget: steps={self.steps!r} or epochs={self.epochs!r} "
+                             "(one > 0)")
+        check_number("val_fraction", self.val_fraction, at_least=0, below=1,
+                     fix="the held-out fraction of the server data in the epoch budget")
+        for name in ("steps", "epochs", "patience"):
+            check_number(name, getattr(self, name), at_least=0, integer=True, fix="0 switches it off")
+        check_number("batch_size", self.batch_size, at_least=1, integer=True)
+        for name in ("lr", "temperature"):
+            check_number(name, getattr(self, name), above=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,11 +180,10 @@ def adam_step(params, grads, state, t, lr, betas=(0.9, 0.999), eps=1e-8):
         p.sub_(lr / (1 - b1**t) * m / denom)
 
 
-def kl_distill_params(model: nn.Module, start: fl.Params, x: Tensor, targets: Tensor, *, steps: int = 0,
-                      epochs: int = 0, lr: float = 1e-3, batch_size: int = 64, temperature: float = 1.0,
-                      val_fraction: float = 0.0, patience: int = 0, cosine: bool = False,
-                      generator: torch.Generator | None = None, per_model_x: bool = False,
-                      chunk_size: int | None = None, report: dict | None = None) -> fl.Params:
+def kl_distill_params(model: nn.Module, start: fl.Params, x: Tensor, targets: Tensor,
+                      config: DistillConfig | None = None, *, generator: torch.Generator | None = None,
+                      per_model_x: bool = False, chunk_size: int | None = None, report: dict | None = None,
+                      **fields_) -> fl.Params:
     """The parameters distilled from ``targets`` (soft labels [N, C], or [M, N, C] with a stacked
     ``start``) into the server model(s) starting at ``start`` (the FedAvg model), by Adam on mini-batches
     of the server data ``x`` ([N, ...] shared, or [M, N, ...] one set per model with ``per_model_x=True``).
@@ -97,11 +195,11 @@ def kl_distill_params(model: nn.Module, start: fl.Params, x: Tensor, targets: Te
     the teacher (never by true labels): after every epoch each model's held-out KL to the teacher is
     measured and each model keeps its best parameters (the FedAvg start included); ``patience`` > 0
     stops once no model improved for that many epochs. ``cosine`` anneals the learning rate to 0 over
-    the budget. ``report`` (a dict) receives ``epochs_run``, ``best_epoch`` [M] and ``val_kl`` [M]."""
-    if (steps > 0) == (epochs > 0):
-        raise ValueError(f"give exactly one distillation budget: steps={steps!r} or epochs={epochs!r} (one > 0)")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction!r} must lie in [0, 1)")
+    the budget. ``report`` (a dict) receives ``epochs_run``, ``best_epoch`` [M] and ``val_kl`` [M].
+    The settings are ``config`` (a :class:`DistillConfig`) or its fields as keywords (``steps=50, lr=1e-3``)."""
+    cfg = build_config(DistillConfig, config, fields_, "kl_distill_params")
+    steps, epochs, lr, batch_size = cfg.steps, cfg.epochs, cfg.lr, cfg.batch_size
+    temperature, val_fraction, patience, cosine = cfg.temperature, cfg.val_fraction, cfg.patience, cfg.cosine
     template = dict(model.named_parameters())
     stacked = fl._is_stacked(start, template)
     params = {n: p.detach().clone() for n, p in (start if stacked else fl.broadcast_params(start, 1)).items()}
@@ -174,23 +272,20 @@ def _lr_at(lr: float, t: int, total: int, cosine: bool) -> float:
     return 0.5 * lr * (1.0 + math.cos(math.pi * (t - 1) / total)) if cosine else lr
 
 
-def distil_in_place(model: nn.Module, glob: fl.Params, entries: list[int], xs: list[Tensor], qs: list[Tensor], *,
-                    steps: int, lr: float, batch_size: int, temperature: float, generator,
-                    chunk_size: int | str | None = "auto", epochs: int = 0, val_fraction: float = 0.0,
-                    patience: int = 0, cosine: bool = False, report: dict | None = None) -> None:
+def distil_in_place(model: nn.Module, glob: fl.Params, entries: list[int], xs: list[Tensor], qs: list[Tensor],
+                    cfg: ServerConfig, *, report: dict | None = None) -> None:
     """Distil the pseudo-labels ``qs`` on ``xs`` into the stacked global models ``glob[entries]``, all in
-    one vmap, writing the results into ``glob`` (``epochs`` > 0: the epoch budget of
-    :func:`kl_distill_params`, else ``steps``)."""
+    one vmap, writing the results into ``glob``, with the server side ``cfg`` (its
+    :meth:`~ServerSettings.distillation`: the epoch budget of :func:`kl_distill_params` when
+    ``distill_epochs`` > 0, else ``distill_steps``; its random stream and ``chunk_size``)."""
     if not entries:
         return
     if any(x.shape != xs[0].shape for x in xs):
         raise ValueError("server datasets of all setups must have the same size to distil in one vmap")
     idx = torch.tensor(entries)
-    budget = dict(epochs=epochs, val_fraction=val_fraction, patience=patience) if epochs > 0 else dict(steps=steps)
-    new = kl_distill_params(model, fl.index_params(glob, idx), torch.stack(xs), torch.stack(qs), lr=lr,
-                            batch_size=batch_size, temperature=temperature, generator=generator, cosine=cosine,
-                            per_model_x=True, chunk_size=None if chunk_size == "auto" else chunk_size,
-                            report=report, **budget)
+    new = kl_distill_params(model, fl.index_params(glob, idx), torch.stack(xs), torch.stack(qs), cfg.distillation(),
+                            generator=cfg.generator, per_model_x=True,
+                            chunk_size=None if cfg.chunk_size == "auto" else cfg.chunk_size, report=report)
     for n in glob:
         glob[n][idx] = new[n]
 

@@ -139,8 +139,8 @@ def federated_diffusion(x: torch.Tensor, client_indices: dict, *, rounds: int, l
         xs = x.to(device)
         ys = torch.zeros(len(x), dtype=torch.long, device=device)  # unconditional: labels never read
         groups = feddm.build_groups(den, xs, ys, {"fedgo": [client_indices[s] for s in seeds]}, variant, seeds, init)
-        feddm.run_feddm(den, groups, rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                        seed=seeds[0], progress=progress)
+        feddm.run_feddm(den, groups, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
+                        momentum=momentum, seed=seeds[0], progress=progress)
         return {"params": {g.seed: {n: p.cpu() for n, p in g.params.items()} for g in groups},
                 "up": {g.seed: g.ledger.total("up") for g in groups},
                 "down": {g.seed: g.ledger.total("down") for g in groups}}

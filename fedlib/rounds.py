@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from . import federated as fl
-from .methods import PSEUDO_LABEL_MODES, ClientTerm, distil_in_place, ensemble_targets, get_method, predict_each
-from .utils import check_choice, check_number
+from .methods import (ClientTerm, ServerConfig, ServerSettings, distil_in_place, ensemble_targets,  # noqa: F401
+                      get_method, predict_each)
+from .utils import build_config, check_number
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,32 +49,11 @@ class Setup:
     key: tuple = ()
 
 
-@dataclass
-class ServerConfig:
-    """The server side of a round (the same for every method and setup)."""
-
-    distill_steps: int = 50
-    distill_lr: float = 1e-3
-    distill_batch: int = 64
-    temperature: float = 1.0
-    pseudo_label_mode: str = "prob"
-    dense_steps: int | None = None
-    generator: torch.Generator | None = None
-    chunk_size: int | str | None = "auto"
-    predict_batch: int = 1024
-    # the epoch budget (used when distill_epochs > 0; see kl_distill_params): passes over the server
-    # data, a held-out part labelled by the teacher for early stopping, a cosine learning-rate schedule
-    distill_epochs: int = 0
-    distill_val: float = 0.2
-    distill_patience: int = 3
-    distill_cosine: bool = True
-    method_options: dict = field(default_factory=dict)  # {method: {option: value}} (fedlib.datafree's options)
-
-
-@dataclass
-class RoundsConfig:
-    """Every setting of a run of rounds, checked once here: the rounds, the client side (local SGD; FedProx's
-    ``mu``, used by proximal methods only) and the server side (:class:`ServerConfig`, less its random
+@dataclass(kw_only=True)
+class RoundsConfig(ServerSettings):
+    """Every setting of a run of rounds: the rounds and the client side (local SGD; FedProx's ``mu``, used
+    by proximal methods only), declared and checked here, and the server side, whose fields
+    :class:`fedlib.methods.ServerSettings` declares and checks (:meth:`server` adds the run's random
     stream, which :func:`run_rounds` takes apart). Notebook 01's parameters of the same names fill it."""
 
     rounds: int  # communication rounds (no default: every study says how many)
@@ -83,43 +63,15 @@ class RoundsConfig:
     momentum: float = 0.9
     batch_size: int = 32
     mu: float = 0.01  # FedProx's proximal weight (FedProx, Li et al. 2020, tune in {0.001, 0.01, 0.1, 1})
-    # the server side (ServerConfig's fields and meanings)
-    distill_steps: int = 50
-    distill_lr: float = 1e-3
-    distill_batch: int = 64
-    temperature: float = 1.0
-    pseudo_label_mode: str = "prob"
-    dense_steps: int | None = None
-    chunk_size: int | str | None = "auto"
-    predict_batch: int = 1024
-    distill_epochs: int = 0
-    distill_val: float = 0.2
-    distill_patience: int = 3
-    distill_cosine: bool = True
-    method_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("rounds", "batch_size", "distill_batch", "predict_batch", "distill_patience"):
+        for name in ("rounds", "batch_size"):
             check_number(name, getattr(self, name), at_least=1, integer=True)
-        for name in ("local_epochs", "distill_steps", "distill_epochs"):
-            check_number(name, getattr(self, name), at_least=0, integer=True, fix="0 switches it off")
-        for name in ("lr", "distill_lr", "temperature"):
-            check_number(name, getattr(self, name), above=0)
+        check_number("local_epochs", self.local_epochs, at_least=0, integer=True, fix="0 switches it off")
+        check_number("lr", self.lr, above=0)
         check_number("momentum", self.momentum, at_least=0, below=1)
         check_number("mu", self.mu, at_least=0, fix="0 makes FedProx FedAvg")
-        check_number("distill_val", self.distill_val, at_least=0, below=1,
-                     fix="the held-out fraction of the server data in the epoch budget")
-        check_choice("pseudo-label mode", self.pseudo_label_mode, PSEUDO_LABEL_MODES)
-        if self.dense_steps is not None:
-            check_number("dense_steps", self.dense_steps, at_least=0, integer=True, fix="None: distill_steps")
-        if self.chunk_size not in (None, "auto"):
-            check_number("chunk_size", self.chunk_size, at_least=1, integer=True,
-                         fix="None (one chunk) or 'auto' chooses for you")
-        if self.method_options is None:  # as run_rounds always took it: no options
-            self.method_options = {}
-        if not isinstance(self.method_options, dict):
-            raise ValueError(f"method_options={self.method_options!r}; allowed: a dict {{method: {{option: value}}}}, "
-                             "e.g. {'fedgen': {'weight': 1.0}}")
+        super().__post_init__()
 
     def client(self) -> dict:
         """The client side, as both drivers' local training takes it."""
@@ -128,17 +80,13 @@ class RoundsConfig:
 
     def server(self, generator: torch.Generator | None = None) -> ServerConfig:
         """The server side of every round, with the run's random stream."""
-        names = [f for f in ServerConfig.__dataclass_fields__ if f not in ("generator", "method_options")]
-        return ServerConfig(**{n: getattr(self, n) for n in names}, generator=generator,
-                            method_options=dict(self.method_options))
+        return ServerConfig(**{n: getattr(self, n) for n in ServerConfig.settings() if n != "method_options"},
+                            generator=generator, method_options=dict(self.method_options))
 
     @classmethod
     def build(cls, config: "RoundsConfig | None", fields: dict) -> "RoundsConfig":
         """``config``, or one made of ``fields`` (a call written with keywords); not both."""
-        if config is not None and fields:
-            raise ValueError(f"run_rounds got a config and the settings {sorted(fields)}; pass one of them "
-                             "(dataclasses.replace(config, ...) changes a config)")
-        return config if config is not None else cls(**fields)
+        return build_config(cls, config, fields, "run_rounds")
 
 
 @dataclass
@@ -365,11 +313,7 @@ def server_step(model: nn.Module, st: RoundsState, setups: list, r: int, local: 
         qs.append(q)
         entries.append(e)
     report = {}
-    distil_in_place(model, st.glob, entries, xs, qs, steps=cfg.distill_steps, lr=cfg.distill_lr,
-                    batch_size=cfg.distill_batch, temperature=cfg.temperature, generator=cfg.generator,
-                    chunk_size=cfg.chunk_size, epochs=cfg.distill_epochs, val_fraction=cfg.distill_val,
-                    patience=cfg.distill_patience, cosine=cfg.distill_cosine and cfg.distill_epochs > 0,
-                    report=report)
+    distil_in_place(model, st.glob, entries, xs, qs, cfg, report=report)
     if "epochs_run" in report:  # which (setup, method) groups distilled, for how long, how well (held out)
         st.distill_log.append({"round": r + 1, "groups": entries, **report})
     record_test_accuracy(st.call, st.glob, setups, M, st.acc, r, cfg.predict_batch)
@@ -390,8 +334,8 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, config: RoundsCon
     settings of ``config`` (a :class:`RoundsConfig`; or its fields as keywords, e.g. ``rounds=5, lr=0.05``).
     All global models start from ``init`` (default: the model's parameters), as in the papers.
     ``generator``: the run's random stream (local batches, distillation batches, the server methods' seeds).
-    ``driver``: another engine for the same rounds, given the server side as a :class:`ServerConfig`, the
-    client side as keywords and the keywords that are not settings (:func:`fedlib.backends.run_rounds`
+    ``driver``: another engine for the same rounds, given the same ``config`` and ``generator`` and the
+    keywords that are not settings (:func:`fedlib.backends.run_rounds`
     passes Flower's, :func:`fedlib.flower.run_rounds`, whose numbers agree with in-process to float
     tolerance; its keywords: ``exchange``, ``options``). ``chunk_size``: models per vmap chunk in local
     training and distillation ("auto": see :func:`fedlib.federated.local_train`); lower it for big models
@@ -405,10 +349,9 @@ def run_rounds(model: nn.Module, setups: list[Setup], methods, config: RoundsCon
     cfg = config.server(generator)
     rounds = config.rounds
     if driver is not None:
-        return driver(model, setups, methods, rounds=rounds, server=cfg, init=init, progress=progress,
-                      **config.client(), **driver_kw)
+        return driver(model, setups, methods, config, generator=generator, init=init, progress=progress, **driver_kw)
     if driver_kw:  # backend= here is a call written before the backend was chosen above the core
-        raise ValueError(f"{sorted(driver_kw)} are not settings of run_rounds (allowed: {', '.join(names)}); "
+        raise ValueError(f"{sorted(driver_kw)} are not settings of run_rounds (allowed: {', '.join(sorted(names, key=lambda n: n in ServerConfig.settings()))}); "
                          "exchange, options and backend apply to backend='flower' only: choose the backend with "
                          "fedlib.backends.run_rounds(..., backend=...)")
     st = prepare_rounds(model, setups, methods, rounds, init)

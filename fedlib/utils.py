@@ -58,6 +58,15 @@ def check_number(name: str, value, *, at_least=None, above=None, below=None, at_
     raise ValueError(msg)
 
 
+def build_config(cls, config, fields: dict, caller: str):
+    """``config``, or one of class ``cls`` made of ``fields`` (a call written with keywords); not both.
+    The one way a function that takes a config also takes its fields as keywords."""
+    if config is not None and fields:
+        raise ValueError(f"{caller} got a config and the settings {sorted(fields)}; pass one of them "
+                         "(dataclasses.replace(config, ...) changes a config)")
+    return config if config is not None else cls(**fields)
+
+
 def positive_counts(n_k, name: str = "n_k", fix: str = "Drop empty clients first.") -> torch.Tensor:
     """``n_k`` (per-client sample counts) as a flat float64 tensor; a ValueError naming the first bad
     entries unless every entry is finite and > 0 (NaN compares False, so ``(n_k <= 0).any()`` alone

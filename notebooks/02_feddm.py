@@ -178,15 +178,15 @@ run.metrics.update(model_bytes=model_bytes, update_bytes=update_bytes)
 
 # %%
 x_train, y_train = train.x.to(dev), train.y.to(dev)
-train_kw = dict(local_steps=local_steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                chunk_size=vmap_chunk or None, backend=backend)
+train_kw = dict(config=F.FedDMConfig(rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
+                                    momentum=momentum, vmap_chunk=vmap_chunk), backend=backend)
 eval_kw = dict(n=n_eval, steps=sample_steps, sampler=sampler, image_shape=image_shape, seed=123)
 search_parts = {noniid: [D.dirichlet_partition(labels, n_clients, alpha, seed=s) for s in search_seeds]}
 search_groups = F.build_groups(denoiser, x_train, y_train, search_parts, F.make_variants(mu=mu, bits=(), central=False),
                                search_seeds, init)
 val_eval = F.fd_evaluator(denoiser, feature_net, val.x, metric="fd_val", **eval_kw)
 seed_everything(search_seeds[0])
-search = backends.run_feddm(denoiser, search_groups, rounds, eval_rounds=[rounds], evaluate=val_eval,
+search = backends.run_feddm(denoiser, search_groups, eval_rounds=[rounds], evaluate=val_eval,
                             seed=search_seeds[0], **train_kw).history if mu else []
 mu_star, search_table = F.mu_search(search, noniid) if mu else (None, pd.DataFrame())
 print(search_table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -207,7 +207,7 @@ print(f"{len(groups)} models ({len(variants)} variants x {len(partitions)} parti
 seed_everything(seeds[0])
 t0 = time.perf_counter()
 # the same rounds, seeds and payloads on either backend; Flower only changes who runs them
-history = backends.run_feddm(denoiser, groups, rounds, eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0],
+history = backends.run_feddm(denoiser, groups, eval_rounds=eval_rounds, evaluate=evaluate, seed=seeds[0],
                              **train_kw).history
 train_time = time.perf_counter() - t0
 hist = pd.DataFrame(history)

@@ -391,9 +391,9 @@ def test_feddm_on_flower_equals_inprocess(request):
 
     kw = dict(local_steps=2, batch_size=16, lr=0.05, seed=0, progress=False)
     den, ref = build()
-    F.run_feddm(den, ref, 2, **kw)
+    F.run_feddm(den, ref, rounds=2, **kw)
     den2, got = build()
-    res = backends.run_feddm(den2, got, 2, backend="flower", options=FW.FlowerOptions(ray_num_cpus=2), **kw)
+    res = backends.run_feddm(den2, got, rounds=2, backend="flower", options=FW.FlowerOptions(ray_num_cpus=2), **kw)
     assert res.report.events == []
     for a, b in zip(ref, got):
         # float groups: 2 rounds of 2 local steps, batch 16 on 8 x 8 images; the 8-bit group keeps its

@@ -174,6 +174,6 @@ def test_the_core_points_a_backend_choice_to_the_layer_that_makes_it():
     with pytest.raises(ValueError, match="fedlib.backends.run_rounds"):
         distill.run_rounds(None, [], ["fedavg"], rounds=1, backend="flower")
     with pytest.raises(ValueError, match="fedlib.backends.run_feddm"):
-        feddm.run_feddm(None, [], 1, local_steps=1, batch_size=1, lr=0.1, backend="inprocess")
+        feddm.run_feddm(None, [], rounds=1, local_steps=1, batch_size=1, lr=0.1, backend="inprocess")
     with pytest.raises(ValueError, match="inprocess"):
         backends.run_rounds(None, [], ["fedavg"], rounds=1, backend="ray")

@@ -213,21 +213,23 @@ def _fedgo_exchange(grid: Grid, nodes, ex: FedGOExchange, setups, K: int, report
     return arrived
 
 
-def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_epochs: int, lr: float, momentum: float,
-               batch_size: int, mu: float, server: distill.ServerConfig, init: Params | None = None, progress=None,
+def run_rounds(model: nn.Module, setups: list, methods, config: distill.RoundsConfig, *,
+               generator: torch.Generator | None = None, init: Params | None = None, progress=None,
                exchange: FedGOExchange | None = None, options: FlowerOptions | None = None) -> distill.RoundsResult:
     """:func:`fedlib.rounds.run_rounds` on Flower (call it as ``fedlib.backends.run_rounds(..., backend="flower")``): the
     same rounds, the same :class:`~fedlib.distill.RoundsResult` with its ``report`` (a
     :class:`FlowerReport`). With ``exchange``, ``setups[s].disc_logits`` are set from the discriminators
-    the clients uploaded. Node k is client k of every setup and method."""
+    the clients uploaded. Node k is client k of every setup and method. ``config`` and ``generator``: those of
+    :func:`fedlib.rounds.run_rounds` (the clients draw from their own seeds, the server from ``generator``)."""
     opts = options or FlowerOptions()
+    rounds, server = config.rounds, config.server(generator)
     st = distill.prepare_rounds(model, setups, methods, rounds, init, discriminators_later=exchange is not None)
     data = fl.concat_clients([s.clients for s in setups])  # data row s*K + k
     report = FlowerReport()
     g_arch = (exchange.G[0] if isinstance(exchange.G, (list, tuple)) else exchange.G) if exchange else None
     spec = opts.spec(model, discriminator=exchange.D if exchange else None, generator=g_arch,
                      terms={t.name: t for t in distill.client_terms(st.methods)})
-    client = dict(local_epochs=local_epochs, lr=lr, momentum=momentum, batch_size=batch_size, mu=mu)
+    client = config.client()
 
     def main(grid: Grid, nodes: dict[int, int]) -> None:
         with_disc = _fedgo_exchange(grid, nodes, exchange, setups, st.K, report, opts) if exchange else {}
@@ -240,9 +242,8 @@ def run_rounds(model: nn.Module, setups: list, methods, *, rounds: int, local_ep
 
 # ----------------------------------------------------------------------------------------------
 # notebook 02's driver: FedDM
-def run_feddm(denoiser, groups: list, rounds: int, *, local_steps: int, batch_size: int, lr: float,
-              momentum: float = 0.9, eval_rounds=(), evaluate=None, seed: int = 0, progress: bool = True,
-              chunk_size: int | None = None, options: FlowerOptions | None = None) -> feddm.FedDMRun:
+def run_feddm(denoiser, groups: list, config: feddm.FedDMConfig, *, eval_rounds=(), evaluate=None, seed: int = 0,
+              progress: bool = True, options: FlowerOptions | None = None) -> feddm.FedDMRun:
     """:func:`fedlib.feddm.run_feddm` on Flower (call it as ``fedlib.backends.run_feddm(..., backend="flower")``): the
     same history rows, groups updated in place (``params``, ``ledger``), and the report. Every federated
     group's client k is node k; quantised variants send their update packed and the server decodes it
@@ -268,12 +269,12 @@ def run_feddm(denoiser, groups: list, rounds: int, *, local_steps: int, batch_si
     spec = opts.spec(denoiser.net, loss_fn=feddm.diffusion_client_loss(denoiser),
                      extras_fn=feddm.noise_extras(denoiser.process))
     history: list[dict] = []
-    config = dict(lr=lr, momentum=momentum, batch_size=batch_size, local_steps=local_steps)
+    client = config.client()
 
     def main(grid: Grid, nodes: dict[int, int]) -> None:
-        st = FedDMStrategy(denoiser, groups, order, config, nodes, report, torch.Generator().manual_seed(seed), history,
-                           eval_rounds, evaluate, chunk_size)
-        _rounds(grid, st, rounds, opts.round_timeout,
+        st = FedDMStrategy(denoiser, groups, order, client, nodes, report, torch.Generator().manual_seed(seed), history,
+                           eval_rounds, evaluate, config.chunk_size)
+        _rounds(grid, st, config.rounds, opts.round_timeout,
                 (lambda it: tqdm(it, desc="FedDM rounds (Flower)")) if progress else None)
 
     simulate(main, spec, data, K, opts, report)
