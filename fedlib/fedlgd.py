@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from . import condense as cd
+from . import data as fdata
 from .federated import (ClientData, classification_loss, fedavg, functional, get_params, local_train, masked_mean,
                         pack_clients, predict, set_params)
 from .models import SmallCNN
@@ -322,3 +323,18 @@ def heterogeneity(clients, sets: list[cd.SyntheticSet], n_classes: int, cfg: Fed
     real = pack_clients(torch.cat([x for x, _ in clients]), torch.cat([y for _, y in clients]),
                         _offsets([len(y) for _, y in clients]))
     return {"virtual": client_spread(model, start, _pack(sets), cfg), "real": client_spread(model, start, real, cfg)}
+
+
+def federations(train, test, n_clients: int, alpha: float, seed: int) -> dict:
+    """Notebook 06's two federations of ``n_clients``, as {setting: (clients [(x, y)], tests [(x, y)])}:
+    "label skew" (:func:`fedlib.data.dirichlet_partition` of ``train`` at ``alpha``; the test split as it
+    is) and "feature shift" (:func:`fedlib.data.domain_split`: client k holds a class-stratified share of
+    ``train`` moved to domain k of :data:`fedlib.data.DOMAINS`; tested on every domain's copy of the test split)."""
+    check_number("n_clients", n_clients, at_least=2, at_most=len(fdata.DOMAINS), integer=True,
+                 fix=f"Feature shift gives each client a domain of its own: use 2 to {len(fdata.DOMAINS)} clients.")
+    domains = list(fdata.DOMAINS[:n_clients])
+    parts = fdata.dirichlet_partition(train.y.cpu().numpy(), n_clients, alpha, seed=seed)
+    label = [(s.x, s.y) for s in train.split(parts)]
+    shift = [(d.x, d.y) for d in fdata.domain_split(train, domains, seed=seed)]
+    return {"label skew": (label, [(test.x, test.y)]),
+            "feature shift": (shift, [(fdata.shift_domain(test.x, d), test.y) for d in domains])}
