@@ -97,6 +97,7 @@ def fedlgd_rounds_figure(frame, methods: list[str]):
             ax.fill_between(r, by.min().to_numpy(), by.max().to_numpy(), color=FEDLGD_COLOURS.get(m, "C7"), alpha=0.15)
         ax.set_title(setting, fontsize=9)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     axes[0][0].set_ylabel("global model's test accuracy")
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.suptitle("lines: mean over seeds; bands: the seeds' range", fontsize=8)
@@ -110,11 +111,11 @@ def virtual_sets_figure(local: list, global_x, title: str = "", row_names: list[
     rows = list(local) + [global_x]
     names = row_names or [f"client {k}" for k in range(len(local))] + ["global (server)"]
     width = max(len(x) for x in rows)
-    fig, axes = plt.subplots(len(rows), 1, figsize=(min(0.32 * width + 1.0, 9.0), 0.55 * len(rows) + 0.6),
+    fig, axes = plt.subplots(len(rows), 1, figsize=(min(0.32 * width + 1.0, 9.0), 0.7 * len(rows) + 0.6),
                              squeeze=False)
     for ax, x, name in zip(axes[:, 0], rows, names):
         image_grid(x.float(), nrow=width, ax=ax)
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+        ax.set_title(name, fontsize=7, loc="left", pad=2)  # image_grid hides the axes, labels included
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
