@@ -389,8 +389,9 @@ run.claims_table()
 # table: the per-round curves (whether the methods part early and meet again, or never part), and the
 # spread of client models, which says whether the local virtual sets here are more heterogeneous than the
 # real local data at all; where they are not, the problem FedLGD corrects is absent at this scale, and
-# beating FedAvg would not be expected. The paper's gains are on CIFAR-10 and five real digit datasets with
-# IPC 10 to 50 and 100 rounds (the `paper` set); our domains are fixed transforms of one small dataset.
+# beating FedAvg would not be expected. The paper's gains are on CIFAR-10 and five real digit datasets,
+# with larger virtual sets and many more rounds (the `paper` set); our domains are fixed transforms of one
+# small dataset, and the global virtual set has had few gradient-matching steps to move away from noise.
 
 # %%
 print(f"notebook wall time: {run.metrics['wall_time_s']:.0f} s (CPU time of the kernel: {run.metrics['cpu_time_s']:.0f} s)")
