@@ -155,3 +155,19 @@ def test_a_tiny_run_trains_all_three_methods():
     assert len(out["server_distance"]) == 6 and out["global"][0].shape == (3, 1, 8, 8)
     spread = fl.heterogeneity(clients, out["local_sets"], 3, cfg)
     assert spread["virtual"] > 0 and spread["real"] > 0
+
+
+def test_without_its_additions_fedlgd_is_fedavg():
+    # lam 0, no refresh and no server steps leave FedAvg on the same sets, batches and start: any other
+    # difference between the methods would be a bug of the comparison, not FedLGD
+    g = torch.Generator().manual_seed(1)
+    templates = torch.randn(3, 1, 8, 8, generator=g)
+    y = torch.arange(3).repeat(20)
+    x = torch.tanh(2 * templates[y] + 0.5 * torch.randn(len(y), 1, 8, 8, generator=g))
+    clients = [(x[:30], y[:30]), (x[30:], y[30:])]
+    cfg = fl.FedLGDConfig(rounds=2, local_steps=3, ipc=2, dm_iterations=2, batch_real=8, refresh_every=1,
+                          refresh_iterations=0, server_steps=0, lam=0.0, width=4, feature_width=4)
+    out = fl.run_fedlgd(clients, [(x, y)], 3, cfg)
+    for n, v in out["params"]["FedLGD"].items():
+        torch.testing.assert_close(v, out["params"]["FedAvg"][n], atol=1e-5, rtol=1e-4)
+    assert not all(torch.allclose(v, out["params"]["FedProx"][n]) for n, v in out["params"]["FedLGD"].items())
