@@ -209,9 +209,26 @@ def _class_indices(y: torch.Tensor, n_classes: int) -> list[torch.Tensor]:
     return idx
 
 
-def random_subset(x: torch.Tensor, y: torch.Tensor, n_classes: int, ipc: int, seed: int = 0) -> SyntheticSet:
-    """``ipc`` distinct random real images of every class (class-major), seeded."""
+def _present_indices(y: torch.Tensor, n_classes: int, ipc: int) -> list[tuple[int, torch.Tensor]]:
+    """(class, indices) of the classes a client holds at least ``ipc`` images of: a client of a label-skewed
+    partition distils only those (FedLGD's local virtual sets), so a class it barely holds is left out."""
+    idx = [(c, torch.nonzero(y == c).flatten()) for c in range(n_classes)]
+    kept = [(c, i) for c, i in idx if len(i) >= ipc]
+    if not kept:
+        raise ValueError(f"ipc={ipc} is larger than every class of this client holds; allowed: ipc <= its "
+                         f"largest class ({max(len(i) for _, i in idx)}). Use a smaller ipc")
+    return kept
+
+
+def random_subset(x: torch.Tensor, y: torch.Tensor, n_classes: int, ipc: int, seed: int = 0,
+                  present_only: bool = False) -> SyntheticSet:
+    """``ipc`` distinct random real images of every class (class-major), seeded. With ``present_only``
+    only the classes holding at least ``ipc`` images (a client's local set under label skew)."""
     g = torch.Generator().manual_seed(seed)
+    if present_only:
+        pairs = _present_indices(y.cpu(), n_classes, ipc)
+        pick = torch.cat([i[torch.randperm(len(i), generator=g)[:ipc]] for _, i in pairs])
+        return SyntheticSet(x[pick.to(x.device)].clone(), y[pick.to(y.device)].clone(), "random", seed)
     idx = _class_indices(y.cpu(), n_classes)
     small = [c for c, i in enumerate(idx) if len(i) < ipc]
     if small:
@@ -221,10 +238,11 @@ def random_subset(x: torch.Tensor, y: torch.Tensor, n_classes: int, ipc: int, se
     return SyntheticSet(x[pick.to(x.device)].clone(), y[pick.to(y.device)].clone(), "random", seed)
 
 
-def _real_batch(x, idx, batch, g):
+def _real_batch(x, idx, batch, g, classes=None):
     picks = [i[torch.randint(len(i), (min(batch, len(i)),), generator=g)] for i in idx]
     sizes = [len(p) for p in picks]
-    labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(sizes)])
+    classes = range(len(idx)) if classes is None else classes
+    labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in zip(classes, sizes)])
     return x[torch.cat(picks).to(x.device)], labels.to(x.device)
 
 
@@ -244,18 +262,28 @@ def _saved_bytes(fn) -> int:
     return out, total[0]
 
 
-def _distil(method: str, x_real, y_real, n_classes: int, cfg: CondenseConfig, device=None, progress: bool = False):
+def _distil(method: str, x_real, y_real, n_classes: int, cfg: CondenseConfig, device=None, progress: bool = False,
+            present_only: bool = False, start: SyntheticSet | None = None, feature_net=None):
     from tqdm.auto import tqdm
 
     device = torch.device(device) if device is not None else x_real.device
     x_real, y_real = x_real.to(device), y_real.to(device)
     shape = tuple(x_real.shape[1:])
-    idx = _class_indices(y_real.cpu(), n_classes)
+    classes = None
+    if present_only or start is not None:
+        held = sorted(set(start.y.tolist())) if start is not None else [c for c, _ in
+                                                                         _present_indices(y_real.cpu(), n_classes, cfg.ipc)]
+        classes = held
+        idx = [torch.nonzero(y_real.cpu() == c).flatten() for c in held]
+    else:
+        idx = _class_indices(y_real.cpu(), n_classes)
     g = torch.Generator().manual_seed(cfg.seed)
-    init = random_subset(x_real, y_real, n_classes, cfg.ipc, seed=cfg.seed)
-    syn = init.x.clone() if cfg.init == "real" else torch.randn(init.x.shape, generator=g).clamp(-1, 1).to(device)
+    init = start if start is not None else random_subset(x_real, y_real, n_classes, cfg.ipc, seed=cfg.seed,
+                                                         present_only=present_only)
+    init_x = init.x.to(device)
+    syn = init_x.clone() if cfg.init == "real" or start is not None else torch.randn(init_x.shape, generator=g).clamp(-1, 1).to(device)
     syn.requires_grad_(True)
-    y_syn = init.y
+    y_syn = init.y.to(device)
     opt = torch.optim.Adam([syn], lr=cfg.lr_images)
     sampler = opt_psi = None
     if method == "ncfm":
@@ -270,8 +298,9 @@ def _distil(method: str, x_real, y_real, n_classes: int, cfg: CondenseConfig, de
         # the first iteration's floating-point operations, counted: a cost that repeats exactly, unlike seconds
         counter = FlopCounterMode(display=False) if it == 0 else contextlib.nullcontext()
         counter.__enter__()
-        net = random_feature_net(shape, cfg.feature_width, g, device)
-        xb, yb = _real_batch(x_real, idx, cfg.batch_real, g)
+        # FedLGD's iterative DM matches through the current global model's features instead of a random net
+        net = feature_net if feature_net is not None else random_feature_net(shape, cfg.feature_width, g, device)
+        xb, yb = _real_batch(x_real, idx, cfg.batch_real, g, classes)
         with torch.no_grad():
             f_real = features(net, xb)
         if method == "ncfm":
@@ -309,9 +338,15 @@ def _distil(method: str, x_real, y_real, n_classes: int, cfg: CondenseConfig, de
     return SyntheticSet(syn.detach().clone(), y_syn.clone(), method, cfg.seed, history)
 
 
-def distill_dm(x_real, y_real, n_classes: int, cfg: CondenseConfig, device=None, progress: bool = False) -> SyntheticSet:
-    """DM: S learned to match each class's mean feature under a fresh random ConvNet every iteration."""
-    return _distil("dm", x_real, y_real, n_classes, cfg, device, progress)
+def distill_dm(x_real, y_real, n_classes: int, cfg: CondenseConfig, device=None, progress: bool = False, *,
+               present_only: bool = False, start: SyntheticSet | None = None, feature_net=None) -> SyntheticSet:
+    """DM: S learned to match each class's mean feature under a fresh random ConvNet every iteration.
+
+    For FedLGD's clients: ``present_only`` distils only the classes the client holds at least ``ipc`` images
+    of (label skew); ``start`` continues from an existing set (its classes) instead of a random real subset;
+    ``feature_net`` (a frozen module, images -> features) replaces the random ConvNets by one fixed network,
+    the current global model's trunk in FedLGD's iterative distribution matching."""
+    return _distil("dm", x_real, y_real, n_classes, cfg, device, progress, present_only, start, feature_net)
 
 
 def distill_ncfm(x_real, y_real, n_classes: int, cfg: CondenseConfig, device=None, progress: bool = False) -> SyntheticSet:

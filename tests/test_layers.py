@@ -27,7 +27,7 @@ LAYERS = {
     # per paper: the methods, the in-process rounds engine, the diffusion papers
     "fedlib.fedgo": 3, "fedlib.datafree": 3, "fedlib.rounds": 3, "fedlib.feddm": 3, "fedlib.ld3": 3,
     "fedlib.dmd2": 3, "fedlib.dmd2.losses": 3, "fedlib.dmd2.training": 3, "fedlib.dmd2.evaluate": 3,
-    "fedlib.condense": 3,
+    "fedlib.condense": 3, "fedlib.fedlgd": 3,
     "fedlib.distill": 4,  # the notebooks' name for methods + rounds
     # the Flower backend, then the choice of backend above both
     "fedlib.flower": 5, "fedlib.flower.records": 5, "fedlib.flower.client": 5, "fedlib.flower.strategy": 5,

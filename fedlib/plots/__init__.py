@@ -1,5 +1,5 @@
 """Figures: one style and one way to write them (``style``), then one module per notebook's paper,
-in the notebooks' order (00 data, 01 FedGO, 02 FedDM, 03 LD3, 04 DMD2, 05 the pipeline, 06 dataset distillation). Notebooks
+in the notebooks' order (00 data, 01 FedGO, 02 FedDM, 03 LD3, 04 DMD2, 05 the pipeline, 06 dataset distillation and FedLGD). Notebooks
 call ``plots.<name>``: every public name is re-exported here."""
 
 from ..data import from_uint8, to_uint8  # the one images [-1, 1] <-> uint8 conversion (explorers store uint8)
@@ -14,7 +14,8 @@ from .ld3 import ld3_explorer_view, ld3_gain_figure, ld3_grids_figure, ld3_sampl
 from .dmd2 import (budget_gap_figure, curves_figure, density_backdrop, dm_gradient_quiver, dmd2_explorer_figure,
                    samples_over_density, search_figure, seed_band_plot)
 from .pipeline import pipeline_explorer_figure, pipeline_figure
-from .condense import accuracy_figure, condense_explorer_figure, cost_figure, synthetic_sets_figure
+from .condense import (accuracy_figure, condense_explorer_figure, cost_figure, fedlgd_explorer_figure, fedlgd_rounds_figure,
+                       synthetic_sets_figure, virtual_sets_figure)
 
 __all__ = [
     "STYLE", "INTERACTIVE_FIGURES", "use_style", "figures_dir", "savefig", "to_numpy_images", "image_grid",
@@ -28,4 +29,5 @@ __all__ = [
     "search_figure", "curves_figure", "dmd2_explorer_figure",
     "pipeline_figure", "pipeline_explorer_figure",
     "synthetic_sets_figure", "accuracy_figure", "cost_figure", "condense_explorer_figure",
+    "fedlgd_rounds_figure", "virtual_sets_figure", "fedlgd_explorer_figure",
 ]

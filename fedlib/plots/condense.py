@@ -1,4 +1,4 @@
-"""Figures of notebook 06 (dataset distillation: NCFM, DM, random real subsets)."""
+"""Figures of notebook 06 (dataset distillation: NCFM, DM, random real subsets; FedLGD on local virtual data)."""
 
 from __future__ import annotations
 
@@ -76,3 +76,58 @@ def condense_explorer_figure(data: dict, ipc: int, seed: int, method: str):
     image_grid(x[order], nrow=n_classes, ax=ax,
                title=f"{method}, IPC {ipc}, seed {seed}: test accuracy {data['accuracy'][key]:.3f}")
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# FedLGD (notebook 06's second part)
+FEDLGD_COLOURS = {"FedLGD": "C2", "FedAvg": "C0", "FedProx": "C1"}
+
+
+def fedlgd_rounds_figure(frame, methods: list[str]):
+    """Test accuracy of the global model per round (``frame``: setting, method, seed, round, accuracy): one
+    panel per setting, the mean over seeds as a line and the seeds' range as a band."""
+    settings = list(dict.fromkeys(frame["setting"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.6 * len(settings), 2.8), squeeze=False, sharey=True)
+    for ax, setting in zip(axes[0], settings):
+        for m in methods:
+            sub = frame[(frame["setting"] == setting) & (frame["method"] == m)]
+            by = sub.groupby("round")["accuracy"]
+            r = by.mean().index.to_numpy() + 1
+            ax.plot(r, by.mean().to_numpy(), color=FEDLGD_COLOURS.get(m, "C7"), label=m, lw=1.5)
+            ax.fill_between(r, by.min().to_numpy(), by.max().to_numpy(), color=FEDLGD_COLOURS.get(m, "C7"), alpha=0.15)
+        ax.set_title(setting, fontsize=9)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    axes[0][0].set_ylabel("global model's test accuracy")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("lines: mean over seeds; bands: the seeds' range", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def virtual_sets_figure(local: list, global_x, title: str = "", row_names: list[str] | None = None):
+    """Each client's local virtual set (class-major images in [-1, 1]) on a row of its own, then the server's
+    global virtual set on the last row."""
+    rows = list(local) + [global_x]
+    names = row_names or [f"client {k}" for k in range(len(local))] + ["global (server)"]
+    width = max(len(x) for x in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(min(0.32 * width + 1.0, 9.0), 0.7 * len(rows) + 0.6),
+                             squeeze=False)
+    for ax, x, name in zip(axes[:, 0], rows, names):
+        image_grid(x.float(), nrow=width, ax=ax)
+        ax.set_title(name, fontsize=7, loc="left", pad=2)  # image_grid hides the axes, labels included
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fedlgd_explorer_figure(data: dict, setting: str, seed: int, which: str):
+    """The explorer's FedLGD view: one seed's local virtual sets (initial or refreshed) and the global set."""
+    from ..data import from_uint8
+
+    key = f"{setting} seed {seed}"
+    local = [from_uint8(x) for x in data["fedlgd_sets"][key][which]]
+    acc = data["fedlgd_accuracy"][key]
+    title = f"{setting}, seed {seed}, {which} local sets; final accuracy " + ", ".join(f"{m} {a:.3f}" for m, a in acc.items())
+    return virtual_sets_figure(local, from_uint8(data["fedlgd_sets"][key]["global"]), title=title)
