@@ -36,7 +36,7 @@ from . import federated as fl
 from . import models as fm
 from .methods import ClientTerm, Method, register_method
 from .rounds import RoundsConfig, Setup, run_rounds
-from .utils import check_choice, check_number, seed_everything
+from .utils import check_choice, check_number
 
 KERNEL_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # Gaussian bandwidths (times the mean squared distance); DAN-style
 MMD_METHODS = ("fedavg_mmd", "fedka_mmd")
@@ -278,7 +278,7 @@ def run_domain_study(cfg: FedKAConfig, train: fdata.ArrayDataset, test: fdata.Ar
                 s.test_x.to(device), s.test_y.to(device)
             s.server_y = s.server_y.to(device)
             ds.val_x, ds.val_y = ds.val_x.to(device), ds.val_y.to(device)
-        seed_everything(seed)
+        torch.manual_seed(seed)  # the initial model of this seed
         model = fm.SmallCNN(train.x.shape[1], train.n_classes, cfg.width, train.x.shape[-1]).to(device)
         g = torch.Generator().manual_seed(seed)
         res = run_rounds(model, [d.setup for d in dsets], list(methods), rc, generator=g)

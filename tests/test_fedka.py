@@ -1,5 +1,5 @@
 """fedlib.fedka: the workspace's MMD, its gradient into the client, the vote, the config's refusals, and
-one tiny round of every FedKA method through the rounds engine."""
+two tiny rounds of FedAvg and FedKA through the rounds engine."""
 
 import pytest
 import torch
@@ -76,8 +76,8 @@ def test_one_tiny_study_runs_every_method_and_counts_the_workspace():
     assert ds.sources == ("original", "rotated") and ds.setup.clients.n_clients == 2
     # the server holds the target's images without labels in the clients' data
     assert torch.equal(ds.setup.test_x, fdata.shift_domain(test.x, "noisy"))
-    res = fedka.run_domain_study(cfg, train, test)
-    assert set(res.final.method) == set(fedka.STUDY_METHODS) and len(res.rounds) == 4 * 2
+    res = fedka.run_domain_study(cfg, train, test, methods=("fedavg", "fedka_mmd"))
+    assert set(res.final.method) == {"fedavg", "fedka_mmd"} and len(res.rounds) == 2 * 2
     assert res.final.target_accuracy.between(0, 1).all() and (res.final.feature_mmd >= 0).all()
     # the workspace: 8 target feature vectors (the head's 128 inputs) and the weight, as float32, per client
     assert res.payload_bytes["workspace"] == fl.state_bytes({"f": torch.zeros(8, 128), "w": torch.tensor(1.0)})
