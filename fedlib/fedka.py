@@ -162,7 +162,7 @@ class FedKAConfig:
     domains: tuple = ("original", "rotated", "blurred", "noisy")  # the pool; each target is left out of it
     targets: tuple = ("noisy", "blurred")  # leave-one-domain-out targets (the paper: every domain in turn)
     seeds: tuple = (0, 1, 2)
-    rounds: int = 4  # communication rounds (the paper: 100 on Digit-Five)
+    rounds: int = 3  # communication rounds (the paper: 100 on Digit-Five)
     local_epochs: int = 1
     lr: float = 0.05
     batch_size: int = 32

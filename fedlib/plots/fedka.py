@@ -11,6 +11,14 @@ METHOD_LABELS = {"fedavg": "FedAvg", "fedka": "FedAvg + vote", "fedavg_mmd": "Fe
                  "fedka_mmd": "FedKA (MMD + vote)"}
 
 
+# the registry's tab20 shades (method_colours) give the two new methods greys; one hue per part instead
+METHOD_COLOURS = {"fedavg": "C0", "fedka": "C4", "fedavg_mmd": "C2", "fedka_mmd": "C3"}
+
+
+def _colours(methods) -> dict:
+    return {**method_colours(methods), **{m: c for m, c in METHOD_COLOURS.items() if m in methods}}
+
+
 def _label(m: str) -> str:
     return METHOD_LABELS.get(m, m)
 
@@ -29,7 +37,7 @@ def target_accuracy_figure(final, methods: list[str], value: str = "target_accur
                            ylabel: str = "target test accuracy"):
     """One panel per target domain: ``value`` per method, one dot per seed, the mean as a bar."""
     targets = list(dict.fromkeys(final["target"]))
-    colours = method_colours(methods)
+    colours = _colours(methods)
     fig, axes = plt.subplots(1, len(targets), figsize=(2.9 * len(targets) + 0.4, 3.0), squeeze=False, sharey=True)
     for ax, t in zip(axes[0], targets):
         sub = final[final["target"] == t]
@@ -47,7 +55,7 @@ def target_accuracy_figure(final, methods: list[str], value: str = "target_accur
 def rounds_figure(rounds, methods: list[str], value: str = "accuracy", ylabel: str = "target test accuracy"):
     """``value`` per round, mean over seeds with a band of one standard deviation, one panel per target."""
     targets = list(dict.fromkeys(rounds["target"]))
-    colours = method_colours(methods)
+    colours = _colours(methods)
     fig, axes = plt.subplots(1, len(targets), figsize=(3.0 * len(targets) + 0.6, 2.8), squeeze=False, sharey=True)
     for ax, t in zip(axes[0], targets):
         sub = rounds[rounds["target"] == t]
@@ -58,6 +66,7 @@ def rounds_figure(rounds, methods: list[str], value: str = "accuracy", ylabel: s
             ax.fill_between(mean.index, mean - sd, mean + sd, color=colours[m], alpha=0.15)
         ax.set_title(f"target: {t}", fontsize=9)
         ax.set_xlabel("round")
+        ax.set_xticks(sorted(sub["round"].unique()))
     axes[0, 0].set_ylabel(ylabel)
     axes[0, -1].legend(fontsize=7, frameon=False)
     fig.tight_layout()
@@ -71,7 +80,7 @@ def fedka_explorer_figure(explorer: dict, target: str, method: str, value: str):
     get = {(r["method"], r["seed"]): r[value] for r in rows}
     fig, ax = plt.subplots(figsize=(4.2, 2.8))
     x = np.arange(len(seeds))
-    colours = method_colours(["fedavg", method])
+    colours = _colours(["fedavg", method])
     ax.bar(x - 0.2, [get["fedavg", s] for s in seeds], 0.4, color=colours["fedavg"], label=_label("fedavg"))
     ax.bar(x + 0.2, [get[method, s] for s in seeds], 0.4, color=colours[method], label=_label(method))
     ax.set_xticks(x, [f"seed {s}" for s in seeds])
