@@ -81,3 +81,29 @@ def test_one_tiny_study_runs_every_method_and_counts_the_workspace():
     assert res.final.target_accuracy.between(0, 1).all() and (res.final.feature_mmd >= 0).all()
     # the workspace: 8 target feature vectors (the head's 128 inputs) and the weight, as float32, per client
     assert res.payload_bytes["workspace"] == fl.state_bytes({"f": torch.zeros(8, 128), "w": torch.tensor(1.0)})
+
+
+@pytest.mark.slow  # a local Ray (about 40 s on this CPU): run with -m slow; CI covers Flower in test_flower.py
+def test_the_workspace_methods_run_on_flower_as_in_process():
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    from fedlib import backends
+    from fedlib import flower as FW
+    from fedlib.models import SmallCNN
+    from fedlib.rounds import run_rounds
+
+    train, test = fdata.load_digits("train"), fdata.load_digits("test")
+    cfg = fedka.FedKAConfig(domains=("original", "rotated", "noisy"), targets=("noisy",), seeds=(0,), rounds=2,
+                            distill_steps=5, workspace_batch=16)
+    ds = fedka.domain_setup(cfg, train.subset(torch.arange(600)), test.subset(torch.arange(100)), "noisy", 0)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    init, methods = fl.get_params(model), ["fedavg", "fedavg_mmd", "fedka_mmd"]
+    ref = run_rounds(model, [ds.setup], methods, cfg.rounds_config(), init=init, generator=torch.Generator().manual_seed(2))
+    res = backends.run_rounds(model, [ds.setup], methods, cfg.rounds_config(), init=init, backend="flower",
+                              generator=torch.Generator().manual_seed(2),
+                              options=FW.FlowerOptions(ray_num_cpus=2, object_store_mb=256))
+    assert torch.equal(res.accuracy, ref.accuracy)
+    for n in ref.params:
+        assert torch.allclose(res.params[n], ref.params[n], atol=1e-5, rtol=0), n
+    assert res.report.ledger.total(item="mmd payload", round=2) == ref.ledger.total(item="mmd payload", round=2) > 0
