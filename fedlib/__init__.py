@@ -10,3 +10,4 @@ __version__ = "0.1.0"
 # them here, above everything, means every `import fedlib.<anything>` sees them, and no core module has to
 # import a plug-in to know its name.
 from . import datafree  # noqa: E402,F401
+from . import fedka  # noqa: E402,F401

@@ -16,6 +16,7 @@ from .dmd2 import (budget_gap_figure, curves_figure, density_backdrop, dm_gradie
 from .pipeline import pipeline_explorer_figure, pipeline_figure
 from .condense import (accuracy_figure, condense_explorer_figure, cost_figure, fedlgd_explorer_figure, fedlgd_rounds_figure,
                        synthetic_sets_figure, virtual_sets_figure)
+from .fedka import domains_figure, fedka_explorer_figure, rounds_figure, target_accuracy_figure
 
 __all__ = [
     "STYLE", "INTERACTIVE_FIGURES", "use_style", "figures_dir", "savefig", "to_numpy_images", "image_grid",
@@ -30,4 +31,5 @@ __all__ = [
     "pipeline_figure", "pipeline_explorer_figure",
     "synthetic_sets_figure", "accuracy_figure", "cost_figure", "condense_explorer_figure",
     "fedlgd_rounds_figure", "virtual_sets_figure", "fedlgd_explorer_figure",
+    "domains_figure", "target_accuracy_figure", "rounds_figure", "fedka_explorer_figure",
 ]
