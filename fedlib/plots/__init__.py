@@ -15,6 +15,7 @@ from .dmd2 import (budget_gap_figure, curves_figure, density_backdrop, dm_gradie
                    samples_over_density, search_figure, seed_band_plot)
 from .pipeline import pipeline_explorer_figure, pipeline_figure
 from .condense import accuracy_figure, condense_explorer_figure, cost_figure, synthetic_sets_figure
+from .lpn import learned_prior_figure, lpn_explorer_figure, residual_figure, restored_figure
 
 __all__ = [
     "STYLE", "INTERACTIVE_FIGURES", "use_style", "figures_dir", "savefig", "to_numpy_images", "image_grid",
@@ -28,4 +29,5 @@ __all__ = [
     "search_figure", "curves_figure", "dmd2_explorer_figure",
     "pipeline_figure", "pipeline_explorer_figure",
     "synthetic_sets_figure", "accuracy_figure", "cost_figure", "condense_explorer_figure",
+    "learned_prior_figure", "residual_figure", "restored_figure", "lpn_explorer_figure",
 ]
