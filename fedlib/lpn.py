@@ -97,7 +97,7 @@ class ICNN(nn.Module):
 
 class ConvICNN(nn.Module):
     """ψ(y) for images y [N, C, H, W]: the same recursion with 3x3 convolutions; the z-to-z convolutions'
-    weights pass through softplus (non-negative), and ψ sums a non-negative 1x1 read-out of z_L over the
+    weights are clamped at zero (non-negative), and ψ sums a non-negative 1x1 read-out of z_L over the
     pixels, so ψ stays convex in y. A learned quadratic c/2 ||y||² (c = softplus(·) ≥ 0, starting at 1: ours)
     starts f at the identity, the prox of a flat regulariser, from where a denoiser has little to learn."""
 
@@ -106,16 +106,19 @@ class ConvICNN(nn.Module):
         self.alpha = alpha
         self.c = nn.Parameter(torch.tensor(math.log(math.e - 1)))  # softplus(c) = 1
         self.W = nn.ModuleList([nn.Conv2d(channels, hidden, 3, padding=1) for _ in range(layers)])
-        self.U = nn.ParameterList([nn.Parameter(torch.randn(hidden, hidden, 3, 3) / (9 * hidden) - 4.0)
+        # non-negative weights by clamping in the forward pass (the ICNN paper projects after each step),
+        # started small and positive: a softplus reparameterisation started in its flat tail learned
+        # hundreds of times more slowly under Adam (ours)
+        self.U = nn.ParameterList([nn.Parameter(torch.rand(hidden, hidden, 3, 3) / (9 * hidden))
                                    for _ in range(layers - 1)])
-        self.w = nn.Parameter(torch.randn(hidden) / hidden - 4.0)
+        self.w = nn.Parameter(torch.rand(hidden) / hidden)
 
     def forward(self, y):
         z = F.softplus(self.W[0](y))
         for U, W in zip(self.U, self.W[1:]):
-            z = F.softplus(F.conv2d(z, F.softplus(U), padding=1) + W(y))
+            z = F.softplus(F.conv2d(z, U.clamp_min(0), padding=1) + W(y))
         quad = 0.5 * (self.alpha + F.softplus(self.c)) * (y ** 2).flatten(1).sum(-1)
-        return torch.einsum("nchw,c->n", z, F.softplus(self.w)) + quad
+        return torch.einsum("nchw,c->n", z, self.w.clamp_min(0)) + quad
 
 
 class PlainDenoiser(nn.Module):
