@@ -210,7 +210,7 @@ _ = savefig(fig, "07_restored")
 # %% [markdown]
 # ## 4. Explorer
 # Pick a denoiser, a seed and an iteration: the images show that PnP iterate on eight test images (with
-# its PSNR), and the curve marks that iteration on the seed's residuals. It reads only the data this run
+# their mean PSNR; iterate 0 is the observation), and the curve marks that iteration on the seed's residuals. It reads only the data this run
 # stored (`fedlib.results.save_explorer`), so after opening the committed notebook, run the cells tagged
 # `explorer-setup` and the explorer alone.
 
@@ -219,7 +219,7 @@ _ = save_explorer("07_learned_proximal_networks", {
     "methods": METHODS, "seeds": list(seeds), "iterations": KEEP,
     "iterates": {f"{m} seed {s}": torch.stack([plots.to_uint8(outs[m, s]["kept"][k][:8]) for k in KEEP])
                  for m in METHODS for s in seeds},
-    "psnr": {f"{m} seed {s}": [float(L.psnr(outs[m, s]["kept"][k], x_test.cpu()).mean()) for k in KEEP]
+    "psnr": {f"{m} seed {s}": [float(L.psnr(outs[m, s]["kept"][k][:8], x_test[:8].cpu()).mean()) for k in KEEP]
              for m in METHODS for s in seeds},
     "residuals": {f"{m} seed {s}": outs[m, s]["residuals"] for m in METHODS for s in seeds}})
 
