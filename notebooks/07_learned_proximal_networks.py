@@ -286,7 +286,8 @@ run.claims_table()
 #
 # **Convergence.** The LPN's PnP iteration is a proximal gradient method on a fixed objective, so its
 # residuals must fall whatever the training did; the third and fourth claims check that the code keeps
-# that promise. The plain denoiser carries no guarantee, but the lack of a guarantee is not a failure: a
+# that promise, not that the LPN is a good denoiser (one that learned little, close to a shrunk
+# identity, converges as well: read the convergence claims beside section 2's check). The plain denoiser carries no guarantee, but the lack of a guarantee is not a failure: a
 # small, smooth residual network on 8×8 digits at a step of 1 / ||A||² may converge too, only more
 # slowly (the last claim compares where the two stand after the same number of iterations). The
 # paper's oscillations appear with deeper denoisers, larger steps and more iterations.
