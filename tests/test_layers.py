@@ -29,6 +29,7 @@ LAYERS = {
     "fedlib.dmd2": 3, "fedlib.dmd2.losses": 3, "fedlib.dmd2.training": 3, "fedlib.dmd2.evaluate": 3,
     "fedlib.condense": 3, "fedlib.fedlgd": 3,
     "fedlib.fedka": 3,
+    "fedlib.lpn": 3,
     "fedlib.distill": 4,  # the notebooks' name for methods + rounds
     # the Flower backend, then the choice of backend above both
     "fedlib.flower": 5, "fedlib.flower.records": 5, "fedlib.flower.client": 5, "fedlib.flower.strategy": 5,
@@ -41,6 +42,7 @@ LAYERS = {
     "fedlib.plots.feddm": 7, "fedlib.plots.ld3": 7, "fedlib.plots.dmd2": 7, "fedlib.plots.pipeline": 7,
     "fedlib.plots.condense": 7,
     "fedlib.plots.fedka": 7,
+    "fedlib.plots.lpn": 7,
     # notebook machinery
     "fedlib.params": 8, "fedlib.results": 9, "fedlib.runner": 10, "fedlib.__main__": 11,
     # the package itself: importing fedlib registers every plug-in

@@ -17,6 +17,7 @@ from .pipeline import pipeline_explorer_figure, pipeline_figure
 from .condense import (accuracy_figure, condense_explorer_figure, cost_figure, fedlgd_explorer_figure, fedlgd_rounds_figure,
                        synthetic_sets_figure, virtual_sets_figure)
 from .fedka import domains_figure, fedka_explorer_figure, rounds_figure, target_accuracy_figure
+from .lpn import learned_prior_figure, lpn_explorer_figure, residual_figure, restored_figure
 
 __all__ = [
     "STYLE", "INTERACTIVE_FIGURES", "use_style", "figures_dir", "savefig", "to_numpy_images", "image_grid",
@@ -32,4 +33,5 @@ __all__ = [
     "synthetic_sets_figure", "accuracy_figure", "cost_figure", "condense_explorer_figure",
     "fedlgd_rounds_figure", "virtual_sets_figure", "fedlgd_explorer_figure",
     "domains_figure", "target_accuracy_figure", "rounds_figure", "fedka_explorer_figure",
+    "learned_prior_figure", "residual_figure", "restored_figure", "lpn_explorer_figure",
 ]
