@@ -41,7 +41,7 @@ from . import federated as fl
 from .diffusion import schedule as hand_schedule
 from .diffusion import solve
 from .diffusion.denoiser import Denoiser, frozen
-from .utils import atomic_torch_save, cache_dir, load_cache_entry, load_or_build
+from .utils import atomic_torch_save, cache_dir, check_choice, check_number, load_cache_entry, load_or_build
 
 VERSION = 1  # bump when a stage's code changes what a key produces
 
@@ -216,19 +216,50 @@ def grid_rows(teacher: Denoiser, learned, solver: str, x_T: torch.Tensor, x_ref:
 # Stage 3: DMD2 on the federated model's own samples
 
 
-def distil_one_step(teacher: Denoiser, tag: str, *, shape, steps: int, batch_size: int = 32, lr: float = 5e-4,
-                    ttur_ratio: int = 5, n_data: int = 512, data_nfe: int = 20, data_solver: str = "dpm_solver_pp_2m",
-                    seed: int = 0, trace_points: int = 0, trace_samples: int = 256,
+@dataclass(frozen=True)
+class DistilConfig:
+    """The settings of the DMD2 stage (:func:`distil_one_step`), checked once here. ``steps``, ``batch_size``,
+    ``lr`` and ``ttur_ratio`` are :class:`fedlib.dmd2.DMD2Config`'s (notebook 05's ``dmd2_steps``,
+    ``dmd2_batch``, ``dmd2_lr``) under this stage's defaults; the rest are what DMD2Config has no field for:
+    the teacher's own samples the stage trains from and the trace of quality against the updates. The stage
+    fixes the remainder of DMD2Config (no GAN term: it needs real data; one student step)."""
+
+    steps: int                          # DMD2 generator updates
+    batch_size: int = 32                # DMD2 batch size
+    lr: float = 5e-4                    # AdamW learning rate of the generator and the fake score
+    ttur_ratio: int = 5                 # fake-score updates per generator update (the paper's TTUR)
+    n_data: int = 512                   # teacher samples in ``data`` (the one-step DM loss reads their shape only)
+    data_nfe: int = 20                  # the teacher's steps per such sample
+    data_solver: str = "dpm_solver_pp_2m"  # the solver of those samples
+    trace_points: int = 0               # generator updates traced, evenly spaced, the last included (0: none)
+    trace_samples: int = 256            # one-step samples of one fixed noise per traced update
+
+    def __post_init__(self):
+        from .diffusion.samplers import SAMPLERS
+
+        for name in ("steps", "batch_size", "ttur_ratio", "n_data", "data_nfe", "trace_samples"):
+            check_number(name, getattr(self, name), at_least=1, integer=True)
+        check_number("lr", self.lr, above=0)
+        check_number("trace_points", self.trace_points, at_least=0, integer=True, fix="0: no trace")
+        check_choice("data_solver", self.data_solver, SAMPLERS)
+
+
+def distil_one_step(teacher: Denoiser, tag: str, config: DistilConfig, *, shape, seed: int = 0,
                     progress: bool = True) -> tuple[Denoiser, dict, bool]:
     """``(generator, info, cached)``: DMD2 distils ``teacher`` into a one-step generator (the paper's TTUR;
     no GAN term, which would need real data; ``data`` = ``n_data`` of the teacher's own ``data_nfe``-step
-    samples, which the one-step DM loss does not read beyond their shape). ``info``: seconds, DM-loss
-    curve, ``diverged`` and ``trace``: with ``trace_points`` > 0, ``trace_samples`` one-step samples of one
-    fixed noise at about that many evenly spaced generator updates (the last included), as
-    ``[{"step", "samples"}]``, so that quality against the DMD2 budget is measured within one run."""
+    samples, which the one-step DM loss does not read beyond their shape), with the settings of ``config``
+    (a :class:`DistilConfig`) and the seed ``seed``. ``info``: seconds, DM-loss curve, ``diverged`` and
+    ``trace``: with ``trace_points`` > 0, ``trace_samples`` one-step samples of one fixed noise at about that
+    many evenly spaced generator updates (the last included), as ``[{"step", "samples"}]``, so that quality
+    against the DMD2 budget is measured within one run."""
+    if not isinstance(config, DistilConfig):
+        raise TypeError(f"config={config!r} is not a DistilConfig; build one with pipeline.DistilConfig(steps=...)")
+    steps, n_data, data_nfe, data_solver = config.steps, config.n_data, config.data_nfe, config.data_solver
+    trace_points, trace_samples = config.trace_points, config.trace_samples
     device = next(teacher.parameters()).device
-    cfg = dmd2.DMD2Config(steps=steps, batch_size=batch_size, lr=lr, ttur_ratio=ttur_ratio, gan_critic_weight=0.0,
-                          gan_generator_weight=0.0, n_student_steps=1, seed=seed,
+    cfg = dmd2.DMD2Config(steps=steps, batch_size=config.batch_size, lr=config.lr, ttur_ratio=config.ttur_ratio,
+                          gan_critic_weight=0.0, gan_generator_weight=0.0, n_student_steps=1, seed=seed,
                           checkpoint_every=max(1, steps // 4),
                           eval_every=max(1, steps // trace_points) if trace_points > 0 else 0)
     key = key_of(stage="dmd2", teacher=tag, cfg=dmd2.config_dict(cfg), n_data=n_data, data=[data_solver, data_nfe],
@@ -321,7 +352,8 @@ def _whole_pipeline(train, test, n_clients: int, alpha: float, seed: int, *, fed
     nfe = ld3_kw["nfes"][0]
     grids, _, _ = learn_grids(teacher, f"check-s{seed}", [nfe], shape=shape, seed=seed,
                               **{k: v for k, v in ld3_kw.items() if k != "nfes"})
-    student, info, _ = distil_one_step(teacher, f"check-s{seed}", shape=shape, seed=seed, progress=False, **dmd2_kw)
+    student, info, _ = distil_one_step(teacher, f"check-s{seed}", DistilConfig(**dmd2_kw), shape=shape, seed=seed,
+                                       progress=False)
     G = dmd2.SamplerGenerator(student, info["times"], shape)
     clf = models.make_classifier("small_cnn", shape, train.n_classes, width=8).to(device)
     g = seed_everything(seed)
@@ -347,7 +379,8 @@ def server_data_check(train, test, n_clients: int, alpha: float, seed: int, *, f
     ``{"stages": {stage: {"identical", "finite"}}, "server_rows", "client_rows", "seconds", "reads_none"}``;
     ``reads_none`` holds when every stage's output (model parameters, the grid, the FedGO discriminators'
     logits and server model) is bit-identical across the two runs and finite. The server labels are kept:
-    the split itself is drawn per class, before any stage runs."""
+    the split itself is drawn per class, before any stage runs. ``dmd2_kw``: the fields of the DMD2 stage's
+    :class:`DistilConfig`."""
     from . import data as fdata
 
     t0 = time.perf_counter()

@@ -450,10 +450,8 @@ def best_discriminator_setting(tables) -> tuple:
     return search, int(best[0]), int(best[1])
 
 
-def discriminator_epoch_search(train, model, *, client_counts, alphas, seed: int, grid, G=None,
-                               gan_steps: int = 150, gen_width: int = 32, z_dim: int = 16, disc_width: int = 8,
-                               disc_lr: float = 0.05, local_epochs: int = 5, val_fraction: float = 0.2,
-                               generator=None, device="cpu"):
+def discriminator_epoch_search(train, model, config: FedGOConfig, *, client_counts, alphas, seed: int, grid, G=None,
+                               local_epochs: int = 5, val_fraction: float = 0.2, generator=None, device="cpu"):
     """Choose the discriminator epochs E_d on a validation quantity: on the search ``seed`` (not a claim
     seed) every client holds out ``val_fraction`` of its data, trains ``model`` on the rest for
     ``local_epochs`` epochs and D_k against the server GAN for the epochs of ``grid`` (cumulatively: each
@@ -461,7 +459,15 @@ def discriminator_epoch_search(train, model, *, client_counts, alphas, seed: int
     (:func:`fedlib.fedgo.discriminator_val_loss`), the log-loss of the FedGO weights as the posterior of
     the source client (:func:`fedlib.fedgo.client_posterior_loss`) and the accuracy of the FedGO teacher
     on the pooled held-out client data (labels the clients own; never test data), on which E_d is chosen.
+
+    ``config`` (a :class:`FedGOConfig`) gives the server GAN (``gan_steps``, ``gan_lr``, ``z_dim``,
+    ``gen_width``; read only when ``G`` is None) and the discriminators (``disc_width``, ``disc_lr``); its
+    ``disc_epochs`` is what ``grid`` searches, so it is not read.
     Returns a DataFrame (clients, alpha, epochs, val_bce, posterior_loss, teacher_val_acc), the epochs."""
+    if not isinstance(config, FedGOConfig):
+        raise TypeError(f"config={config!r} is not a FedGOConfig; build one with studies.FedGOConfig(...)")
+    check_number("local_epochs", local_epochs, at_least=1, integer=True)
+    check_number("val_fraction", val_fraction, above=0, below=1)
     import numpy as np
     import pandas as pd
 
@@ -475,9 +481,10 @@ def discriminator_epoch_search(train, model, *, client_counts, alphas, seed: int
     rng = np.random.default_rng(seed)
     if G is None:
         server = fdata.fedgo_split(labels, client_counts[0], alphas[0], seed=seed)[1]
-        G = fedgo.server_gan(train.x[torch.as_tensor(server)].to(device), shape, seed=seed, z_dim=z_dim, width=gen_width,
-                             steps=gan_steps, lr=1e-3, generator=generator, device=device)
-    D = fm.make_discriminator(shape, width=disc_width if len(shape) == 3 else 32).to(device)
+        G = fedgo.server_gan(train.x[torch.as_tensor(server)].to(device), shape, seed=seed, z_dim=config.z_dim,
+                             width=config.gen_width, steps=config.gan_steps, lr=config.gan_lr, generator=generator,
+                             device=device)
+    D = fm.make_discriminator(shape, width=config.disc_width if len(shape) == 3 else 32).to(device)
     problems = []  # (K, alpha, fit clients, held-out clients)
     for K in client_counts:
         for a in alphas:
@@ -495,7 +502,7 @@ def discriminator_epoch_search(train, model, *, client_counts, alphas, seed: int
     call = fl.functional(model)
     params, done, rows = fl.broadcast_params(fl.get_params(D), fit_all.n_clients), 0, []
     for e in sorted(grid):
-        params = fedgo.train_discriminators(D, G, fit_all, epochs=e - done, lr=disc_lr, generator=generator,
+        params = fedgo.train_discriminators(D, G, fit_all, epochs=e - done, lr=config.disc_lr, generator=generator,
                                            init=params)
         done, start = e, 0
         for K, a, fit, val in problems:

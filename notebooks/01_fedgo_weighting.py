@@ -101,6 +101,7 @@ client_chunk = 0  # models per vmap chunk, to bound memory for big models; 0 mea
 backend = "inprocess"  # inprocess (vectorised, this process) | flower (the same rounds as Flower ServerApp and ClientApps on Ray) [one of inprocess, flower]
 
 # %%
+import dataclasses
 import time
 
 import matplotlib.pyplot as plt
@@ -180,11 +181,14 @@ train, test = train.stratified(max_train), test.stratified(max_test)
 shape = tuple(train.x.shape[1:])
 clf = models.make_classifier(classifier, shape, train.n_classes, width=width).to(dev)
 init = fl.get_params(clf)
+# The search's GAN and discriminators: FedGO's settings, except its GAN's Adam lr (1e-3, the search's own);
+# disc_epochs is what the grid searches, so it is not read. Its clients train 5 local epochs (the search's).
+search_config = studies.FedGOConfig(gan_steps=gan_steps, disc_epochs=0, gan_lr=1e-3)
 search = []
 for w in gan_width_grid:
-    table, _ = studies.discriminator_epoch_search(train, clf, client_counts=client_counts, alphas=alphas,
-                                                  seed=search_seed, grid=disc_epoch_grid, gan_steps=gan_steps,
-                                                  gen_width=w, generator=g, device=dev)
+    table, _ = studies.discriminator_epoch_search(train, clf, dataclasses.replace(search_config, gen_width=w),
+                                                  client_counts=client_counts, alphas=alphas, seed=search_seed,
+                                                  grid=disc_epoch_grid, local_epochs=5, generator=g, device=dev)
     search.append((w, table))
 search, gan_width, disc_epochs = studies.best_discriminator_setting(search)
 run.metrics["search_discriminators"] = {"table": search.to_dict("list"), "gan_width": gan_width,
@@ -201,8 +205,9 @@ if "data_free" in scenarios:
                                        gen_width=w, model=clf, init=init, warmup_epochs=warmup_epochs, local_lr=lr,
                                        free_steps=free_gen_steps, dense=False, generator=g, device=dev)
         table, _ = studies.discriminator_epoch_search(
-            train, clf, client_counts=client_counts, alphas=alphas, seed=search_seed, grid=disc_epoch_grid,
-            G=st_free.generators[("data_free", st_free.keys[0])], generator=g, device=dev)
+            train, clf, search_config, client_counts=client_counts, alphas=alphas, seed=search_seed,
+            grid=disc_epoch_grid, G=st_free.generators[("data_free", st_free.keys[0])], local_epochs=5, generator=g,
+            device=dev)
         search_free.append((w, table))
     search_free, free_gen_width, disc_epochs_free = studies.best_discriminator_setting(search_free)
     run.metrics["search_discriminators_data_free"] = {"table": search_free.to_dict("list"), "gan_width": free_gen_width,

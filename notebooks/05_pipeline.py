@@ -215,10 +215,11 @@ display(grid_table.groupby(["nfe", "grid"])[["teacher_distance", "metric"]].agg(
 # %%
 students, dmd2_info = {}, {}
 t0 = time.perf_counter()
+dmd2_config = P.DistilConfig(steps=dmd2_steps, batch_size=dmd2_batch, lr=dmd2_lr, data_nfe=teacher_nfe, trace_points=6,
+                             trace_samples=n_fd)
 for s in seeds:
-    students[s], dmd2_info[s], hit = P.distil_one_step(teachers[s], f"{diff.key}-s{s}", shape=shape, steps=dmd2_steps,
-                                                       batch_size=dmd2_batch, lr=dmd2_lr, data_nfe=teacher_nfe,
-                                                       seed=s, trace_points=6, trace_samples=n_fd, progress=False)
+    students[s], dmd2_info[s], hit = P.distil_one_step(teachers[s], f"{diff.key}-s{s}", dmd2_config, shape=shape,
+                                                       seed=s, progress=False)
     stage_cached["3 DMD2"] = stage_cached.get("3 DMD2", True) and hit
 stage_seconds["3 DMD2"] = sum(i["seconds"] for i in dmd2_info.values()) if stage_cached["3 DMD2"] \
     else time.perf_counter() - t0

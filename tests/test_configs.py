@@ -23,13 +23,10 @@ MAX_PARAMS = 12  # "about ten": a function past this takes a config (or its fiel
 ALLOWED = {
     "federated.local_train": "the one vectorised SGD primitive under every driver (rounds, FedDM, condense, "
                              "central training); each caller passes its own config's client side",
-    "studies.discriminator_epoch_search": "notebook 01's E_d search: its GAN and D settings are FedGOConfig's "
-                                          "under other defaults (a fixed GAN lr); to take FedGOConfig next",
     "studies.data_free_sweep": "a sweep over fedgo_setups: its settings travel in run_kw (a RoundsConfig's "
                                "fields) and setup_kw (FedGOConfig's); the rest are the sweep's inputs",
     "studies.fedgo_setups": "takes FedGOConfig; the other parameters are the study's inputs (data, grid of K, "
                             "alpha and seeds, model, device), not settings",
-    "pipeline.distil_one_step": "notebook 05's DMD2 stage: to take dmd2.DMD2Config next",
     "feddm.fd_evaluator": "the evaluation's inputs (networks, references, sample counts), not a component's "
                           "settings",
 }

@@ -2,6 +2,7 @@
 diffusion sampler as FedGO's generator (run outside vmap), FedGO set-ups with a given server G, and the
 federated diffusion stage reading client rows only."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -149,20 +150,31 @@ def test_federated_diffusion_reads_client_rows_only_counts_quantised_bytes_and_c
 
 def test_distil_one_step_traces_fixed_noise_whose_last_point_is_the_returned_generator(cache):
     T = _toy_denoiser(1)
-    G, info, hit = pipeline.distil_one_step(T, "toy", shape=(2,), steps=6, batch_size=8, n_data=32, data_nfe=4,
-                                            trace_points=3, trace_samples=10, progress=False)
+    traced = pipeline.DistilConfig(steps=6, batch_size=8, n_data=32, data_nfe=4, trace_points=3, trace_samples=10)
+    G, info, hit = pipeline.distil_one_step(T, "toy", traced, shape=(2,), progress=False)
     assert not hit and [e["step"] for e in info["trace"]] == [2, 4, 6]
     assert all(e["samples"].shape == (10, 2) and torch.isfinite(e["samples"]).all() for e in info["trace"])
     assert not torch.equal(info["trace"][0]["samples"], info["trace"][-1]["samples"]), "the generator trained"
     # the trace's noise is fixed: the last point is the returned generator on that noise
     z = torch.randn((10, 2), generator=torch.Generator().manual_seed(20_000))
     torch.testing.assert_close(dmd2.SamplerGenerator(G, info["times"], (2,))(z), info["trace"][-1]["samples"])
-    _, again, hit2 = pipeline.distil_one_step(T, "toy", shape=(2,), steps=6, batch_size=8, n_data=32, data_nfe=4,
-                                              trace_points=3, trace_samples=10, progress=False)
+    _, again, hit2 = pipeline.distil_one_step(T, "toy", traced, shape=(2,), progress=False)
     assert hit2 and len(again["trace"]) == 3
-    _, plain, hit3 = pipeline.distil_one_step(T, "toy", shape=(2,), steps=6, batch_size=8, n_data=32, data_nfe=4,
-                                              progress=False)
+    _, plain, hit3 = pipeline.distil_one_step(T, "toy", dataclasses.replace(traced, trace_points=0),
+                                              shape=(2,), progress=False)
     assert not hit3 and plain["trace"] == [], "no trace asked: another cache entry, none stored"
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", 2.5), ("lr", 0.0), ("trace_points", -1),
+                                          ("data_solver", "rk45")])
+def test_distil_config_refuses_a_bad_setting_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        pipeline.DistilConfig(**{"steps": 4, field: value})
+
+
+def test_distil_one_step_refuses_loose_settings_for_a_config():
+    with pytest.raises(TypeError, match="DistilConfig"):
+        pipeline.distil_one_step(_toy_denoiser(1), "toy", dict(steps=4), shape=(2,))
 
 
 SMALL = dict(feddm_kw=dict(rounds=1, local_steps=2, batch_size=8, lr=0.05, channels=4, channel_mults=(1,)),
