@@ -39,7 +39,7 @@ import torch
 from . import dmd2, feddm, ld3
 from . import federated as fl
 from .diffusion import schedule as hand_schedule
-from .diffusion import solve
+from .diffusion import SAMPLERS, solve
 from .diffusion.denoiser import Denoiser, frozen
 from .utils import atomic_torch_save, cache_dir, check_choice, check_number, load_cache_entry, load_or_build
 
@@ -235,8 +235,6 @@ class DistilConfig:
     trace_samples: int = 256            # one-step samples of one fixed noise per traced update
 
     def __post_init__(self):
-        from .diffusion.samplers import SAMPLERS
-
         for name in ("steps", "batch_size", "ttur_ratio", "n_data", "data_nfe", "trace_samples"):
             check_number(name, getattr(self, name), at_least=1, integer=True)
         check_number("lr", self.lr, above=0)
