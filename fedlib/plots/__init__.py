@@ -1,6 +1,6 @@
 """Figures: one style and one way to write them (``style``), then one module per notebook's paper,
-in the notebooks' order (00 data, 01 FedGO, 02 FedDM, 03 LD3, 04 DMD2, 05 the pipeline, 06 dataset distillation and FedLGD). Notebooks
-call ``plots.<name>``: every public name is re-exported here."""
+in the notebooks' order (00 data, 01 FedGO, 02 FedDM, 03 LD3, 04 DMD2, 05 the pipeline, 06 dataset distillation
+and FedLGD, 07 LPN, 08 FedKA). Notebooks call ``plots.<name>``: every public name is re-exported here."""
 
 from ..data import from_uint8, to_uint8  # the one images [-1, 1] <-> uint8 conversion (explorers store uint8)
 from ..metrics import label_tv  # a metric; notebook 00 calls plots.label_tv
