@@ -48,6 +48,7 @@ class LPNConfig:
     gamma_start: float = 1.0  # γ of ℓ_PM at the end of the warm start, per coordinate in units of σ (ours)
     gamma_end: float = 0.1  # γ at the last step, annealed geometrically (paper: γ decreased in stages)
     seed: int = 0
+    beta: float = 4.0  # sharpness of the image ICNN's softplus, softplus(β t) / β (ours; chosen on validation)
 
     def __post_init__(self):
         check_number("hidden", self.hidden, at_least=1, integer=True, fix="Give the hidden width, e.g. 32.")
@@ -65,6 +66,8 @@ class LPNConfig:
         check_number("gamma_end", self.gamma_end, above=0, at_most=self.gamma_start,
                      fix="gamma is annealed down: gamma_end must lie in (0, gamma_start].")
         check_number("seed", self.seed, at_least=0, integer=True, fix="Give a non-negative seed.")
+        check_number("beta", self.beta, above=0, at_most=1000,
+                     fix="Give the softplus sharpness of the image ICNN, e.g. 4 (1 is the plain softplus).")
 
     def gamma(self, step: int) -> float:
         """γ at ``step`` of the proximal-matching phase (geometric from gamma_start to gamma_end)."""
@@ -96,29 +99,41 @@ class ICNN(nn.Module):
 
 
 class ConvICNN(nn.Module):
-    """ψ(y) for images y [N, C, H, W]: the same recursion with 3x3 convolutions; the z-to-z convolutions'
-    weights are clamped at zero (non-negative), and ψ sums a non-negative 1x1 read-out of z_L over the
-    pixels, so ψ stays convex in y. A learned quadratic c/2 ||y||² (c = softplus(·) ≥ 0, starting at 1: ours)
-    starts f at the identity, the prox of a flat regulariser, from where a denoiser has little to learn."""
+    """ψ(y) for images y [N, C, H, W], the LPN paper's construction restated with 3x3 convolutions: the
+    input y enters every layer, z_1 = s(W_0 y + b_0), z_{k+1} = s(H_k⁺ z_k + W_k y + b_k), with s(t) =
+    softplus(β t) / β (convex, non-decreasing, smooth), H_k⁺ = softplus(θ_k) ≥ 0 and W_k free; ψ sums a
+    non-negative 1x1 read-out a⁺ = softplus(θ_a) of z_L over the pixels, so it is convex in y. Added,
+    all convex: a quadratic 1/2 ||K y||² (K a free 3x3 convolution to ``quad`` channels: its gradient
+    KᵀK y is any symmetric positive semidefinite convolution, the linear (Wiener-like) part of a
+    denoiser), a linear term <v, y> (v per channel: a constant offset of f) and α/2 ||y||².
 
-    def __init__(self, channels: int, hidden: int = 16, layers: int = 3, alpha: float = 1e-3):
+    Initialisation (ours; it decides whether the network learns at our budget): θ near -4, so H⁺ and a⁺
+    start near 0.02 and the network starts close to the quadratic alone, whose K is started at the
+    identity kernel, so f starts at the identity (the prox of a flat regulariser). Larger starting
+    weights made ψ's scale grow with depth and the first steps diverge; a softplus at β = 1 over
+    pre-activations of order one is nearly linear, so f stayed nearly linear (both measured on the
+    validation split, docs/methods.md §8)."""
+
+    def __init__(self, channels: int, hidden: int = 16, layers: int = 2, alpha: float = 1e-3, beta: float = 4.0,
+                 quad: int = 8):
         super().__init__()
-        self.alpha = alpha
-        self.c = nn.Parameter(torch.tensor(math.log(math.e - 1)))  # softplus(c) = 1
+        self.alpha, self.beta = alpha, beta
         self.W = nn.ModuleList([nn.Conv2d(channels, hidden, 3, padding=1) for _ in range(layers)])
-        # non-negative weights by clamping in the forward pass (the ICNN paper projects after each step),
-        # started small and positive: a softplus reparameterisation started in its flat tail learned
-        # hundreds of times more slowly under Adam (ours)
-        self.U = nn.ParameterList([nn.Parameter(torch.rand(hidden, hidden, 3, 3) / (9 * hidden))
+        self.H = nn.ParameterList([nn.Parameter(-4.0 + 0.1 * torch.randn(hidden, hidden, 3, 3))
                                    for _ in range(layers - 1)])
-        self.w = nn.Parameter(torch.rand(hidden) / hidden)
+        self.a = nn.Parameter(-4.0 + 0.1 * torch.randn(hidden))
+        K = 0.01 * torch.randn(quad, channels, 3, 3)
+        K[0, :, 1, 1] += 1.0  # KᵀK ≈ identity: f starts at y
+        self.K = nn.Parameter(K)
+        self.v = nn.Parameter(torch.zeros(channels))
 
     def forward(self, y):
-        z = F.softplus(self.W[0](y))
-        for U, W in zip(self.U, self.W[1:]):
-            z = F.softplus(F.conv2d(z, U.clamp_min(0), padding=1) + W(y))
-        quad = 0.5 * (self.alpha + F.softplus(self.c)) * (y ** 2).flatten(1).sum(-1)
-        return torch.einsum("nchw,c->n", z, self.w.clamp_min(0)) + quad
+        z = F.softplus(self.W[0](y), beta=self.beta)
+        for H, W in zip(self.H, self.W[1:]):
+            z = F.softplus(F.conv2d(z, F.softplus(H), padding=1) + W(y), beta=self.beta)
+        quad = 0.5 * (F.conv2d(y, self.K, padding=1) ** 2).flatten(1).sum(-1)
+        return (torch.einsum("nchw,c->n", z, F.softplus(self.a)) + quad + torch.einsum("nchw,c->n", y, self.v)
+                + 0.5 * self.alpha * (y ** 2).flatten(1).sum(-1))
 
 
 class PlainDenoiser(nn.Module):
@@ -318,20 +333,23 @@ def laplace_study(cfg: LPNConfig, b: float = 1.0, beta: float = 10.0, grid_max: 
             "final_loss": history["loss"][-1]}
 
 
-def train_denoisers(x_train: torch.Tensor, cfg: LPNConfig, progress=None) -> dict:
+def train_denoisers(x_train: torch.Tensor, cfg: LPNConfig, plain_cfg: LPNConfig | None = None,
+                    progress=None) -> dict:
     """The two denoisers of one seed on images ``x_train`` [N, C, H, W]: the LPN (a ConvICNN's gradient,
-    trained with ``cfg.loss``) and the plain network of the same layers trained with MSE, on the same
-    noise draws and the same number of steps."""
+    trained with ``cfg``) and the plain network trained with MSE under ``plain_cfg`` (its own depth and
+    learning rate, each chosen on validation; default: ``cfg``'s), on the same noise draws (the same
+    seed) and the same number of steps."""
     def sample(n, g):
         return x_train[torch.randint(len(x_train), (n,), generator=g).to(x_train.device)]
 
     channels = x_train.shape[1]
     torch.manual_seed(cfg.seed)
-    lpn_net = ConvICNN(channels, cfg.hidden, cfg.layers, cfg.alpha).to(x_train.device)
+    lpn_net = ConvICNN(channels, cfg.hidden, cfg.layers, cfg.alpha, cfg.beta).to(x_train.device)
     train(lpn_net, sample, cfg, progress)
+    plain_cfg = replace(plain_cfg or cfg, loss="mse", seed=cfg.seed, steps=cfg.steps, sigma=cfg.sigma)
     torch.manual_seed(cfg.seed)
-    plain = PlainDenoiser(channels, cfg.hidden, cfg.layers).to(x_train.device)
-    train(plain, sample, replace(cfg, loss="mse"), progress)
+    plain = PlainDenoiser(channels, plain_cfg.hidden, plain_cfg.layers).to(x_train.device)
+    train(plain, sample, plain_cfg, progress)
     return {"LPN": lpn_net, "plain": plain}
 
 

@@ -60,6 +60,34 @@ def test_f_is_the_gradient_of_psi():
     assert torch.allclose(f, fd.detach(), atol=1e-6)
 
 
+def test_the_image_lpn_is_the_gradient_of_its_psi_and_starts_at_the_identity():
+    # directional finite differences of ψ match <f(y), d>; at initialisation f is close to the identity
+    # (the starting point the training relies on), and after the perturbation it is far from it
+    torch.manual_seed(0)
+    fresh = L.ConvICNN(1, hidden=4, layers=2, alpha=1e-3).double()
+    y = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    assert (L.lpn(fresh, y) - y).abs().max() < 0.1 * y.abs().max()
+    psi = _conv_psi().double()
+    f = L.lpn(psi, y)
+    assert (f - y).abs().max() > 0.5
+    d = torch.randn_like(y)
+    h = 1e-5
+    fd = (psi(y + h * d) - psi(y - h * d)) / (2 * h)
+    assert torch.allclose((f * d).flatten(1).sum(1), fd.detach(), atol=1e-6)
+
+
+def test_training_the_image_lpn_lowers_the_loss():
+    # a flat loss (a learning-rate or gradient problem) fails here: MSE warm start then proximal matching
+    # blocky two-level images in [-1, 1] (2x2 blocks): a denoiser has something to learn from them
+    blocks = (torch.rand(256, 1, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5).double() * 2 - 1
+    x = blocks.float().repeat_interleave(2, -1).repeat_interleave(2, -2)
+    cfg = L.LPNConfig(hidden=8, layers=2, sigma=0.2, steps=40, batch=32, lr=1e-2, loss="mse")
+    torch.manual_seed(0)
+    psi = L.ConvICNN(1, cfg.hidden, cfg.layers, cfg.alpha, cfg.beta)
+    h = L.train(psi, lambda n, g: x[torch.randint(len(x), (n,), generator=g)], cfg)
+    assert sum(h["loss"][-10:]) < 0.9 * sum(h["loss"][:10])
+
+
 def test_invert_solves_f_of_y_equals_x():
     psi = _vector_psi().double()
     x = torch.randn(16, 2, dtype=torch.float64)
@@ -130,7 +158,8 @@ def test_pnp_with_an_identity_denoiser_is_gradient_descent():
 
 
 @pytest.mark.parametrize("field, value", [("alpha", 0), ("sigma", -1.0), ("steps", 0), ("loss", "l1"),
-                                          ("warmup", 1.5), ("gamma_end", 5.0), ("hidden", 2.5)])
+                                          ("warmup", 1.5), ("gamma_end", 5.0), ("hidden", 2.5),
+                                          ("beta", 0.0)])
 def test_config_refuses_bad_values_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         L.LPNConfig(**{field: value})
