@@ -141,12 +141,18 @@ def test_bad_config_values_name_the_value_the_rule_and_the_fix(field, value, wor
         assert w in str(err.value)
 
 
-def test_a_tiny_run_trains_all_three_methods():
-    g = torch.Generator().manual_seed(0)
+def three_class_clients(seed: int, per_class: int, noise: float):
+    """Three noisy 8x8 templates, ``per_class`` images each, split in half between two clients."""
+    g = torch.Generator().manual_seed(seed)
     templates = torch.randn(3, 1, 8, 8, generator=g)
-    y = torch.arange(3).repeat(30)
-    x = torch.tanh(2 * templates[y] + 0.3 * torch.randn(len(y), 1, 8, 8, generator=g))
-    clients = [(x[:45], y[:45]), (x[45:], y[45:])]
+    y = torch.arange(3).repeat(per_class)
+    x = torch.tanh(2 * templates[y] + noise * torch.randn(len(y), 1, 8, 8, generator=g))
+    half = len(y) // 2
+    return x, y, [(x[:half], y[:half]), (x[half:], y[half:])]
+
+
+def test_a_tiny_run_trains_all_three_methods():
+    x, y, clients = three_class_clients(0, per_class=30, noise=0.3)
     cfg = fl.FedLGDConfig(rounds=3, local_steps=5, ipc=2, dm_iterations=3, batch_real=8, refresh_every=2,
                           refresh_iterations=2, global_ipc=1, server_steps=2, width=4, feature_width=4)
     out = fl.run_fedlgd(clients, [(x, y)], 3, cfg)
@@ -160,11 +166,7 @@ def test_a_tiny_run_trains_all_three_methods():
 def test_without_its_additions_fedlgd_is_fedavg():
     # lam 0, no refresh and no server steps leave FedAvg on the same sets, batches and start: any other
     # difference between the methods would be a bug of the comparison, not FedLGD
-    g = torch.Generator().manual_seed(1)
-    templates = torch.randn(3, 1, 8, 8, generator=g)
-    y = torch.arange(3).repeat(20)
-    x = torch.tanh(2 * templates[y] + 0.5 * torch.randn(len(y), 1, 8, 8, generator=g))
-    clients = [(x[:30], y[:30]), (x[30:], y[30:])]
+    x, y, clients = three_class_clients(1, per_class=20, noise=0.5)
     cfg = fl.FedLGDConfig(rounds=2, local_steps=3, ipc=2, dm_iterations=2, batch_real=8, refresh_every=1,
                           refresh_iterations=0, server_steps=0, lam=0.0, width=4, feature_width=4)
     out = fl.run_fedlgd(clients, [(x, y)], 3, cfg)
