@@ -66,7 +66,7 @@ min_headroom = 0.05  # FedAvg's gap to central training (accuracy) below which, 
 regime_datasets = []  # §3a: datasets of the regime search (FedAvg's gap to central training on the search seed); empty: no search (the regime set searches) [distinct; each one of digits, fashion_mnist, mnist, cifar10, cifar100]
 regime_client_counts = [5, 10, 20]  # §3a: client counts of the regime search [non-empty; distinct; each min 2; each max 1000]
 regime_alphas = [0.05, 0.1, 0.5]  # §3a: Dirichlet concentrations of the regime search [non-empty; distinct; each > 0]
-regime_min_client_data = 200  # §3a: a cell is eligible only if its median client holds at least this many images (the data its discriminator learns from) [min 1]
+regime_min_client_data = 200  # §3a: a cell is eligible only if its median client holds at least this many images (the data its discriminator learns from; no offline dataset has more than 60000 training images) [min 1; max 60000]
 rounds = 5  # communication rounds [min 1; max 10000]
 local_epochs = 1  # E, local epochs per round [min 1; max 500]
 lr = 0.05  # local SGD learning rate (momentum 0.9) [> 0]
@@ -104,6 +104,7 @@ toy_epochs = 20  # local epochs of the toy clients (one round) [min 1; max 2000]
 toy_disc_epochs = 30  # discriminator epochs of the toy clients [min 1; max 3000]
 toy_distill_steps = 300  # distillation steps of the toy server models [min 0; max 30000]
 device = "auto"  # auto | cpu | cuda [one of auto, cpu, cuda]
+cpu_threads = 1  # torch CPU threads of this kernel (1: the committed quick and long runs; the regime set uses both cores of this machine, alone on it; 0 leaves the runner's --threads) [min 0; max 256]
 client_chunk = 0  # models per vmap chunk, to bound memory for big models; 0 means auto: 128 on CPU, all on GPU [min 0]
 backend = "inprocess"  # inprocess (vectorised, this process) | flower (the same rounds as Flower ServerApp and ClientApps on Ray) [one of inprocess, flower]
 
@@ -128,6 +129,8 @@ from fedlib.verdicts import beats_every, compare, compare_to, per_seed
 
 use_style()
 dev = resolve_device(device)
+if dev.type == "cpu" and cpu_threads:  # before Run.start, so that its provenance records the threads used
+    torch.set_num_threads(cpu_threads)
 g = seed_everything(seeds[0])
 run = Run.start("01_fedgo_weighting", globals(), seed=seeds)
 t_start = time.perf_counter()
@@ -185,8 +188,13 @@ toy_table
 # and so is that G's width where `gan_width_grid` has several.
 
 # %%
-train, test = fdata.load_train_test(dataset, stand_in_n=(max_train or 2000, max_test or 2000))
-train, test = train.stratified(max_train), test.stratified(max_test)
+def load(name):
+    """A dataset's train and test split, capped as this set's own data (§3a loads its grid's datasets so)."""
+    tr, te = fdata.load_train_test(name, stand_in_n=(max_train or 2000, max_test or 2000))
+    return tr.stratified(max_train), te.stratified(max_test)
+
+
+train, test = load(dataset)
 shape = tuple(train.x.shape[1:])
 clf = models.make_classifier(classifier, shape, train.n_classes, width=width).to(dev)
 init = fl.get_params(clf)
@@ -282,18 +290,19 @@ run.metrics["server_data_fd"] = server_fd
 def fedavg_central_gap(name):
     """FedAvg's and central training's test accuracy after this set's budget, on the search seed, for
     every (K, alpha) of the regime grid of one dataset (loaded and capped as this set's own data)."""
-    tr, te = fdata.load_train_test(name, stand_in_n=(max_train or 2000, max_test or 2000))
-    tr, te = tr.stratified(max_train).to(dev), te.stratified(max_test).to(dev)
+    tr, te = (d.to(dev) for d in load(name))
     torch.manual_seed(search_seed)  # the search's model; fork_rng below keeps the run's own stream untouched
     m = models.make_classifier(classifier, tuple(tr.x.shape[1:]), tr.n_classes, width=width).to(dev)
     m_init, labels = fl.get_params(m), tr.y.cpu().numpy()
     gen = torch.Generator().manual_seed(search_seed)
-    rows, union = [], None
+    # the server half depends on the seed alone, so every (K, alpha) shares it and central trains on its complement
+    server = fdata.fedgo_split(labels, regime_client_counts[0], regime_alphas[0], seed=search_seed)[1]
+    union = torch.as_tensor(sorted(set(range(len(tr))) - set(server.tolist())), device=dev)
+    rows = []
     for K in regime_client_counts:
         problems = []
         for a in regime_alphas:
-            parts, server = fdata.fedgo_split(labels, K, a, seed=search_seed)  # the server half: the same for all
-            union = torch.as_tensor(sorted(set(range(len(tr))) - set(server.tolist())), device=dev)
+            parts, server = fdata.fedgo_split(labels, K, a, seed=search_seed)
             problems.append(distill.Setup(fl.pack_clients(tr.x, tr.y, parts), tr.x[torch.as_tensor(server, device=dev)],
                                           te.x, te.y, key=(a,)))
             sizes = sorted(len(p) for p in parts)
@@ -307,7 +316,7 @@ def fedavg_central_gap(name):
     c = distill.central_training(m, [tr.x[union]], [tr.y[union]], epochs=rounds * local_epochs, lr=lr,
                                  batch_size=batch_size, generator=gen, init=m_init, chunk_size=client_chunk or "auto")
     c_acc = float(fl.accuracy(fl.predict(fl.functional(m), c, te.x, stacked=True), te.y)[0])
-    return [dict(r, central=c_acc, gap=c_acc - r["fedavg"]) for r in rows if r["dataset"] == name]
+    return [dict(r, central=c_acc, gap=c_acc - r["fedavg"]) for r in rows]
 
 
 regime, regime_pick = None, None

@@ -168,7 +168,7 @@ def test_a_bound_read_from_broken_parameters_defers_to_their_own_rules():
 
 # integer parameters that only cap, split or filter existing work (beyond the data they keep all of it;
 # regime_min_client_data only marks which of the cells already measured may be picked, however large)
-UNBOUNDED_BY_DESIGN = {"max_train", "max_test", "client_chunk", "vmap_chunk", "regime_min_client_data"}
+UNBOUNDED_BY_DESIGN = {"max_train", "max_test", "client_chunk", "vmap_chunk"}
 
 
 @pytest.mark.parametrize("name", list(runner.notebooks()))
