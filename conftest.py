@@ -39,8 +39,80 @@ def _file_of(nodeid: str) -> str:
     return nodeid.split("::", 1)[0]
 
 
+# The committed notebooks hold the quick run (`reproduce --update-notebooks`), and nbval re-executes them
+# with the parameters they hold. So after a notebook's last cell one more item compares the claims that
+# run wrote with the committed results/quick/<notebook>/metrics.json, wall-clock times masked: the same
+# command gives the same claims, at the scale the README reports, on a cold cache, at no extra cost. Its
+# node id starts with the notebook's path, so --dist loadfile keeps it on the notebook's worker.
+import sys as _sys
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent / "tests"))
+from repeatability import differences as _differences  # noqa: E402
+
+_REPO = _Path(__file__).resolve().parent
+
+
+class ClaimsDiffer(AssertionError):
+    pass
+
+
+class ClaimsRepeat(_pytest.Item):
+    """The claims of the notebook nbval just ran equal the committed quick run's (times masked)."""
+
+    def runtest(self):
+        from fedlib.results import _run_path
+
+        name = self.path.stem
+        ran, committed = _run_path(name) / "metrics.json", _REPO / "results" / "quick" / name / "metrics.json"
+        if not ran.exists():
+            raise ClaimsDiffer(f"{name} wrote no {ran}: a cell failed or was skipped (see its cells above)")
+        if not committed.exists():
+            raise ClaimsDiffer(f"{name} has no committed {committed}; make it with: make notebook NB={name}")
+        diff = _differences(_json.loads(ran.read_text()), _json.loads(committed.read_text()))
+        if diff:
+            raise ClaimsDiffer(
+                f"{name}: this run's claims differ from the committed quick run's ({len(diff)} found):\n"
+                + "\n".join(diff) + "\nIf an input of the notebook changed on purpose (fedlib/, constraints.txt, its "
+                f"source or parameter sets), regenerate it (make notebook NB={name}); otherwise a number no longer "
+                "repeats: find what draws without a seed or depends on the thread count.")
+
+    def repr_failure(self, excinfo):
+        return str(excinfo.value) if isinstance(excinfo.value, ClaimsDiffer) else super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.path.name}: its claims repeat the committed quick run"
+
+
+def _with_claims_repeat(items):
+    """``items`` with a ClaimsRepeat after the last cell of every collected notebook."""
+    last = {}
+    for i, item in enumerate(items):
+        if isinstance(item, nbval.plugin.IPyNbCell):
+            last[item.parent] = i
+    out = []
+    ends = {i: parent for parent, i in last.items()}
+    for i, item in enumerate(items):
+        out.append(item)
+        if i in ends:
+            out.append(ClaimsRepeat.from_parent(ends[i], name="claims repeat the committed quick run"))
+    return out
+
+
+_started: set = set()
+
+
+def pytest_runtest_setup(item):
+    # a notebook's first cell removes the metrics.json of an earlier run, so ClaimsRepeat reads this one's
+    if isinstance(item, nbval.plugin.IPyNbCell) and item.parent not in _started:
+        _started.add(item.parent)
+        from fedlib.results import _run_path
+
+        (_run_path(item.path.stem) / "metrics.json").unlink(missing_ok=True)
+
+
 @_pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    items[:] = _with_claims_repeat(items)
     seconds = _json.loads(_DURATIONS.read_text()) if _DURATIONS.exists() else {}
     cost: dict[str, float] = {}
     for item in items:

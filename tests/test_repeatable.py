@@ -1,10 +1,13 @@
-"""The same command twice gives the same claims (smoke scale). What makes it so: every notebook seeds
-what it draws, and the runner starts every kernel with one CPU thread (``--threads 1``: OMP, MKL and
-torch), so reductions run in the same order every time. Wall-clock times in a claim's measured text
-(e.g. "LD3 trains in minutes": "3.1 s per grid") are the one thing that cannot repeat: they are masked."""
+"""The same command gives the same claims. ``make test`` re-executes every committed notebook through
+nbval: that is its quick run, with the parameters it was committed with, on a cold cache. After each
+notebook's last cell, ``conftest.ClaimsRepeat`` compares the claims that run wrote with the committed
+``results/quick/<notebook>/metrics.json`` (tests/repeatability.py: times masked, everything else equal).
+So every claim of every notebook is checked for repeating at the scale the README reports, at no cost
+beyond the nbval run itself (it replaced a test that ran every smoke set twice, six minutes of CI). This
+file checks that comparison: what it masks, what it catches, and that it follows every notebook."""
 
+import copy
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,35 +15,9 @@ from pathlib import Path
 import pytest
 
 from fedlib import runner
+from repeatability import TIMING, differences, masked
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-# a number followed by a unit of time or of speed: "3.1 s", "12 ms", "2 min", "850 samples/s", "4.2 it/s"
-TIMING = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?\s?(?:ms|s|min|h|samples/s|it/s|/s)\b")
-# a claim that compares speeds names the unit once, before its numbers ("one-step samples/s 12784 ± 90
-# vs LD3 NFE-4 3754 ± 40 (paired difference +9030 ...)"): every number in it is a wall-clock measurement
-SPEED_CLAIM = re.compile(r"samples/s|it/s")
-NUMBER = re.compile(r"(?<![\w.-])[+-]?\d+(?:\.\d+)?(?:e[+-]?\d+)?")
-
-
-def masked(measured: str) -> str:
-    """``measured`` with its wall-clock numbers replaced by ``<time>``."""
-    if SPEED_CLAIM.search(measured):
-        return NUMBER.sub("<time>", measured)
-    return TIMING.sub("<time>", measured)
-
-
-def run_runner(args: list, timeout: int = 600, cwd=REPO, env=None):
-    """``python -m fedlib <args>`` under a hard outer limit: a run that hangs fails the test. The runner
-    recovers from a lost kernel request itself (tests/test_runner.py injects one); no test retries."""
-    cmd = [sys.executable, "-m", "fedlib", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def claims(out: Path, name: str) -> list:
-    doc = json.loads((out / "smoke" / name / "metrics.json").read_text())
-    return [(c["name"], masked(c["measured"]), c["verdict"]) for c in doc["claims"]]
 
 
 def test_the_timing_mask_hides_times_and_nothing_else():
@@ -51,28 +28,42 @@ def test_the_timing_mask_hides_times_and_nothing_else():
         == "one-step samples/s <time> ± <time> vs LD3 NFE-4 <time> ± <time> (paired difference <time> ± <time> SE, <time> seeds)"
 
 
-NAMES = list(runner.notebooks())
+@pytest.fixture
+def committed():
+    return json.loads((REPO / "results" / "quick" / "03_ld3_learned_timesteps" / "metrics.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """Every notebook's smoke set, run twice by the same command into two folders. One command per run
-    (one notebook after another, one at a time) rather than one per notebook: the runner's own start-up
-    (Python, torch, papermill) is paid twice instead of twice per notebook. Each notebook still runs in
-    a fresh kernel, as it would alone."""
-    root = tmp_path_factory.mktemp("repeat")
-    outs = [root / "a", root / "b"]
-    logs = []
-    for out in outs:
-        done = run_runner(["reproduce", *NAMES, "--scale", "smoke", "--jobs", "1", "--out", str(out)], timeout=1800)
-        logs.append(done.stdout[-3000:] + done.stderr[-3000:])
-    return outs, logs
+def test_a_run_equal_but_for_its_times_repeats(committed):
+    ran = copy.deepcopy(committed)
+    for c in ran["claims"]:
+        c["measured"] = TIMING.sub("99.9 s", c["measured"])
+    ran["provenance"]["wall_time_s"] += 100
+    assert any(TIMING.search(c["measured"]) for c in committed["claims"]), "the example has a timed claim"
+    assert differences(ran, committed) == []
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_the_same_command_twice_gives_the_same_claims(name, two_runs):
-    outs, logs = two_runs
-    for out, log in zip(outs, logs):
-        assert (out / "smoke" / name / "metrics.json").exists(), f"{name} wrote no metrics.json:\n{log}"
-    first, second = (claims(out, name) for out in outs)
-    assert first and first == second
+def test_a_changed_number_verdict_parameter_or_claim_is_named(committed):
+    ran = copy.deepcopy(committed)
+    first, second = ran["claims"][0], ran["claims"][1]
+    first["measured"] = first["measured"].replace("0", "1", 1)
+    second["verdict"] = "within noise" if second["verdict"] != "within noise" else "holds"
+    ran["params"]["seeds"] = [7]
+    ran["claims"].append(dict(first, name="a new claim"))
+    del ran["claims"][2]
+    found = differences(ran, committed)
+    assert any(d.startswith("parameter seeds: this run [7]") for d in found)
+    assert any(first["name"] in d and "this run:" in d for d in found)
+    assert any(second["name"] in d and second["verdict"] in d for d in found)
+    assert f"claim {committed['claims'][2]['name']!r} only in the committed run" in found
+    assert "claim 'a new claim' only in this run" in found
+    assert len(found) == 5
+
+
+def test_every_notebook_gets_a_claims_check_right_after_its_last_cell():
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "--nbval-lax", "notebooks"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    ids = [line for line in done.stdout.splitlines() if line.startswith("notebooks/")]
+    for name in runner.notebooks():
+        mine = [i for i in ids if i.startswith(f"notebooks/{name}.ipynb::")]
+        assert mine and mine[-1].endswith("::claims repeat the committed quick run"), name
+        assert all("::Cell " in i for i in mine[:-1]), name
