@@ -49,7 +49,11 @@ def problem():
                 G=Mo.make_generator(ds.shape))
 
 
-ROUNDS = dict(local_epochs=1, distill_steps=5, batch_size=32, lr=0.05, momentum=0.9)
+# chunk_size=1: one model per vmap in both drivers, as a Flower client trains its one model. conv2d's
+# backward under vmap rounds differently with the number of stacked models (1e-8..1e-6 per step), and the
+# server's Adam in FedFTG and Co-Boosting turns such differences into lr-sized steps; with the same layout
+# the two drivers must agree to the rounding bound for every method, Adam's included
+ROUNDS = dict(local_epochs=1, distill_steps=5, batch_size=32, lr=0.05, momentum=0.9, chunk_size=1)
 # float32 roundings behind one parameter after round r (tests/tolerance.py): per round, the largest
 # client's ceil(274 / 32) = 9 local steps and at most 2 x 5 server steps (a data-free method's generator
 # and student updates), batch 32 on 8 x 8 images
@@ -61,7 +65,6 @@ def terms_after(rounds):
 # "tempered_fedgo" is the rule registered above: one function + one registry entry runs on both drivers;
 # the data-free methods: server steps with generators, and FedGen's client term with its payload down
 METHODS = ("fedavg", "fedprox", "fedgo", "tempered_fedgo", "fedgen", "fedftg", "coboosting")
-ADAM_ON_SAMPLES = ("fedftg", "coboosting")  # compared through their function (see test_datafree.same_function)
 FAULTS = {(3, 1): "raise", (3, 2): "nan", (3, 3): "shape"}  # round 3 only: rounds 1-2 are the equivalence
 
 
@@ -99,14 +102,7 @@ def test_flower_equals_inprocess_fedavg_fedprox_fedgo_a_registered_rule_and_the_
     d_tol = float32_tolerance(setup.disc_logits.abs().max(), training_terms(9, 2 * 32, 8 * 8), setup.disc_logits.numel())
     assert torch.allclose(setup_f.disc_logits, setup.disc_logits, atol=d_tol, rtol=0)
     after2 = res.report.params[1]
-    call, x = fl.functional(problem["model"]), setup.test_x
     for j, m in enumerate(METHODS):  # every method's global model after round 2
-        if m in ADAM_ON_SAMPLES:  # Adam on the server turns 1e-7 into lr-sized steps in directions f ignores
-            with torch.no_grad():
-                f = call(fl.index_params(ref.params, j), x)
-                gap = (call(fl.index_params(after2, j), x) - f).abs().max()
-            assert gap < float32_tolerance(f.abs().max(), terms_after(2), f.numel()), (m, float(gap))
-            continue
         tol = params_tolerance(fl.index_params(ref.params, j), terms_after(2))
         for n in ref.params:
             assert torch.allclose(after2[n][j], ref.params[n][j], atol=tol, rtol=0), (m, n)
