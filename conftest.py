@@ -48,6 +48,7 @@ import sys as _sys
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent / "tests"))
 from repeatability import differences as _differences  # noqa: E402
+from repeatability import same_cpu as _same_cpu  # noqa: E402
 
 _REPO = _Path(__file__).resolve().parent
 
@@ -68,7 +69,16 @@ class ClaimsRepeat(_pytest.Item):
             raise ClaimsDiffer(f"{name} wrote no {ran}: a cell failed or was skipped (see its cells above)")
         if not committed.exists():
             raise ClaimsDiffer(f"{name} has no committed {committed}; make it with: make notebook NB={name}")
-        diff = _differences(_json.loads(ran.read_text()), _json.loads(committed.read_text()))
+        ran_doc, committed_doc = _json.loads(ran.read_text()), _json.loads(committed.read_text())
+        diff = _differences(ran_doc, committed_doc)
+        same, cpus = _same_cpu(ran_doc, committed_doc)
+        if diff and not same:
+            # numbers made by another CPU's float kernels (tests/repeatability.py): comparing them would test
+            # the CPU, not the code; the parameters and the set of claims must still be the committed ones
+            moved, diff = len(diff), _differences(ran_doc, committed_doc, numbers=False)
+            if not diff:
+                _pytest.skip(f"{name}: the committed parameters and claims, but {moved} claims' numbers differ, and "
+                             f"numbers are compared only on the CPU the committed run was made on ({cpus})")
         if diff:
             raise ClaimsDiffer(
                 f"{name}: this run's claims differ from the committed quick run's ({len(diff)} found):\n"

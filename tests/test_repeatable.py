@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedlib import runner
-from repeatability import TIMING, differences, masked
+from repeatability import TIMING, differences, masked, same_cpu
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,3 +67,18 @@ def test_every_notebook_gets_a_claims_check_right_after_its_last_cell():
         mine = [i for i in ids if i.startswith(f"notebooks/{name}.ipynb::")]
         assert mine and mine[-1].endswith("::claims repeat the committed quick run"), name
         assert all("::Cell " in i for i in mine[:-1]), name
+
+
+def test_numbers_are_compared_only_between_runs_on_the_same_cpu(committed):
+    ran = copy.deepcopy(committed)
+    assert same_cpu(ran, committed)[0]
+    ran["provenance"]["cpu"] = dict(committed["provenance"]["cpu"], model="Another CPU")
+    same, cpus = same_cpu(ran, committed)
+    assert not same and "Another CPU" in cpus and committed["provenance"]["cpu"]["model"] in cpus
+    ran["claims"][0]["measured"] = ran["claims"][0]["measured"].replace("0", "1", 1)
+    assert differences(ran, committed, numbers=False) == [] and len(differences(ran, committed)) == 1
+    ran["params"]["seeds"] = [7]  # the parameters and the claims' names are compared on any CPU
+    del ran["claims"][1]
+    assert len(differences(ran, committed, numbers=False)) == 2
+    del ran["provenance"]["cpu"]
+    assert not same_cpu(ran, committed)[0], "an unrecorded CPU is not the same CPU"
