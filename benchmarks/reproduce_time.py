@@ -55,7 +55,9 @@ def render(doc: dict) -> str:
         cells = [f"{r['notebooks'].get(n, {}).get('wall_time_s', '-')} s" for n in names]
         rows.append(f"| {label} | {r['jobs']} | **{r['wall_time_s'] / 60:.1f} min** | " + " | ".join(cells) + " |")
     when = doc.get("date", "?")
-    return (f"Measured by `benchmarks/reproduce_time.py` on {when}: {doc['cores']} cores, one thread per "
+    # the same code runs at different speeds on the CPU models these machines are given: name it
+    cpu = f" ({doc['cpu']['model']})" if doc.get("cpu") else ""
+    return (f"Measured by `benchmarks/reproduce_time.py` on {when}: {doc['cores']} cores{cpu}, one thread per "
             f"kernel, scale `{doc['scale']}` (per-notebook times overlap when notebooks run at once).\n\n"
             + "\n".join(rows))
 
@@ -86,7 +88,7 @@ def main(argv=None):
     if args.readme:
         write_readme(json.loads(RESULT.read_text()))
         return 0
-    from fedlib.results import write_benchmark
+    from fedlib.results import cpu_model, write_benchmark
     from fedlib.runner import default_jobs
 
     jobs = args.jobs or default_jobs()
@@ -104,7 +106,7 @@ def main(argv=None):
         runs["cold cache, one at a time (peer)"] = {**timed_run(work / "peer", work / "peer-cache", 1, args.scale, []),
                                                    "jobs": 1}
     doc = {"peer": "the same command with --jobs 1 (when run with --peer)", "scale": args.scale,
-           "cores": default_jobs(), "date": time.strftime("%Y-%m-%d"), "runs": runs}
+           "cores": default_jobs(), "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d"), "runs": runs}
     write_benchmark("reproduce_time", doc, "cpu", out=RESULT)
     return 0 if all(r["exit_code"] in (0, 1) for r in runs.values()) else 1
 
