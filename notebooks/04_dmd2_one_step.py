@@ -44,7 +44,7 @@
 
 # %% tags=["parameters"]
 toy = "ring"  # 2-D mixture with an exact density [one of ring, grid]
-toy_teacher_steps = 1500  # training steps of the 2-D teacher (cached; the same teacher as notebook 03) [min 1; max 300000]
+toy_teacher_steps = 2000  # training steps of the 2-D teacher (cached; notebook 03 trains it with these steps, so a run after 03 loads it) [min 1; max 300000]
 toy_steps = 200  # generator updates of a 2-D run at budget 1 (the quick budget) [min 4; max 500000]
 toy_batch = 64  # batch size on 2-D [min 1; max 10000]
 toy_lr = 1e-3  # AdamW learning rate on 2-D, equal for generator and fake score, before the search [> 0]
@@ -67,7 +67,7 @@ run_images = True  # also run the image part (digits)
 image_multistep = False  # also train the few-step student on images (the GPU sets)
 dataset = "digits"  # image dataset (seeded stand-in when absent) [one of digits, fashion_mnist, cifar10]
 use_stand_in = False  # use fedlib's seeded stand-in data of the dataset's shape (smoke runs of `paper`)
-teacher_steps = 500  # training steps of the image teacher (cached) [min 1; max 20000000]
+teacher_steps = 1500  # training steps of the image teacher (cached; notebook 03 trains it with these steps, so a run after 03 loads it) [min 1; max 20000000]
 teacher_seed = 0  # seed of the teachers (and of their cache keys) [min 0; max 2**31 - 1]
 steps = 40  # DMD2 generator updates on images [min 2; max 2000000]
 batch_size = 32  # batch size on images [min 1; max 10000]

@@ -56,3 +56,22 @@ def test_parameters_are_read_as_papermill_reads_them(name):
         assert ours[pname]["default"] == p["default"], pname
         assert ours[pname]["help"] == (p["help"] or "").strip(), pname
         assert ours[pname]["inferred_type_name"] == p["inferred_type_name"], pname
+
+
+@pytest.mark.parametrize("scale", ["smoke", "quick", "long"])
+def test_notebook_04_loads_the_teachers_notebook_03_trained(scale):
+    # the teachers are cached by (dataset, steps, seed, config): 04 trains none of its own only when its
+    # step counts equal 03's at every CPU scale (the runner and nbval start 03 first, the longer one)
+    from fedlib import params
+
+    def resolved(name):
+        spec = params.parameters(NOTEBOOKS[name])
+        sets = params.parameter_sets(name, NOTEBOOKS[name].parent)
+        values = {k: v["default"] for k, v in spec.items()}
+        values.update(sets.get(scale, {}))
+        return values
+
+    ld3, dmd2 = resolved("03_ld3_learned_timesteps"), resolved("04_dmd2_one_step")
+    for key in ("teacher_steps", "toy_teacher_steps", "teacher_seed"):
+        assert dmd2[key] == ld3[key], f"{scale}: {key} is {dmd2[key]} in 04 and {ld3[key]} in 03"
+    assert {dmd2["dataset"], dmd2["toy"]} <= set(ld3["datasets"]), "03 trains both of 04's teachers"
