@@ -1,12 +1,12 @@
 """The choice of backend, made above both: the same federated rounds in-process (the core:
-:func:`fedlib.rounds.run_rounds`, :func:`fedlib.feddm.run_feddm`) or as Flower ServerApp and
+:func:`fedlib.rounds.run_rounds`, :func:`fedlib.feddm.run_feddm`, :func:`fedlib.fedlgd.run_fedlgd`) or as Flower ServerApp and
 ClientApps on Ray (:mod:`fedlib.flower`). The core never imports Flower; this module hands it Flower's
 driver, so that ``flwr`` and ``ray`` load only when a run asks for them.
 """
 
 from __future__ import annotations
 
-from . import feddm
+from . import feddm, fedlgd
 from . import rounds as engine
 from .utils import check_choice
 
@@ -35,3 +35,14 @@ def run_feddm(denoiser, groups, config: feddm.FedDMConfig | None = None, *, back
 
         kw["driver"] = driver
     return feddm.run_feddm(denoiser, groups, config, **kw)
+
+
+def run_fedlgd(clients, tests, n_classes: int, cfg: fedlgd.FedLGDConfig, *, backend: str = "inprocess", **kw) -> dict:
+    """:func:`fedlib.fedlgd.run_fedlgd` (FedLGD with FedAvg and FedProx on the same local virtual sets) on
+    ``backend``; on ``"flower"``, ``kw`` may add ``options`` (:func:`fedlib.flower.run_fedlgd`), and each
+    client distils and keeps its local virtual sets on its own node."""
+    if check_choice("backend", backend, BACKENDS, fix=_FIX) == "flower":
+        from .flower import run_fedlgd as driver
+
+        kw["driver"] = driver
+    return fedlgd.run_fedlgd(clients, tests, n_classes, cfg, **kw)

@@ -42,7 +42,7 @@ from torch.func import functional_call, grad, vmap
 
 from . import condense as cd
 from . import data as fdata
-from .federated import (ClientData, classification_loss, fedavg, functional, get_params, local_train, masked_mean,
+from .federated import (ClientData, Params, classification_loss, fedavg, functional, get_params, local_train, masked_mean,
                         pack_clients, predict, set_params)
 from .models import SmallCNN
 from .utils import check_number
@@ -99,11 +99,12 @@ class FedLGDConfig:
 # ----------------------------------------------------------------------------------------------
 # local virtual sets
 def local_virtual_sets(clients: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int, cfg: FedLGDConfig,
-                       device=None) -> list[cd.SyntheticSet]:
+                       device=None, first: int = 0) -> list[cd.SyntheticSet]:
     """One DM set per client (``ipc`` images of every class it holds at least ``ipc`` images of); client k
-    draws its own networks and batches (seed ``cfg.seed * 1000 + k``)."""
+    draws its own networks and batches (seed ``cfg.seed * 1000 + k``; ``clients`` are clients ``first``,
+    ``first + 1``, ...: a Flower node distils its own client alone)."""
     return [cd.distill_dm(x, y, n_classes, cfg.condense(seed=cfg.seed * 1000 + k), device=device, present_only=True)
-            for k, (x, y) in enumerate(clients)]
+            for k, (x, y) in enumerate(clients, start=first)]
 
 
 def trunk(model: SmallCNN, params) -> torch.nn.Module:
@@ -114,16 +115,17 @@ def trunk(model: SmallCNN, params) -> torch.nn.Module:
 
 
 def refresh_local_sets(model, params, clients, sets: list[cd.SyntheticSet], n_classes: int, cfg: FedLGDConfig,
-                       round_: int, device=None) -> list[cd.SyntheticSet]:
+                       round_: int, device=None, first: int = 0) -> list[cd.SyntheticSet]:
     """Iterative DM: each client continues DM from its current virtual set for ``refresh_iterations``
-    updates, matching class means of the global model's trunk features (global information)."""
+    updates, matching class means of the global model's trunk features (global information); ``first``: the
+    index of the first client given (its seed)."""
     if cfg.refresh_iterations == 0:
         return sets
     net = trunk(model, params)
     return [cd.distill_dm(x, y, n_classes, cfg.condense(iterations=cfg.refresh_iterations,
                                                         seed=cfg.seed * 1000 + k + 100_000 * round_),
                           device=device, start=s, feature_net=net)
-            for k, ((x, y), s) in enumerate(zip(clients, sets))]
+            for k, ((x, y), s) in enumerate(zip(clients, sets), start=first)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,60 +250,140 @@ def _accuracy(call, params, tests) -> float:
     return float(sum((predict(call, params, x).argmax(-1) == y).float().mean() for x, y in tests) / len(tests))
 
 
+# One round of FedLGD and its baselines, split where the messages go: the client side (``train_baselines``,
+# ``client_step``, then ``client_gradients`` at the new global model) and the server side
+# (:class:`FedLGDServer`). :func:`run_fedlgd` calls them over all K clients at once (one vmap); the Flower
+# backend (fedlib.flower) calls the client side on each node for its own client and the server side on the
+# ServerApp.
+def round_generator(cfg: FedLGDConfig, round_: int) -> torch.Generator:
+    """Round ``round_``'s stream of local training: client k of a block of K draws the k-th seed of it
+    (FedAvg clients 0..K-1, FedProx K..2K-1; FedLGD 0..K-1 of a second copy)."""
+    return torch.Generator().manual_seed(cfg.seed * 7919 + round_)
+
+
+def train_baselines(model, start: Params, data: ClientData, mu, cfg: FedLGDConfig, generator) -> Params:
+    """FedAvg / FedProx local training on the initial local virtual sets (``mu`` per client)."""
+    return local_train(model, start, data, steps=cfg.local_steps, lr=cfg.lr, mu=mu, batch_size=cfg.batch_size,
+                       generator=generator)
+
+
+def client_step(model, start: Params, clients, sets: list[cd.SyntheticSet], anchors, n_classes: int,
+                cfg: FedLGDConfig, round_: int, generator, device=None, first: int = 0):
+    """FedLGD's client side of round ``round_`` for ``clients`` (real (x, y), clients ``first``, ...) holding
+    the local virtual ``sets``: iterative DM through ``start``'s trunk every ``refresh_every`` rounds, then
+    local training anchored on the global virtual set ``anchors`` (x, y). Returns (the client models
+    stacked, the sets after the refresh)."""
+    if round_ > 0 and round_ % cfg.refresh_every == 0:
+        sets = refresh_local_sets(model, start, clients, sets, n_classes, cfg, round_, device, first)
+    lam = cfg.lam if round_ > 0 else 0.0  # G is still noise before the first server step
+    x_g, y_g = anchors
+    out = local_train(model, start, _pack(sets), anchored_loss(model, x_g, y_g, lam, cfg.tau),
+                      steps=cfg.local_steps, lr=cfg.lr, batch_size=cfg.batch_size, generator=generator)
+    return out, sets
+
+
+def client_gradients(call, params: Params, sets: list[cd.SyntheticSet], n_classes: int) -> list:
+    """Each client's per-class gradients of its local virtual set at the new global model ``params``: what
+    it sends for federated gradient matching, [(grads, counts)]."""
+    return [class_gradients(call, params, s.x, s.y, n_classes) for s in sets]
+
+
+@dataclass
+class FedLGDServer:
+    """The server of FedLGD and its baselines: the three global models ``w`` {method: params}, the global
+    virtual set G (``x_g``, ``y_g``), and per round the test accuracy and D per server step."""
+
+    model: SmallCNN
+    w: dict
+    x_g: torch.Tensor
+    y_g: torch.Tensor
+    accuracy: dict
+    server_distance: list
+
+    @classmethod
+    def start(cls, shape: tuple, n_classes: int, cfg: FedLGDConfig, device) -> "FedLGDServer":
+        """Every method from the same initial model (seed ``cfg.seed``); G from noise (the server holds no data)."""
+        torch.manual_seed(cfg.seed)
+        model = SmallCNN(shape[0], n_classes, width=cfg.width, image_size=shape[-1]).to(device)
+        start = get_params(model)
+        g = torch.Generator().manual_seed(cfg.seed)
+        y_g = torch.arange(n_classes).repeat_interleave(cfg.global_ipc).to(device)
+        x_g = (0.5 * torch.randn((len(y_g), *shape), generator=g)).clamp(-1, 1).to(device)
+        return cls(model, {m: start for m in ("FedAvg", "FedProx", "FedLGD")}, x_g, y_g, {m: [] for m in METHODS}, [])
+
+    @property
+    def call(self):
+        return functional(self.model)
+
+    def baseline_starts(self, K: int, cfg: FedLGDConfig) -> tuple[Params, torch.Tensor]:
+        """The baselines train together in one vmap: FedAvg's block of K (mu 0), then FedProx's."""
+        start = {n: torch.cat([self.w["FedAvg"][n].expand(K, *v.shape), self.w["FedProx"][n].expand(K, *v.shape)])
+                 for n, v in self.w["FedAvg"].items()}
+        return start, torch.tensor([0.0] * K + [cfg.mu] * K)
+
+    def aggregate(self, baselines: Params, lgd: Params, n_k: torch.Tensor) -> None:
+        """FedAvg of the client models that arrived: ``baselines`` [2K'] (FedAvg's block, then FedProx's),
+        ``lgd`` [K'], weighted by their clients' ``n_k`` [K'] (none arrived: the models stay)."""
+        if len(n_k) == 0:
+            return
+        both = fedavg(baselines, n_k.repeat(2), groups=2)
+        self.w["FedAvg"] = {n: v[0] for n, v in both.items()}
+        self.w["FedProx"] = {n: v[1] for n, v in both.items()}
+        self.w["FedLGD"] = fedavg(lgd, n_k)
+
+    def gradient_matching(self, parts: list, n_classes: int, cfg: FedLGDConfig) -> None:
+        """Federated gradient matching: G's pixels follow the clients' per-class gradients ``parts``
+        [(grads, counts)] aggregated (none arrived: G stays)."""
+        if not parts:
+            return
+        target, counts = aggregate_class_gradients(parts)
+        if cfg.server_steps:
+            self.x_g, d = server_gradient_matching(self.call, self.w["FedLGD"], self.x_g, self.y_g, target, counts,
+                                                   n_classes, cfg)
+            self.server_distance += d
+
+    def evaluate(self, tests) -> None:
+        for m in METHODS:
+            self.accuracy[m].append(_accuracy(self.call, self.w[m], tests))
+
+    def result(self, local_sets, refreshed) -> dict:
+        return {"accuracy": self.accuracy, "local_sets": local_sets, "refreshed": refreshed,
+                "global": (self.x_g.cpu(), self.y_g.cpu()), "server_distance": self.server_distance, "params": self.w}
+
+
 def run_fedlgd(clients: list[tuple[torch.Tensor, torch.Tensor]], tests: list[tuple[torch.Tensor, torch.Tensor]],
                n_classes: int, cfg: FedLGDConfig, device=None, local_sets: list[cd.SyntheticSet] | None = None,
-               progress: bool = False) -> dict:
+               progress: bool = False, driver=None, **kw) -> dict:
     """FedLGD, FedAvg and FedProx from the same start on the same initial local virtual sets. ``clients``: each
     client's real (x, y); ``tests``: one or more (x, y) test sets (accuracy is their mean). Returns
     ``accuracy`` {method: [rounds]}, ``local_sets`` (initial), ``refreshed`` (FedLGD's last local sets),
-    ``global`` (G's pixels and labels), ``server_distance`` (D per server step), ``params`` {method: final}."""
+    ``global`` (G's pixels and labels), ``server_distance`` (D per server step), ``params`` {method: final}.
+    ``driver``: another engine for the same rounds, given the same arguments and ``kw``
+    (:func:`fedlib.backends.run_fedlgd` with ``backend="flower"`` passes :func:`fedlib.flower.run_fedlgd`)."""
     from tqdm.auto import tqdm
 
+    if driver is not None:
+        return driver(clients, tests, n_classes, cfg, device=device, local_sets=local_sets, progress=progress, **kw)
+    if kw:  # backend= here is a call written before the backend was chosen above the core
+        raise ValueError(f"{sorted(kw)} only apply to backend='flower'; choose the backend with "
+                         "fedlib.backends.run_fedlgd(..., backend=...)")
     device = torch.device(device) if device is not None else clients[0][0].device
-    shape = tuple(clients[0][0].shape[1:])
-    torch.manual_seed(cfg.seed)
-    model = SmallCNN(shape[0], n_classes, width=cfg.width, image_size=shape[-1]).to(device)
-    call = functional(model)
-    start = get_params(model)
+    server = FedLGDServer.start(tuple(clients[0][0].shape[1:]), n_classes, cfg, device)
+    model = server.model
     sets = local_sets if local_sets is not None else local_virtual_sets(clients, n_classes, cfg, device)
     n_k = torch.tensor([len(y) for _, y in clients])
-    g = torch.Generator().manual_seed(cfg.seed)
-    # the server holds no data: G starts from noise
-    y_g = torch.arange(n_classes).repeat_interleave(cfg.global_ipc).to(device)
-    x_g = (0.5 * torch.randn((len(y_g), *shape), generator=g)).clamp(-1, 1).to(device)
     base = _pack(sets)
     K = len(clients)
-    w = {"FedAvg": start, "FedProx": start, "FedLGD": start}
-    acc = {m: [] for m in METHODS}
-    current, server_d = list(sets), []
+    current = list(sets)
     for r in tqdm(range(cfg.rounds), desc=f"FedLGD seed {cfg.seed}", disable=not progress, leave=False):
-        # the baselines train together in one vmap: FedAvg's block (mu 0), then FedProx's
-        start_b = {n: torch.cat([w["FedAvg"][n].expand(K, *v.shape), w["FedProx"][n].expand(K, *v.shape)])
-                   for n, v in start.items()}
-        mu = torch.tensor([0.0] * K + [cfg.mu] * K)
-        out = local_train(model, start_b, base.repeat(2), steps=cfg.local_steps, lr=cfg.lr, mu=mu,
-                          batch_size=cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed * 7919 + r))
-        both = fedavg(out, n_k.repeat(2), groups=2)
-        w["FedAvg"] = {n: v[0] for n, v in both.items()}
-        w["FedProx"] = {n: v[1] for n, v in both.items()}
-        # FedLGD: refresh the local sets with global information, train anchored on G, aggregate
-        if r > 0 and r % cfg.refresh_every == 0:
-            current = refresh_local_sets(model, w["FedLGD"], clients, current, n_classes, cfg, r, device)
-        lam = cfg.lam if r > 0 else 0.0  # G is still noise before the first server step
-        out = local_train(model, w["FedLGD"], _pack(current), anchored_loss(model, x_g, y_g, lam, cfg.tau),
-                          steps=cfg.local_steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                          generator=torch.Generator().manual_seed(cfg.seed * 7919 + r))
-        w["FedLGD"] = fedavg(out, n_k)
-        # federated gradient matching at the new global model
-        parts = [class_gradients(call, w["FedLGD"], s.x, s.y, n_classes) for s in current]
-        target, counts = aggregate_class_gradients(parts)
-        if cfg.server_steps:
-            x_g, d = server_gradient_matching(call, w["FedLGD"], x_g, y_g, target, counts, n_classes, cfg)
-            server_d += d
-        for m in METHODS:
-            acc[m].append(_accuracy(call, w[m], tests))
-    return {"accuracy": acc, "local_sets": sets, "refreshed": current, "global": (x_g.cpu(), y_g.cpu()),
-            "server_distance": server_d, "params": w}
+        start_b, mu = server.baseline_starts(K, cfg)
+        out_b = train_baselines(model, start_b, base.repeat(2), mu, cfg, round_generator(cfg, r))
+        out, current = client_step(model, server.w["FedLGD"], clients, current, (server.x_g, server.y_g), n_classes,
+                                   cfg, r, round_generator(cfg, r), device)
+        server.aggregate(out_b, out, n_k)
+        server.gradient_matching(client_gradients(server.call, server.w["FedLGD"], current, n_classes), n_classes, cfg)
+        server.evaluate(tests)
+    return server.result(sets, current)
 
 
 def client_spread(model, start, data: ClientData, cfg: FedLGDConfig) -> float:

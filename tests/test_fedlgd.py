@@ -173,3 +173,62 @@ def test_without_its_additions_fedlgd_is_fedavg():
     for n, v in out["params"]["FedLGD"].items():
         torch.testing.assert_close(v, out["params"]["FedAvg"][n], atol=1e-5, rtol=1e-4)
     assert not all(torch.allclose(v, out["params"]["FedProx"][n]) for n, v in out["params"]["FedLGD"].items())
+
+
+# sha256 of run_fedlgd's outputs on the case below, recorded from the code before the run was split into a
+# client and a server side (fedlib at 2d8aa01), at one thread on this machine's CPU (AVX512): the split must
+# not change one bit. Another thread count or SIMD level changes the float32 summation order, hence the pins.
+BEFORE_THE_SPLIT = "abb23fae6d50cb24cd2277582d5890d2da5ed6b2f909b204aed75ce77858fd0e"
+
+
+def digest(out) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for m in sorted(out["params"]):
+        for n in sorted(out["params"][m]):
+            h.update(out["params"][m][n].detach().contiguous().numpy().tobytes())
+    h.update(out["global"][0].numpy().tobytes())
+    for s in out["refreshed"]:
+        h.update(s.x.numpy().tobytes())
+    h.update(repr(out["accuracy"]).encode())
+    h.update(repr(out["server_distance"]).encode())
+    return h.hexdigest()
+
+
+def three_clients():
+    g = torch.Generator().manual_seed(0)
+    templates = torch.randn(3, 1, 8, 8, generator=g)
+    y = torch.arange(3).repeat(20)
+    x = torch.tanh(2 * templates[y] + 0.3 * torch.randn(len(y), 1, 8, 8, generator=g))
+    return x, y, [(x[:20], y[:20]), (x[20:40], y[20:40]), (x[40:], y[40:])]
+
+
+TINY = dict(rounds=3, local_steps=3, ipc=2, dm_iterations=2, batch_real=8, refresh_every=2, refresh_iterations=2,
+            global_ipc=1, server_steps=2, width=4, feature_width=4)
+
+
+def test_the_run_split_into_client_and_server_steps_is_bitwise_the_run_before():
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip(f"the digest was recorded with AVX512 kernels; this CPU runs {torch.backends.cpu.get_cpu_capability()}")
+    x, y, clients = three_clients()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = fl.run_fedlgd(clients, [(x, y)], 3, fl.FedLGDConfig(**TINY))
+    finally:
+        torch.set_num_threads(threads)
+    assert digest(out) == BEFORE_THE_SPLIT
+
+
+def test_an_unknown_backend_is_refused_like_the_others():
+    from fedlib import backends
+
+    x, y, clients = three_clients()
+    with pytest.raises(ValueError, match=r"unknown backend 'ray'; allowed: 'inprocess', 'flower'") as err:
+        backends.run_fedlgd(clients, [(x, y)], 3, fl.FedLGDConfig(**TINY), backend="ray")
+    with pytest.raises(ValueError) as other:
+        backends.run_rounds(None, [], ["fedavg"], rounds=1, backend="ray")
+    assert str(err.value) == str(other.value)
+    with pytest.raises(ValueError, match="fedlib.backends.run_fedlgd"):
+        fl.run_fedlgd(clients, [(x, y)], 3, fl.FedLGDConfig(**TINY), backend="flower")
