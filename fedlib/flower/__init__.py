@@ -17,7 +17,13 @@ message type                server -> client (content)             client -> ser
                             (+ a ``quantizer`` record: FedDM-quant) quantised update w_k - w (one uint8
                             (+ a ``payload`` record: a method's     Array, :func:`fedlib.feddm.upload`)
                             client term, e.g. FedGen's G_w)
+``train.fedlgd``             FedAvg, FedProx, FedLGD models (one     the three client models (one
+                            ArrayRecord) + G (``payload``)         ArrayRecord)  [FedLGD]
+``query.fedlgd``            FedLGD's new global model              per-class gradients + class counts
 ==========================  =====================================  ====================================
+
+FedLGD's clients keep their local virtual sets in their node state (``context.state``), written only by
+``train.fedlgd`` messages to that node (:func:`run_fedlgd`; docs/methods.md §7.1).
 
 Modules: :mod:`.records` (parameters as records, validation, the report), :mod:`.client` (the
 ClientApp), :mod:`.strategy` (a strategy base that sends one message per client task and validates the
@@ -57,9 +63,9 @@ if "RAY_ADDRESS" not in os.environ:
 
 from .client import FAULTS, ClientSpec, make_client_app  # noqa: E402
 from .records import FlowerReport, check_update, from_record, tensor_bytes, to_record  # noqa: E402
-from .simulation import FedGOExchange, FlowerOptions, run_feddm, run_rounds, simulate  # noqa: E402
-from .strategy import DistillStrategy, FedDMStrategy, RoundStrategy, Task, collect_replies  # noqa: E402
+from .simulation import FedGOExchange, FlowerOptions, run_feddm, run_fedlgd, run_rounds, simulate  # noqa: E402
+from .strategy import DistillStrategy, FedDMStrategy, FedLGDStrategy, RoundStrategy, Task, collect_replies  # noqa: E402
 
 __all__ = ["FAULTS", "ClientSpec", "make_client_app", "FlowerReport", "check_update", "from_record", "tensor_bytes",
-           "to_record", "FedGOExchange", "FlowerOptions", "run_feddm", "run_rounds", "simulate", "DistillStrategy",
-           "FedDMStrategy", "RoundStrategy", "Task", "collect_replies"]
+           "to_record", "FedGOExchange", "FlowerOptions", "run_feddm", "run_fedlgd", "run_rounds", "simulate", "DistillStrategy",
+           "FedDMStrategy", "FedLGDStrategy", "RoundStrategy", "Task", "collect_replies"]

@@ -40,6 +40,20 @@ def from_record(record: ArrayRecord) -> Params:
     return {n: torch.from_numpy(np.array(a.numpy(), copy=True)) for n, a in record.items()}
 
 
+def prefixed(models: dict[str, Params]) -> Params:
+    """{method: params} as one flat parameter dict ``method/name`` (one record, one validation)."""
+    return {f"{m}/{n}": v for m, w in models.items() for n, v in w.items()}
+
+
+def unprefixed(flat: Params) -> dict[str, Params]:
+    """The inverse of :func:`prefixed`."""
+    out: dict[str, Params] = {}
+    for key, v in flat.items():
+        m, n = key.split("/", 1)
+        out.setdefault(m, {})[n] = v
+    return out
+
+
 def tensor_bytes(params: Params) -> int:
     """Payload bytes, as :func:`fedlib.federated.state_bytes` counts them (numel x itemsize)."""
     return fl.state_bytes(params)

@@ -1,5 +1,6 @@
-"""Flower's simulation engine on Ray, and the two drivers :mod:`fedlib.backends` hands the core for ``backend="flower"``:
-:func:`run_rounds` (notebook 01's methods, with FedGO's one-off exchange) and :func:`run_feddm`."""
+"""Flower's simulation engine on Ray, and the drivers :mod:`fedlib.backends` hands the core for ``backend="flower"``:
+:func:`run_rounds` (notebook 01's methods, with FedGO's one-off exchange), :func:`run_feddm` and
+:func:`run_fedlgd`."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from .. import distill
 from .. import federated as fl
 from .. import feddm
 from .. import fedgo
+from .. import fedlgd as lgd
 from .client import ClientSpec, make_client_app
 from .records import FlowerReport, Params, from_record, log, rng_state, tensor_bytes, to_record
-from .strategy import DistillStrategy, FedDMStrategy, RoundStrategy, collect_replies
+from .strategy import DistillStrategy, FedDMStrategy, FedLGDStrategy, RoundStrategy, collect_replies
 
 
 @dataclass
@@ -148,6 +150,7 @@ def _rounds(grid: Grid, strategy: RoundStrategy, rounds: int, timeout: float, pr
         replies = grid.send_and_receive(strategy.configure_train(r + 1, ArrayRecord(), ConfigRecord(), grid),
                                         timeout=timeout)
         strategy.aggregate_train(r + 1, replies)
+        strategy.finish_round(r + 1, grid, timeout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,3 +282,39 @@ def run_feddm(denoiser, groups: list, config: feddm.FedDMConfig, *, eval_rounds=
 
     simulate(main, spec, data, K, opts, report)
     return feddm.FedDMRun(history, report)
+
+
+# ----------------------------------------------------------------------------------------------
+# notebook 06's driver: FedLGD
+def run_fedlgd(clients: list, tests: list, n_classes: int, cfg: lgd.FedLGDConfig, *, device=None, local_sets=None,
+               progress: bool = False, options: FlowerOptions | None = None) -> dict:
+    """:func:`fedlib.fedlgd.run_fedlgd` on Flower (call it as ``fedlib.backends.run_fedlgd(..., backend="flower")``):
+    the same dict, plus ``report`` (a :class:`FlowerReport`). Node k is client k: it distils its local
+    virtual set from its own data at its first message and keeps it in its node state (Flower's
+    ``context.state``), written only by the server's ``train.fedlgd`` messages to that node; the server
+    sees the sets only at the end, for the report. The seeds are the in-process run's (client k of round r
+    skips k seeds of :func:`fedlib.fedlgd.round_generator`, FedProx's K + k)."""
+    from tqdm.auto import tqdm
+
+    if local_sets is not None:
+        raise ValueError("local_sets were given, but on Flower every client distils its own local virtual set on "
+                         "its node; allowed: local_sets=None. Use backend='inprocess' to start from given sets")
+    opts = options or FlowerOptions()
+    device = torch.device(device) if device is not None else clients[0][0].device
+    server = lgd.FedLGDServer.start(tuple(clients[0][0].shape[1:]), n_classes, cfg, device)
+    n_k = torch.tensor([len(y) for _, y in clients])
+    bounds = [0] + torch.cumsum(n_k, 0).tolist()
+    data = fl.pack_clients(torch.cat([x for x, _ in clients]).cpu(), torch.cat([y for _, y in clients]).cpu(),
+                           [list(range(a, b)) for a, b in zip(bounds, bounds[1:])])  # data row k: client k
+    report = FlowerReport()
+    spec = opts.spec(server.model, fedlgd=(cfg, n_classes))
+    sets: dict = {}
+
+    def main(grid: Grid, nodes: dict[int, int]) -> None:
+        strategy = FedLGDStrategy(server, cfg, n_k, tests, n_classes, nodes, report, opts.keep_params)
+        _rounds(grid, strategy, cfg.rounds, opts.round_timeout,
+                (lambda it: tqdm(it, desc=f"FedLGD seed {cfg.seed} (Flower)", leave=False)) if progress else None)
+        sets["initial"], sets["current"] = strategy.local_sets(grid, opts.round_timeout)
+
+    simulate(main, spec, data, len(clients), opts, report)
+    return {**server.result(sets["initial"], sets["current"]), "report": report}

@@ -1,6 +1,7 @@
 """Strategies: one message per client task, replies validated against the messages sent, and the
-library's own server step. As Flower's ``FedProx`` overrides only ``configure_train``, the two
-strategies here override only what differs: their tasks and their server step."""
+library's own server step. As Flower's ``FedProx`` overrides only ``configure_train``, the strategies
+here override only what differs: their tasks and their server step (FedLGD's also a second exchange per
+round, in :meth:`RoundStrategy.finish_round`)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from flwr.serverapp.strategy import Strategy
 from .. import distill
 from .. import federated as fl
 from .. import feddm
+from .. import fedlgd as lgd
+from ..condense import SyntheticSet
 from ..compression import Quantizer
-from .records import FlowerReport, Params, check_update, from_record, log, quantizer_record, reason, rng_state, \
-    tensor_bytes, to_record
+from .records import FlowerReport, Params, check_update, from_record, log, prefixed, quantizer_record, reason, \
+    rng_state, tensor_bytes, to_record, unprefixed
 
 
 @dataclass
@@ -64,7 +67,7 @@ def collect_replies(sent: list[Message], tasks: list, replies, decode, template:
     ``NORM_FACTOR`` times the median of the accepted replies' are rejected and logged (the aggregation
     then renormalises over the rest). ``update_norm(params, task)``: the norm of what the client changed
     (default: the distance of the returned model from ``task.start``). Tasks without an accepted reply
-    are logged as absent."""
+    are logged as absent. ``template`` None: ``decode`` checks the content itself (replies of varying shapes)."""
     task_of = {m.metadata.message_id: t for m, t in zip(sent, tasks) if m.metadata.message_id}
     got: dict[int, Params] = {}
     answered: set[int] = set()
@@ -89,7 +92,7 @@ def collect_replies(sent: list[Message], tasks: list, replies, decode, template:
             if claimed is not None and int(claimed) != task.row:
                 raise ValueError(f"the reply claims row {int(claimed)} but answers the message sent for row {task.row}")
             params = decode(msg, task)
-            bad = check_update(params, template)
+            bad = check_update(params, template) if template is not None else None
             if bad is not None:
                 raise ValueError(bad)
         except Exception as ex:  # noqa: BLE001 - a malformed reply must never stop the round
@@ -131,6 +134,7 @@ class RoundStrategy(Strategy):
     :meth:`server_step` (and :meth:`decode` where the reply is not a float32 model)."""
 
     ledger_item = "model"
+    message_type = MessageType.TRAIN
 
     def __init__(self, template: Params, nodes: dict[int, int], report: FlowerReport,
                  generator: torch.Generator | None):
@@ -157,6 +161,9 @@ class RoundStrategy(Strategy):
         """How far the client moved: the distance of its model from the one it started from."""
         return distance(params, task.start)
 
+    def finish_round(self, server_round: int, grid: Grid, timeout: float) -> None:
+        """What the round does after the server step (nothing; FedLGD asks for gradients here)."""
+
     # -- Flower's Strategy ------------------------------------------------------------------------
     def summary(self) -> None:
         log.info("%s over %d nodes", type(self).__name__, len(self.nodes))
@@ -181,7 +188,7 @@ class RoundStrategy(Strategy):
                 content["payload"] = payload = to_record(t.payload)
                 self.report.ledger.log(server_round, "down", f"{t.term} payload", tensor_bytes(t.payload))
                 self.report.wire.log(server_round, "down", f"{t.term} payload", payload.count_bytes())
-            messages.append(Message(RecordDict(content), message_type=MessageType.TRAIN,
+            messages.append(Message(RecordDict(content), message_type=self.message_type,
                                     dst_node_id=self.nodes[t.partition]))
             self.report.ledger.log(server_round, "down", self.ledger_item, tensor_bytes(t.start))
             self.report.wire.log(server_round, "down", self.ledger_item, rec.count_bytes())
@@ -291,3 +298,106 @@ class FedDMStrategy(RoundStrategy):
                             batch_size=c["batch_size"], lr=c["lr"], momentum=c["momentum"], generator=self.generator,
                             chunk_size=self.chunk_size)
         feddm.record_history(self.history, self.groups, server_round, self.eval_rounds, self.evaluate)
+
+
+class FedLGDStrategy(RoundStrategy):
+    """FedLGD with FedAvg and FedProx on the same local virtual sets (:mod:`fedlib.fedlgd`); node k is client
+    k. A round is two exchanges with every client: ``train.fedlgd`` sends the three global models (one record,
+    ``method/name``) and the global virtual set G (payload ``anchors``) and takes back the three client
+    models, validated together (a bad one leaves the client out of the round's three averages);
+    ``query.fedlgd`` sends FedLGD's new global model and takes back the per-class gradients of the client's
+    local virtual set with its class counts. The server side is :class:`fedlib.fedlgd.FedLGDServer`; the
+    local virtual sets never leave the nodes (but for :meth:`local_sets`, the run's report)."""
+
+    message_type = "train.fedlgd"
+
+    def __init__(self, server: lgd.FedLGDServer, cfg: lgd.FedLGDConfig, n_k: torch.Tensor, tests, n_classes: int,
+                 nodes, report, keep_params: bool = False):
+        super().__init__(prefixed(server.w), nodes, report, None)
+        self.server, self.cfg, self.n_k, self.tests, self.n_classes = server, cfg, n_k, tests, n_classes
+        self.keep_params = keep_params
+        self.K = len(n_k)
+        self.grad_template = {**{f"grad/{n}": torch.zeros(n_classes, *v.shape) for n, v in server.w["FedLGD"].items()},
+                              "counts": torch.zeros(n_classes)}
+
+    def tasks(self, server_round):
+        r = server_round - 1
+        self.generator = lgd.round_generator(self.cfg, r)  # every client's seeds of this round (local_train's)
+        start, anchors = prefixed(self.server.w), {"x": self.server.x_g, "y": self.server.y_g}
+        return ([Task(k, k, k, start, payload=anchors, term="anchors") for k in range(self.K)],
+                {"fedlgd-round": r, "clients": self.K})
+
+    def server_step(self, server_round, tasks, local, accepted):
+        rows = torch.nonzero(accepted).flatten()
+        models = {m: {n: v[rows.to(v.device)] for n, v in w.items()} for m, w in unprefixed(local).items()}
+        baselines = {n: torch.cat([models["FedAvg"][n], models["FedProx"][n]]) for n in models["FedAvg"]}
+        self.server.aggregate(baselines, models["FedLGD"], self.n_k[rows])
+
+    def _query(self, server_round: int, what: str, params: Params | None, item: str):
+        """One ``query.fedlgd`` message per client; returns (messages, tasks)."""
+        tasks = [Task(k, k, k, self.grad_template) for k in range(self.K)]
+        messages = []
+        for t in tasks:
+            content = {"config": ConfigRecord({"what": what, "row": t.row, "data-row": t.data_row,
+                                               "server-round": server_round})}
+            if params is not None:
+                content["arrays"] = rec = to_record(params)
+                self.report.ledger.log(server_round, "down", item, tensor_bytes(params))
+                self.report.wire.log(server_round, "down", item, rec.count_bytes())
+            messages.append(Message(RecordDict(content), message_type="query.fedlgd", dst_node_id=self.nodes[t.partition]))
+        return messages, tasks
+
+    def _decode(self, server_round: int, item: str):
+        def decode(msg, task):
+            rec = msg.content["arrays"]
+            params = from_record(rec)
+            self.report.ledger.log(server_round, "up", item, tensor_bytes(params))
+            self.report.wire.log(server_round, "up", item, rec.count_bytes())
+            return params
+        return decode
+
+    def finish_round(self, server_round, grid, timeout):
+        """Federated gradient matching: the clients' per-class gradients at the new FedLGD model, validated
+        (a client whose reply fails is left out of G's update), then G's update and the test accuracy."""
+        self._t0 = time.perf_counter()
+        sent, tasks = self._query(server_round, "gradients", self.server.w["FedLGD"], "model (gradient query)")
+        decode = self._decode(server_round, "class gradients")
+
+        def checked(msg, task):
+            params = decode(msg, task)
+            counts = params.get("counts")
+            if counts is not None and counts.shape == (self.n_classes,) and bool((counts < 0).any()):
+                raise ValueError(f"class counts {counts.tolist()} hold a negative count; allowed: counts >= 0")
+            return params
+
+        got = collect_replies(sent, tasks, grid.send_and_receive(sent, timeout=timeout), checked, self.grad_template,
+                              self.report, server_round)
+        device = self.server.x_g.device
+        parts = [({n[len("grad/"):]: v.to(device) for n, v in got[k].items() if n.startswith("grad/")},
+                  got[k]["counts"].to(device)) for k in sorted(got)]
+        self.server.gradient_matching(parts, self.n_classes, self.cfg)
+        self.server.evaluate(self.tests)
+        if self.keep_params:  # the three global models and G after every round
+            self.report.params.append({**{m: dict(w) for m, w in self.server.w.items()}, "global": self.server.x_g.clone()})
+        self.report.round_seconds[-1] += time.perf_counter() - self._t0
+
+    def local_sets(self, grid: Grid, timeout: float) -> tuple[list, list]:
+        """For the run's report only (not FedLGD's protocol): every client's initial and current local
+        virtual set (None for a client that sent none), logged under their own ledger item."""
+        last = len(self.report.round_seconds)
+        sent, tasks = self._query(last, "sets", None, "")
+        decode = self._decode(last, "local sets (report, not FedLGD's protocol)")
+
+        def checked(msg, task):
+            p = decode(msg, task)
+            for w in ("initial", "current"):
+                x, y = p[f"{w}.x"], p[f"{w}.y"]
+                if x.shape[0] != y.shape[0] or not torch.isfinite(x).all() or y.dtype != torch.int64:
+                    raise ValueError(f"{w} set: {tuple(x.shape)} images, {tuple(y.shape)} labels of {y.dtype}")
+            return p
+
+        got = collect_replies(sent, tasks, grid.send_and_receive(sent, timeout=timeout), checked, None, self.report,
+                              last, update_norm=lambda p, t: 0.0)
+        sets = {w: [SyntheticSet(got[k][f"{w}.x"], got[k][f"{w}.y"], "dm", self.cfg.seed) if k in got else None
+                    for k in range(self.K)] for w in ("initial", "current")}
+        return sets["initial"], sets["current"]
