@@ -74,6 +74,7 @@ fedlgd_server_steps = 5  # gradient-matching updates of the global virtual set p
 fedlgd_lam = 1.0  # weight of FedLGD's contrastive anchor loss [min 0; max 1000]
 fedlgd_tau = 0.5  # temperature of that loss [> 0; max 100]
 fedlgd_mu = 0.01  # FedProx's proximal weight (the baseline) [min 0; max 1000]
+backend = "inprocess"  # where FedLGD's rounds run: inprocess (vectorised, this process) | flower (Flower ServerApp and ClientApps on Ray; each client keeps its local virtual sets on its node) [one of inprocess, flower]
 cpu_threads = 1  # torch CPU threads (0 leaves torch's default) [min 0; max 256]
 device = "auto"  # where to run [one of auto, cpu, cuda]
 
@@ -93,6 +94,7 @@ import torch
 from IPython.display import display
 from tqdm.auto import tqdm
 
+from fedlib import backends
 from fedlib import condense as cd
 from fedlib import data as fdata
 from fedlib import fedlgd as fl
@@ -242,7 +244,7 @@ fedlgd_out, spread = {}, []
 for seed in tqdm(seeds, desc="FedLGD"):
     cfg = fl.FedLGDConfig(**fedlgd_cfg, seed=seed)
     for setting, (clients, tests) in fl.federations(train, test, fedlgd_clients, fedlgd_alpha, seed).items():
-        fedlgd_out[setting, seed] = out = fl.run_fedlgd(clients, tests, C, cfg, device=dev)
+        fedlgd_out[setting, seed] = out = backends.run_fedlgd(clients, tests, C, cfg, device=dev, backend=backend)
         spread.append({"setting": setting, "seed": seed, **fl.heterogeneity(clients, out["local_sets"], C, cfg)})
 SETTINGS = ["label skew", "feature shift"]
 rounds_frame = pd.DataFrame([{"setting": st, "seed": s, "method": m, "round": r, "accuracy": a}
