@@ -74,13 +74,17 @@ class FedLGDConfig:
     width: int = 8  # channel width of the classifier (fedlib's SmallCNN)
     feature_width: int = 8  # width of DM's random feature ConvNets
     seed: int = 0
+    # models per vmap chunk in local training; 0: local_train's "auto". 1 trains each model alone, as a Flower
+    # node does: conv2d's backward rounds differently with the number of stacked models, and the server's Adam
+    # on G's pixels amplifies that, so the two backends agree bitwise only with the same layout
+    vmap_chunk: int = 0
 
     def __post_init__(self):
         for name in ("rounds", "local_steps", "batch_size", "ipc", "dm_iterations", "batch_real", "refresh_every",
                      "global_ipc", "width", "feature_width"):
             check_number(name, getattr(self, name), at_least=1, integer=True,
                          fix=f"Give a positive whole number of {name.replace('_', ' ')}.")
-        for name in ("refresh_iterations", "server_steps", "seed"):
+        for name in ("refresh_iterations", "server_steps", "seed", "vmap_chunk"):
             check_number(name, getattr(self, name), at_least=0, integer=True,
                          fix="Give a whole number >= 0 (0 switches the step off).")
         for name in ("lr", "lr_images", "lr_global", "tau"):
@@ -264,7 +268,7 @@ def round_generator(cfg: FedLGDConfig, round_: int) -> torch.Generator:
 def train_baselines(model, start: Params, data: ClientData, mu, cfg: FedLGDConfig, generator) -> Params:
     """FedAvg / FedProx local training on the initial local virtual sets (``mu`` per client)."""
     return local_train(model, start, data, steps=cfg.local_steps, lr=cfg.lr, mu=mu, batch_size=cfg.batch_size,
-                       generator=generator)
+                       generator=generator, chunk_size=cfg.vmap_chunk or "auto")
 
 
 def client_step(model, start: Params, clients, sets: list[cd.SyntheticSet], anchors, n_classes: int,
@@ -278,7 +282,8 @@ def client_step(model, start: Params, clients, sets: list[cd.SyntheticSet], anch
     lam = cfg.lam if round_ > 0 else 0.0  # G is still noise before the first server step
     x_g, y_g = anchors
     out = local_train(model, start, _pack(sets), anchored_loss(model, x_g, y_g, lam, cfg.tau),
-                      steps=cfg.local_steps, lr=cfg.lr, batch_size=cfg.batch_size, generator=generator)
+                      steps=cfg.local_steps, lr=cfg.lr, batch_size=cfg.batch_size, generator=generator,
+                      chunk_size=cfg.vmap_chunk or "auto")
     return out, sets
 
 

@@ -19,7 +19,7 @@ from fedlib import flower as FW  # noqa: E402  (first: it keeps the local Ray on
 from fedlib import backends  # noqa: E402
 from fedlib import federated as fl  # noqa: E402
 from fedlib import fedlgd as lgd  # noqa: E402
-from tolerance import params_tolerance, training_terms  # noqa: E402
+from tolerance import float32_tolerance, params_tolerance, training_terms  # noqa: E402
 
 K, C = 3, 3
 CFG = lgd.FedLGDConfig(rounds=3, local_steps=3, ipc=2, dm_iterations=2, batch_real=8, refresh_every=1,
@@ -41,7 +41,9 @@ def both():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the Ray actors (one core each)
     try:
-        ref = {r: lgd.run_fedlgd(clients, tests, C, lgd.FedLGDConfig(**{**CFG.__dict__, "rounds": r})) for r in (1, 2)}
+        # one model per vmap, as on each node (FedLGDConfig.vmap_chunk)
+        ref = {r: lgd.run_fedlgd(clients, tests, C, lgd.FedLGDConfig(**{**CFG.__dict__, "rounds": r, "vmap_chunk": 1}))
+               for r in (1, 2)}
     finally:
         torch.set_num_threads(threads)
     res = backends.run_fedlgd(clients, tests, C, CFG, backend="flower",
@@ -56,30 +58,30 @@ def terms_after(rounds):
 
 
 def test_flower_equals_inprocess_models_and_global_virtual_data(both):
-    """The models to the float32 bound wherever G has not yet steered them: the baselines after rounds 1 and 2,
-    FedLGD after round 1. G itself is not compared entry by entry: Adam's first steps on its pixels are
-    nearly sign steps of size lr_global, so a 3e-8 change of the model it is matched at moves pixels by
-    ~0.19 in-process as well (measured); from round 2 on FedLGD trains on those anchors."""
+    """Every model and the global virtual set G after rounds 1 and 2, to the float32 bound. The in-process
+    reference trains one model per vmap, as each node does (``vmap_chunk=1``): with K models stacked, conv2d's
+    backward rounds differently (1e-8), and Adam's first steps on G's pixels, nearly sign steps of size
+    ``lr_global``, turn that into pixel changes of ~0.2 (measured), which FedLGD then trains on."""
     ref, res = both
     assert [e for e in res["report"].events if e["round"] != 3] == []
     gaps = {}
-    for r, methods in ((1, lgd.METHODS), (2, ("FedAvg", "FedProx"))):
+    for r in (1, 2):
         got = res["report"].params[r - 1]
-        for m in methods:
+        for m in lgd.METHODS:
             tol = params_tolerance(ref[r]["params"][m], terms_after(r))
             gaps[m, r] = max(float((got[m][n] - v).abs().max()) for n, v in ref[r]["params"][m].items())
             assert gaps[m, r] <= tol, (m, r, gaps[m, r], tol)
         x_ref, y_ref = ref[r]["global"]
         gaps["G", r] = float((got["global"].cpu() - x_ref).abs().max())
-        assert got["global"].shape == x_ref.shape and float(got["global"].abs().max()) <= 1.0
-    assert torch.equal(res["global"][1], ref[2]["global"][1])
+        tol = float32_tolerance(x_ref.abs().max(), terms_after(r), x_ref.numel())
+        assert got["global"].shape == x_ref.shape and gaps["G", r] <= tol, (r, gaps["G", r], tol)
     print("Flower - in-process:", gaps)
-    # the initial sets, distilled on each node alone, are the in-process ones exactly; the refreshed ones
-    # (iterative DM through the global trunk) to the bound of their DM updates
+    assert torch.equal(res["global"][1], ref[2]["global"][1])
+    # the initial sets, distilled on each node alone, are the in-process ones exactly
     for a, b in zip(ref[2]["local_sets"], res["local_sets"]):
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
     assert [len(v) for v in res["accuracy"].values()] == [3, 3, 3]
-    assert {m: v[:1] for m, v in res["accuracy"].items()} == ref[1]["accuracy"]
+    assert {m: v[:2] for m, v in res["accuracy"].items()} == ref[2]["accuracy"]
 
 
 def test_a_nan_client_and_a_wrong_shape_client_are_left_out_of_their_round(both):
