@@ -26,6 +26,7 @@ quantises every client's update, counts its payload and returns what the server 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,12 +62,13 @@ def _check_codes(codes: np.ndarray, bits: int) -> None:
                          f"0..{2**bits - 1}. Clamp the codes or pack with more bits")
 
 
-def pack_bits(codes: np.ndarray, bits: int) -> bytes:
+def pack_bits(codes: np.ndarray, bits: int, _checked: bool = False) -> bytes:
     """Unsigned integer codes (each < 2**bits) -> packed bytes. 1/2/4 bits: several codes per byte,
     the first code in the lowest bits; 8 bits: one byte each; 16 bits: little-endian pairs."""
     check_choice("bits to pack", bits, PACK_BITS)
     codes = np.asarray(codes).ravel()
-    _check_codes(codes, bits)
+    if not _checked:  # quantize_tensor's codes are clamped to the range already
+        _check_codes(codes, bits)
     if bits in (8, 16):
         return codes.astype(_CODE_DTYPE[bits]).tobytes()
     per_byte = 8 // bits
@@ -127,7 +129,7 @@ class QuantizedTensor:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     def to_bytes(self) -> bytes:
         return (self.payload + self.scale.numpy().astype("<f4").tobytes()
@@ -150,12 +152,14 @@ def quantize_tensor(x: Tensor, bits: int = 8, scheme: str = "tensor", rounding: 
     check_choice("rounding", rounding, ROUNDINGS)
     shape, dtype, device = tuple(x.shape), x.dtype, x.device
     x = x.detach().cpu()
-    # checked before the cast to float32, which turns a finite float64 1e300 into inf
-    if not torch.isfinite(x).all():
+    # checked before the cast to float32, which turns a finite float64 1e300 into inf; one reduction
+    # decides both checks (NaN and inf make the largest magnitude non-finite)
+    amax = x.abs().max().item() if x.numel() else 0.0
+    if not math.isfinite(amax):
         bad = (~torch.isfinite(x)).sum().item()
         raise ValueError(f"cannot quantise a tensor holding NaN or inf ({bad} of {x.numel()} values); allowed: "
                          "finite values. Check the local training for divergence")
-    if x.numel() and x.abs().max().item() > _F32_MAX:
+    if amax > _F32_MAX:
         raise ValueError(f"cannot quantise a tensor with max |x| = {x.abs().max().item():.3g}: out of float32's "
                          f"range; allowed: |x| <= {_F32_MAX:.3g}. Check the local training for divergence")
     x = x.to(torch.float32)
@@ -181,7 +185,7 @@ def quantize_tensor(x: Tensor, bits: int = 8, scheme: str = "tensor", rounding: 
     else:
         q = torch.floor(v + torch.rand(v.shape, generator=generator))
     q = q.clamp_(0, levels).to(torch.int64)
-    return QuantizedTensor(pack_bits(q.numpy(), bits), scale, lo, shape, bits, dtype, device)
+    return QuantizedTensor(pack_bits(q.numpy(), bits, _checked=True), scale, lo, shape, bits, dtype, device)
 
 
 def dequantize_tensor(q: QuantizedTensor) -> Tensor:
@@ -206,6 +210,24 @@ def dequantize_tensor(q: QuantizedTensor) -> Tensor:
 def quantize_params(params: Params, bits: int = 8, scheme: str = "tensor", rounding: str = "nearest",
                     generator: torch.Generator | None = None) -> dict[str, QuantizedTensor]:
     return {n: quantize_tensor(p, bits, scheme, rounding, generator) for n, p in params.items()}
+
+
+def layout(params: Params, bits: int = 8, scheme: str = "tensor") -> dict[str, QuantizedTensor]:
+    """What a receiver knows before any byte arrives (names, shapes, bits, groups) as empty
+    QuantizedTensors: the ``like`` of :func:`decode`, without quantising anything."""
+    check_choice("bits", bits, BITS)
+    check_choice("scheme", scheme, SCHEMES)
+    out = {}
+    for n, p in params.items():
+        shape = tuple(p.shape)
+        g = 0 if bits == 32 or not p.numel() else _groups(shape, scheme)
+        out[n] = QuantizedTensor(b"", torch.zeros(g), torch.zeros(g), shape, bits, p.dtype)
+    return out
+
+
+def layout_bytes(like: dict[str, QuantizedTensor]) -> int:
+    """Bytes a payload of this layout has (what :func:`decode` reads)."""
+    return sum(t.payload_size + 8 * t.scale.numel() for t in like.values())
 
 
 def dequantize_params(q: dict[str, QuantizedTensor]) -> Params:

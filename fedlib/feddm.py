@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .compression import (Quantizer, decode, dequantize_params, encode, float32_bytes, payload_bytes,
+from .compression import (Quantizer, decode, dequantize_params, encode, float32_bytes, layout, layout_bytes,
+                          payload_bytes,
                           quantize_params)
 from .diffusion.denoiser import Denoiser, diffusion_loss, draw_noise_and_time
 from .diffusion.networks import UNet
@@ -203,10 +204,9 @@ def receive(up: Upload, start: Params, quantizer: Quantizer | None) -> Params:
     receiver knows only the architecture: names, shapes, bits)."""
     if quantizer is None:
         return up.params
-    like = quantize_params({n: torch.zeros_like(p, device="cpu") for n, p in start.items()}, quantizer.bits,
-                           quantizer.scheme, quantizer.rounding)
-    if len(up.blob) != payload_bytes(like):
-        raise ValueError(f"quantised payload of {len(up.blob)} bytes, expected {payload_bytes(like)} for "
+    like = layout(start, quantizer.bits, quantizer.scheme)
+    if len(up.blob) != layout_bytes(like):
+        raise ValueError(f"quantised payload of {len(up.blob)} bytes, expected {layout_bytes(like)} for "
                          f"{quantizer.bits}-bit updates of this model")
     update = dequantize_params(decode(up.blob, like))
     return {n: update[n].to(start[n].device) for n in start}
