@@ -43,18 +43,9 @@ def _groups(channels: int, groups: int) -> int:
     return g
 
 
-class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters and state dict). Training and inference both use torch's fused
-    group-norm kernel: under ``torch.func.vmap`` on CPU (torch 2.15) its batching rule is now faster than
-    the elementary-op form (mean, var, rsqrt) this class used to spell out."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-
-
 def norm(channels: int, groups: int = 4) -> nn.GroupNorm:
     """GroupNorm (vmap-safe, batch-independent; see the module docstring)."""
-    return GroupNorm(_groups(channels, groups), channels)
+    return nn.GroupNorm(_groups(channels, groups), channels)
 
 
 class SmallCNN(nn.Module):
