@@ -293,3 +293,27 @@ def test_domain_split_is_disjoint_stratified_and_shifted():
     # part 1 is the inverse of some originals: inverting it back finds rows of the data
     back = -parts[1].x[:5]
     assert all((data.x == row).flatten(1).all(1).any() for row in back)
+
+
+def test_digits_are_scikit_learns_with_its_stratified_split():
+    # fedlib reads the bundled file and a stored split so that loading the digits imports no scikit-learn;
+    # both must be exactly what scikit-learn gives
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0 * 2.0 - 1.0
+    tr, te = train_test_split(np.arange(len(bunch.target)), test_size=D.DIGITS_TEST_FRACTION,
+                              random_state=D.DIGITS_SPLIT_SEED, stratify=bunch.target)
+    for split, idx in (("train", np.sort(tr)), ("test", np.sort(te)), ("all", np.arange(len(bunch.target)))):
+        ds = D.load_digits(split)
+        assert torch.equal(ds.x, x[idx]) and torch.equal(ds.y, torch.tensor(bunch.target[idx])), split
+
+
+def test_loading_the_digits_imports_no_scikit_learn():
+    import subprocess
+    import sys
+
+    code = "import sys, fedlib.data as D; D.load_digits('train'); print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
