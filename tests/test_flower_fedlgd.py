@@ -39,16 +39,17 @@ def federation():
 def both():
     clients, tests = federation()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the Ray actors (one core each)
+    torch.set_num_threads(1)  # as the Ray actors (one core each); the Flower run too: its server (the gradient
+    # matching on G) runs in this process, and with 2 threads its sums round differently (G 0.13 apart, measured)
     try:
         # one model per vmap, as on each node (FedLGDConfig.vmap_chunk)
         ref = {r: lgd.run_fedlgd(clients, tests, C, lgd.FedLGDConfig(**{**CFG.__dict__, "rounds": r, "vmap_chunk": 1}))
                for r in (1, 2)}
+        res = backends.run_fedlgd(clients, tests, C, CFG, backend="flower",
+                                  options=FW.FlowerOptions(ray_num_cpus=2, object_store_mb=256, faults=FAULTS,
+                                                           keep_params=True))
     finally:
         torch.set_num_threads(threads)
-    res = backends.run_fedlgd(clients, tests, C, CFG, backend="flower",
-                              options=FW.FlowerOptions(ray_num_cpus=2, object_store_mb=256, faults=FAULTS,
-                                                       keep_params=True))
     return ref, res
 
 
