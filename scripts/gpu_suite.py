@@ -6,7 +6,10 @@ set as a short smoke on stand-in data, each step's result kept even when another
     python scripts/gpu_suite.py --device cpu --tiny --out /tmp/suite   # the same steps with tiny sizes (the test)
 
 The notebooks' ``paper_smoke`` parameter set (``notebooks/params/*.yaml``) is the ``paper`` set (the
-papers' model sizes) with few steps on stand-in data; with ``--tiny`` the ``smoke`` set runs instead.
+papers' model sizes) with few steps on stand-in data. With ``--tiny`` each notebook runs that same set, at
+the paper's shapes and model sizes, with the step counts and sample sizes of :data:`PAPER_TINY` (one
+notebook at a time, each its own step): it checks on the CPU that every cell of the paper path goes
+through, so a lent GPU's few minutes are not lost to a shape error.
 A summary of every step (command, status, seconds) is written to ``<out>/gpu_suite-<device>.json``.
 """
 
@@ -20,6 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from a clone: fedlib is the checkout's
+from fedlib import runner  # noqa: E402  (the notebooks' names and prefixes, as `python -m fedlib reproduce` reads them)
 
 # benchmark -> (arguments at full size, arguments at tiny size); "--device" and "--out" are added
 BENCHMARKS = {
@@ -34,6 +39,40 @@ BENCHMARKS = {
     "ld3_train_time": (["--configs", "digits", "cifar"], ["--configs", "digits", "--pairs", "2", "--nfe", "2"]),
     "dmd2_speed": (["--batch", "256"], ["--batch", "8", "--teacher-steps", "5", "--nfe", "2", "--repeats", "1"]),
 }
+
+# --tiny: the overrides that shrink each notebook's paper_smoke set to CPU seconds (steps, samples, seeds,
+# rounds) and keep what the GPU would exercise: its dataset and image shape, its models and their widths,
+# its scenarios, methods and samplers. Each value must still pass the set's declared ranges.
+PAPER_TINY = {
+    "00_data_and_partitions": {"toy_points": 500},
+    "01_fedgo_weighting": {"max_train": 400, "max_test": 100, "client_counts": [4], "rounds": 1, "gan_steps": 2,
+                           "free_gen_steps": 2, "dense_steps": 1, "toy_epochs": 1, "toy_disc_epochs": 1,
+                           "toy_distill_steps": 2, "distill_batch": 32, "batch_size": 32, "client_chunk": 4},
+    "02_feddm": {"n_train": 200, "n_val": 50, "n_clients": 2, "rounds": 1, "local_steps": 1, "batch_size": 8,
+                 "n_eval": 50, "n_reference": 100, "sample_steps": 2, "feature_steps": 5, "vmap_chunk": 2},
+    "03_ld3_learned_timesteps": {"teacher_steps": 5, "fashion_teacher_steps": 5, "toy_teacher_steps": 5,
+                                 "feature_steps": 5, "fashion_feature_steps": 5, "ld3_nfes": [4], "ld3_train": 4,
+                                 "ld3_val": 2, "n_eval": 50, "toy_eval": 100},
+    "04_dmd2_one_step": {"seeds": [0], "teacher_steps": 5, "steps": 2, "batch_size": 8, "n_eval": 32,
+                         "feature_steps": 5, "toy_steps": 20, "toy_eval_every": 5, "toy_eval": 500,
+                         "teacher_nfes": [1, 2, 4]},
+    "05_pipeline": {"max_train": 300, "max_test": 100, "n_clients": 2, "feddm_local_steps": 1, "feddm_batch": 8,
+                    "ld3_nfes": [4], "ld3_pairs": 2, "teacher_nfe": 6, "dmd2_steps": 2, "dmd2_batch": 8,
+                    "gan_steps": 2, "n_eval": 50, "feature_steps": 5},
+    "06_dataset_distillation": {"ipcs": [1, 10], "seeds": [0], "iterations": 3, "eval_steps": 5, "n_freqs": 64,
+                                "batch_real": 64, "fedlgd_clients": 2, "fedlgd_rounds": 1, "fedlgd_local_steps": 2,
+                                "fedlgd_dm_iterations": 1, "fedlgd_server_steps": 1, "fedlgd_refresh_iterations": 1},
+    "07_learned_proximal_networks": {"seeds": [0], "prior_steps": 3, "prior_batch": 256, "prior_hidden": 32,
+                                     "val_size": 200, "steps": 3, "batch": 32, "pnp_iters": 3, "n_test": 50},
+    "08_fedka_domain_generalisation": {"rounds": 1, "width": 8, "workspace_batch": 32,
+                                       "domains": ["original", "inverted", "noisy"], "targets": ["noisy"]},
+}
+
+
+def tiny_params(notebook: str) -> list[str]:
+    """``-p KEY=VALUE`` arguments of :data:`PAPER_TINY` for one notebook (JSON values, which YAML reads)."""
+    return [a for k, v in PAPER_TINY[notebook].items() for a in ("-p", f"{k}={json.dumps(v)}")]
+
 
 # benchmarks that measure this CPU machine and have no GPU form (why, for each)
 CPU_ONLY = {"reproduce_time": "the quick reproduction a newcomer's `make reproduce` runs on the CPU, cold and warm"}
@@ -75,6 +114,11 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown benchmarks {unknown}; allowed: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
+    try:  # None: every notebook; []: none
+        names = [] if args.notebooks == [] else runner.resolve_names(args.notebooks or [], runner.notebooks())
+    except runner.UsageError as e:
+        print(f"error: --notebooks: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -87,12 +131,17 @@ def main(argv=None) -> int:
         print(f"benchmark {name} ...", flush=True)
         steps[f"benchmark {name}"] = run_step(cmd, logs / f"{name}.log", args.timeout)
         print(f"  {steps[f'benchmark {name}']['status']} ({steps[f'benchmark {name}']['seconds']} s)", flush=True)
-    if args.notebooks is None or args.notebooks:
-        scale = "smoke" if args.tiny else "paper_smoke"
-        cmd = [sys.executable, "-m", "fedlib", "reproduce", *(args.notebooks or []), "--scale", scale,
-               "--device", args.device, "--out", str(out)]
-        print(f"notebooks ({scale}) ...", flush=True)
-        steps["notebooks"] = run_step(cmd, logs / "notebooks.log", args.timeout * 3)
+    reproduce = [sys.executable, "-m", "fedlib", "reproduce", "--scale", "paper_smoke", "--device", args.device,
+                 "--out", str(out)]
+    if args.tiny:  # one step per notebook: each with its own overrides, and one failure names its notebook
+        for nb in names:
+            print(f"notebook {nb} (paper_smoke, tiny) ...", flush=True)
+            steps[f"notebook {nb}"] = run_step([*reproduce, nb, "--jobs", "1", *tiny_params(nb)], logs / f"{nb}.log",
+                                               args.timeout)
+            print(f"  {steps[f'notebook {nb}']['status']} ({steps[f'notebook {nb}']['seconds']} s)", flush=True)
+    elif names:
+        print("notebooks (paper_smoke) ...", flush=True)
+        steps["notebooks"] = run_step([*reproduce, *names], logs / "notebooks.log", args.timeout * 3)
         print(f"  {steps['notebooks']['status']} ({steps['notebooks']['seconds']} s)", flush=True)
     summary = out / f"gpu_suite-{args.device}.json"
     summary.write_text(json.dumps({"device": args.device, "tiny": args.tiny, "steps": steps}, indent=1) + "\n")

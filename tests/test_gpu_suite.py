@@ -1,10 +1,12 @@
 """`make gpu` (scripts/gpu_suite.py): the one command a lent GPU runs. Here it runs with tiny sizes on
-the CPU, which checks that every benchmark and the notebooks' parameter sets still go through it."""
+the CPU, which checks that every benchmark and the notebooks' paper sets still go through it (each
+notebook's paper set on its own: tests/test_paper_sets.py)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -26,10 +28,11 @@ def test_the_suite_runs_every_step_with_tiny_sizes(tmp_path):
     assert done.returncode == 0, done.stdout + "".join(
         (tmp_path / "logs" / f"{k.split()[-1]}.log").read_text()[-2000:] for k, v in summary["steps"].items()
         if v["status"] != "ok")
-    assert set(summary["steps"]) == {f"benchmark {b}" for b in gpu_suite.BENCHMARKS} | {"notebooks"}
+    notebook = {"notebook 00_data_and_partitions"}  # its paper_smoke set at PAPER_TINY's budgets
+    assert set(summary["steps"]) == {f"benchmark {b}" for b in gpu_suite.BENCHMARKS} | notebook
     for name in gpu_suite.BENCHMARKS:  # tiny numbers go to --out, never over the committed results
         assert (tmp_path / f"{name}-tiny.json").exists(), name
-    assert (tmp_path / "smoke" / "00_data_and_partitions" / "metrics.json").exists()
+    assert (tmp_path / "paper_smoke" / "00_data_and_partitions" / "metrics.json").exists()
 
 
 def test_the_suite_refuses_cuda_without_a_gpu(tmp_path):
