@@ -3,6 +3,7 @@ the CPU, which checks that every benchmark and the notebooks' paper sets still g
 notebook's paper set on its own: tests/test_paper_sets.py)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,10 @@ def test_every_benchmark_is_in_the_suite():
 
 
 def test_the_suite_runs_every_step_with_tiny_sizes(tmp_path):
+    theirs = tmp_path / "the caller's cache"  # a real run's cache: --tiny must leave it as it was
     done = subprocess.run([sys.executable, "scripts/gpu_suite.py", "--device", "cpu", "--tiny", "--out", str(tmp_path),
                            "--notebooks", "00_data_and_partitions"], cwd=REPO, capture_output=True, text=True,
-                          timeout=1200)
+                          timeout=1200, env={**os.environ, "FEDLIB_CACHE": str(theirs)})
     summary = json.loads((tmp_path / "gpu_suite-cpu.json").read_text())
     assert done.returncode == 0, done.stdout + "".join(
         (tmp_path / "logs" / f"{k.split()[-1]}.log").read_text()[-2000:] for k, v in summary["steps"].items()
@@ -33,6 +35,8 @@ def test_the_suite_runs_every_step_with_tiny_sizes(tmp_path):
     for name in gpu_suite.BENCHMARKS:  # tiny numbers go to --out, never over the committed results
         assert (tmp_path / f"{name}-tiny.json").exists(), name
     assert (tmp_path / "paper_smoke" / "00_data_and_partitions" / "metrics.json").exists()
+    assert not theirs.exists() or not any(theirs.rglob("*.pt")), "tiny models went into the caller's cache"
+    assert any((tmp_path / "cache").rglob("*.pt")), "the tiny runs trained their models in <out>/cache"
 
 
 def test_the_suite_refuses_cuda_without_a_gpu(tmp_path):
