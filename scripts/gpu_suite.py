@@ -86,7 +86,9 @@ def script_of(name: str) -> Path:
     return REPO / "benchmarks" / f"{name.split('_resnet')[0]}.py"
 
 
-def run_step(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> dict:
+def run_step(name: str, cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> dict:
+    """Run one step to its log, bounded by ``timeout``; print and return its command, status and seconds."""
+    print(f"{name} ...", flush=True)
     start = time.perf_counter()
     try:
         with open(log, "w") as f:
@@ -94,8 +96,10 @@ def run_step(cmd: list[str], log: Path, timeout: float, env: dict | None = None)
         status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
     except subprocess.TimeoutExpired:
         status = f"timed out after {timeout:.0f} s"
-    return {"command": " ".join(cmd), "status": status, "seconds": round(time.perf_counter() - start, 1),
+    step = {"command": " ".join(cmd), "status": status, "seconds": round(time.perf_counter() - start, 1),
             "log": str(log)}
+    print(f"  {status} ({step['seconds']} s)", flush=True)
+    return step
 
 
 def main(argv=None) -> int:
@@ -137,21 +141,17 @@ def main(argv=None) -> int:
         cmd = [sys.executable, str(script_of(name)), "--device", args.device, *(tiny if args.tiny else full)]
         if args.tiny:  # tiny numbers must never overwrite the committed benchmark results
             cmd += ["--out", str(out / f"{name}-tiny.json")]
-        print(f"benchmark {name} ...", flush=True)
-        steps[f"benchmark {name}"] = run_step(cmd, logs / f"{name}.log", args.timeout, env)
-        print(f"  {steps[f'benchmark {name}']['status']} ({steps[f'benchmark {name}']['seconds']} s)", flush=True)
+        steps[f"benchmark {name}"] = run_step(f"benchmark {name}", cmd, logs / f"{name}.log", args.timeout, env)
     reproduce = [sys.executable, "-m", "fedlib", "reproduce", "--scale", "paper_smoke", "--device", args.device,
                  "--out", str(out)]
     if args.tiny:  # one step per notebook: each with its own overrides, and one failure names its notebook
         for nb in names:
-            print(f"notebook {nb} (paper_smoke, tiny) ...", flush=True)
-            steps[f"notebook {nb}"] = run_step([*reproduce, nb, "--jobs", "1", *tiny_params(nb)], logs / f"{nb}.log",
+            steps[f"notebook {nb}"] = run_step(f"notebook {nb} (paper_smoke, tiny)",
+                                               [*reproduce, nb, "--jobs", "1", *tiny_params(nb)], logs / f"{nb}.log",
                                                args.timeout, env)
-            print(f"  {steps[f'notebook {nb}']['status']} ({steps[f'notebook {nb}']['seconds']} s)", flush=True)
     elif names:
-        print("notebooks (paper_smoke) ...", flush=True)
-        steps["notebooks"] = run_step([*reproduce, *names], logs / "notebooks.log", args.timeout * 3)
-        print(f"  {steps['notebooks']['status']} ({steps['notebooks']['seconds']} s)", flush=True)
+        steps["notebooks"] = run_step("notebooks (paper_smoke)", [*reproduce, *names], logs / "notebooks.log",
+                                      args.timeout * 3)
     summary = out / f"gpu_suite-{args.device}.json"
     summary.write_text(json.dumps({"device": args.device, "tiny": args.tiny, "steps": steps}, indent=1) + "\n")
     failed = [k for k, v in steps.items() if v["status"] != "ok"]
